@@ -1,0 +1,138 @@
+"""`QGaLoreConfig`: every knob of the transform, validated once.
+
+`transform(model, rank=256, **options)` builds one of these; passing
+`config=QGaLoreConfig(...)` works too. The defaults are the Q-GaLore paper's
+(DESIGN.md §2). Every piece of the method can be switched off on its own,
+because ablations flip exactly these:
+
+=====================  ==============  =========================================
+option                 allowed         meaning
+=====================  ==============  =========================================
+rank                   int >= 1        rank r of the gradient projection
+update_interval        int >= 1        steps between subspace refreshes (start)
+cos_threshold          0 <= t <= 1     similarity that counts as "stable"
+queue_size             int >= 1        stable refreshes needed to double interval
+adaptive               bool            layer-adaptive lazy refresh on/off
+weight_bits            8, 16, 32       INT8 codes, bf16 or fp32 weight storage
+proj_bits              4, 8, 16        INT4 (packed), INT8 or bf16 projections
+stochastic_round       bool            SR on the INT8 write-back
+optim_bits             8, 32           8-bit block-wise or fp32 Adam moments
+fused                  bool            update inside backward (else at step())
+scale                  float > 0       alpha, the back-projection scale
+block_size             even int >= 2   quantization block of weights
+proj_block_size        even int >= 2   quantization block of projections
+proj_method            see below       how a refreshed subspace is computed
+include_lm_head        bool            also project the output head
+target_modules         regex list      fully-qualified names to project
+filter_fn              callable        `filter_fn(module, fqn) -> bool`
+trace                  bool            capture regions with torch.fx
+seed                   int             seeds stochastic rounding and sketches
+=====================  ==============  =========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Optional, Sequence
+
+import torch.nn as nn
+
+PROJ_METHODS = ("subspace", "randomized", "full")
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _check_int(name: str, value, low: int, allowed: Optional[Sequence[int]] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class QGaLoreConfig:
+    rank: int
+    update_interval: int = 200
+    cos_threshold: float = 0.4
+    queue_size: int = 5
+    adaptive: bool = True
+    weight_bits: int = 8
+    proj_bits: int = 4
+    stochastic_round: bool = True
+    optim_bits: int = 8
+    fused: bool = True
+    scale: float = 0.25
+    block_size: int = 256
+    proj_block_size: int = 256
+    proj_method: str = "subspace"
+    include_lm_head: bool = False
+    target_modules: Optional[tuple] = None
+    filter_fn: Optional[FilterFn] = None
+    trace: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("rank", self.rank, 1)
+        _check_int("update_interval", self.update_interval, 1)
+        _check_int("queue_size", self.queue_size, 1)
+        _check_int("weight_bits", self.weight_bits, 0, (8, 16, 32))
+        _check_int("proj_bits", self.proj_bits, 0, (4, 8, 16))
+        _check_int("optim_bits", self.optim_bits, 0, (8, 32))
+        _check_int("seed", self.seed, 0)
+        for name in ("block_size", "proj_block_size"):
+            value = getattr(self, name)
+            _check_int(name, value, 2)
+            if value % 2:
+                raise ValueError(f"{name} must be even (INT4 codes pack two per byte), got {value}")
+        for name in ("adaptive", "stochastic_round", "fused", "include_lm_head", "trace"):
+            _check_bool(name, getattr(self, name))
+        if isinstance(self.cos_threshold, bool) or not isinstance(self.cos_threshold, (int, float)):
+            raise TypeError(f"cos_threshold must be a float in [0, 1], got {self.cos_threshold!r}")
+        if not 0.0 <= float(self.cos_threshold) <= 1.0:
+            raise ValueError(f"cos_threshold must be in [0, 1], got {self.cos_threshold}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            raise ValueError(f"scale must be a positive float (alpha, default 0.25), got {self.scale!r}")
+        if self.proj_method not in PROJ_METHODS:
+            raise ValueError(f"proj_method must be one of {PROJ_METHODS}, got {self.proj_method!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
+        if self.target_modules is not None:
+            patterns = self.target_modules
+            if isinstance(patterns, str):
+                patterns = (patterns,)
+            if not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"target_modules must be a list of regular expressions, got {self.target_modules!r}")
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise ValueError(f"target_modules entry {p!r} is not a valid regular expression: {e}") from None
+            object.__setattr__(self, "target_modules", tuple(patterns))
+
+    @classmethod
+    def from_options(cls, rank=None, **options) -> "QGaLoreConfig":
+        """Build a config from `transform`'s keyword options, rejecting unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown} for qgalore_fx.transform; allowed: {sorted(known - {'rank'})}"
+            )
+        if rank is None:
+            raise TypeError("transform() needs rank=, the rank of the gradient projection (e.g. rank=256)")
+        return cls(rank=rank, **options)
+
+    def to_dict(self) -> dict:
+        """JSON-safe view (callables are named, not serialized)."""
+        out = dataclasses.asdict(self)
+        out["filter_fn"] = None if self.filter_fn is None else getattr(self.filter_fn, "__qualname__", repr(self.filter_fn))
+        out["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        return out

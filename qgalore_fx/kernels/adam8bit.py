@@ -1,0 +1,596 @@
+"""Adam moments stored 8-bit block-wise, and the Adam / AdamW update on them.
+
+Q-GaLore runs Adam on the low-rank gradient R of every projected layer and on
+the ordinary parameters that are not projected (DESIGN.md §2). This module
+holds the moments and does the update; the rest of qgalore_fx calls exactly
+two functions:
+
+* ``adam_direction_(grad, state, step)`` updates the moments with ``grad`` and
+  returns Adam's normalized, bias-corrected update ``N = m̂ / (sqrt(v̂) + eps)``.
+  The caller projects N back and scales it.
+* ``adamw_step_(param, grad, state, step, lr)`` is a whole AdamW step with
+  decoupled weight decay on a parameter.
+
+Storage (``AdamState``)
+-----------------------
+With ``bits=8`` each moment is one ``uint8`` code per element plus one fp32
+``absmax`` per block of ``block_size`` (256) consecutive elements of the
+flattened tensor; the last block may be short (any numel works, 4097 too).
+An element's value is ``qmap[code] * absmax[block]``. The first moment uses
+the *signed* dynamic map, the second the *unsigned* one: 256 sorted fp32
+values, ``0`` and ``1`` plus, for each decade ``10^-6 .. 10^0``, the midpoints
+of an even split of ``[0.1, 1]`` times that decade (2^k parts per sign for the
+signed map, 2^(k+1) for the unsigned map, k = 0..6). The signed map has no
+``-1``: its most negative value is about ``-0.993``. The maps equal
+``bitsandbytes.functional.create_dynamic_map(signed=...)`` bit for bit (a test
+checks it), so states written by either backend are read by the other.
+
+With ``bits=32`` the moments are plain fp32 tensors. Tensors with fewer than
+``min_8bit_size`` (default 4096) elements are kept in fp32 even when 8 bits are
+asked for, as ``bitsandbytes.optim.Adam8bit`` does and therefore the paper's
+code did: tiny tensors (norms, biases, small low-rank states) save almost
+nothing and are the ones most hurt by quantized moments. ``state.bits`` is the
+width actually stored. Pass ``min_8bit_size=0`` to quantize everything.
+
+The math (both backends, per element, fp32)
+-------------------------------------------
+::
+
+    m, v   = dequant(m), dequant(v)                  # qmap[code] * absmax
+    m      = beta1 * m + (1 - beta1) * g             # m.mul_(b1).add_(g, alpha=1-b1)
+    v      = beta2 * v + (1 - beta2) * g * g         # v.mul_(b2).addcmul_(g, g, value=1-b2)
+    c1     = 1 - beta1**step                         # in float64, then used as fp32 scalars
+    c2     = sqrt(1 - beta2**step)
+    N      = (m * (1 / c1)) / (sqrt(v) / c2 + eps)   # = m̂ / (sqrt(v̂) + eps)
+    m, v   = quant(m), quant(v)                      # new absmax per block, nearest code
+    AdamW:   p = p * (1 - lr * wd);  p = p - lr * N  # decoupled weight decay first
+
+``eps`` is added to ``sqrt(v̂)`` (torch.optim.Adam's placement), not to ``v̂``
+and not before bias correction. The update N is computed from the fp32 moments
+*before* they are re-quantized; re-quantization only affects the next step.
+``quant`` takes the block's new absmax ``max|x|``, divides (blocks with
+absmax 0 are all zero and get the map's zero code), and picks the nearest map
+value by bucketing against the fp32 midpoints of neighbouring map values (a
+value exactly on a midpoint takes the lower code).
+
+Agreement with bitsandbytes 0.50 ``optimizer_update_8bit_blockwise("adam")``
+---------------------------------------------------------------------------
+Same maps, block size, layout, dequantization (``code * absmax`` in fp32),
+moment updates (same torch ops in the same order as its CPU backend),
+bias-correction and eps placement, and the same rule that the step uses the
+unquantized new moments. Measured on CPU: from the same state, N is bit-equal
+to bitsandbytes' and so is the new absmax. Where it differs:
+
+* Re-quantization code choice. bitsandbytes' CPU library does not always pick
+  the nearest map value: its chosen value is up to about 3.1e-5·absmax
+  (≈ 2^-15) farther from x than the nearest one, and for the unsigned map it
+  maps values below about 2e-5·absmax (0 included) to code 7 (1.6e-5·absmax).
+  About 0.2 % of first-moment codes and ~10 % of second-moment codes differ
+  from this reference on Gaussian gradients; every differing code is within
+  that 2^-15·absmax of the nearest one. The CUDA kernel searches the map
+  with its own binary search and additionally never lets a negative m round to
+  the zero code (it takes the smallest negative value instead). This
+  reference is exactly nearest.
+* Weight decay order. bitsandbytes' CPU backend applies ``p *= 1 - lr*wd``
+  before the Adam step (as here and in torch.optim.AdamW); its CUDA kernel
+  applies it after. The ``bitsandbytes`` backend here therefore applies weight
+  decay itself and calls bitsandbytes with ``weight_decay=0``, so both devices
+  follow the order above.
+* Param update rounding. bitsandbytes adds ``(-lr / c1) * m / denom`` to p;
+  this reference subtracts ``lr * N``: the same up to about one ulp of the step.
+* Non-finite gradients. On CPU bitsandbytes and this reference let NaN/Inf
+  flow into N and into the block's absmax (poisoning that block's moments);
+  the CUDA kernel zeroes such elements' moments and skips them. Callers must
+  not feed non-finite gradients (``qgalore_fx.lowrank`` checks and skips the
+  whole update).
+
+The 32-bit path computes exactly the formula above on fp32 moments; it equals
+``torch.optim.Adam`` / ``AdamW`` (single-tensor path) to float rounding.
+bitsandbytes' 32-bit kernel computes ``c2/c1 * m / (sqrt(v) + eps*c2)``, the
+same quantity rounded differently.
+
+Backends
+--------
+``"torch"`` is the pure-torch reference above (any device, any block size,
+``step`` may be a 0-d tensor so a compiled caller does not recompile per
+step). ``"bitsandbytes"`` calls ``bitsandbytes.functional.
+optimizer_update_8bit_blockwise`` / ``optimizer_update_32bit`` with every
+argument by keyword (block size 256 only). For ``adam_direction_`` it updates
+a zero fp32 buffer with ``lr=-1`` and no weight decay: bitsandbytes then
+writes ``0 + (1/c1) * m / denom``, which is N exactly. ``"auto"`` picks
+bitsandbytes for CUDA tensors (when it imports) and torch otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AdamState",
+    "BACKENDS",
+    "adam_direction_",
+    "adamw_step_",
+    "dequantize_blockwise_dynamic",
+    "dynamic_map",
+    "quantize_blockwise_dynamic",
+]
+
+BLOCK_SIZE = 256
+MIN_8BIT_SIZE = 4096
+BACKENDS = ("auto", "torch", "bitsandbytes")
+_BITS = (8, 32)
+_BNB_BLOCK_SIZE = 256  # bitsandbytes' block-wise optimizer kernels hard-code this
+
+Number = Union[int, float]
+
+
+# --------------------------------------------------------------------------- maps
+def _build_dynamic_map(signed: bool) -> Tensor:
+    values = [0.0, 1.0]
+    for k in range(7):  # decades 1e-6 .. 1e0
+        parts = 2**k if signed else 2 ** (k + 1)
+        edges = torch.linspace(0.1, 1.0, parts + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0 * (10.0 ** (k - 6))
+        values += mids.tolist()
+        if signed:
+            values += (-mids).tolist()
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+# Nearest-code search. ``torch.bucketize`` against the 255 midpoints is the
+# definition, but it is a scalar binary search (~20 ns per element on CPU).
+# Instead a float32's sign, exponent and top 9 mantissa bits (its bit pattern
+# >> 14) pick one of 2^18 cells; each cell spans at most 2^-9 of its magnitude,
+# less than the smallest relative gap between two midpoints (0.35 %, next to
+# 1.0), so a cell holds at most one midpoint (checked when the table is built).
+# The table stores bucketize(the cell's smallest value) = g, and the code of x
+# is g + (x > midpoint[g]): the same integer bucketize gives, ~5x faster.
+_LUT_SHIFT = 14
+_LUT_CELLS = 1 << (32 - _LUT_SHIFT)
+
+
+def _build_lut(midpoints: Tensor) -> Tensor:
+    cells = torch.arange(_LUT_CELLS, dtype=torch.int64)
+    ends = []
+    for low_bits in (0, (1 << _LUT_SHIFT) - 1):
+        pattern = (cells << _LUT_SHIFT) | low_bits
+        pattern = torch.where(pattern >= 2**31, pattern - 2**32, pattern)  # as a signed int32
+        ends.append(pattern.to(torch.int32).view(torch.float32))
+    lo, hi = torch.minimum(*ends), torch.maximum(*ends)  # negative floats order backwards
+    first = torch.bucketize(lo, midpoints, out_int32=True)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    last = torch.bucketize(hi, midpoints, out_int32=True)
+    assert int((last - first)[finite].max()) <= 1, "a lookup cell holds two midpoints"
+    return first.to(torch.uint8)
+
+
+# Per (signed, device) cache. A plain dict, not lru_cache, so that a function
+# compiled with torch.compile reads the cached tensors as constants; the cache
+# is filled eagerly by AdamState.zeros / .to / from_state_dict, before any
+# compiled step runs.
+_MAP_CACHE: dict[tuple[bool, str], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _cached_map(signed: bool, device: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(map, midpoints, lookup table, midpoints + [inf]) on ``device``."""
+    key = (signed, device)
+    hit = _MAP_CACHE.get(key)
+    if hit is None:
+        qmap = _build_dynamic_map(signed)
+        midpoints = (qmap[:-1] + qmap[1:]) / 2.0
+        lut = _build_lut(midpoints)
+        mid_ext = torch.cat([midpoints, torch.tensor([math.inf])])
+        hit = _MAP_CACHE[key] = tuple(t.to(device) for t in (qmap, midpoints, lut, mid_ext))
+    return hit
+
+
+def _warm_maps(device) -> None:
+    for signed in (True, False):
+        _cached_map(signed, str(torch.device(device)))
+
+
+def _nearest_code(x: Tensor, signed: bool) -> Tensor:
+    """uint8 ``torch.bucketize(x, midpoints)`` for contiguous fp32 ``x`` (ties to the lower code)."""
+    _, _, lut, mid_ext = _cached_map(signed, str(x.device))
+    cell = (x.view(torch.int32) >> _LUT_SHIFT) & (_LUT_CELLS - 1)
+    g = lut[cell].int()
+    return g.add_((x > mid_ext[g]).int()).to(torch.uint8)
+
+
+def dynamic_map(signed: bool, device: Optional[Union[str, torch.device]] = None) -> Tensor:
+    """The 256-value dynamic quantization map (see the module docstring).
+
+    The returned tensor is shared and cached per device: do not modify it.
+    """
+    return _cached_map(bool(signed), str(torch.device(device or "cpu")))[0]
+
+
+def _zero_code(signed: bool) -> int:
+    return 127 if signed else 0  # index of 0.0 in the map
+
+
+# --------------------------------------------------------------------------- block-wise (de)quantization
+def quantize_blockwise_dynamic(x: Tensor, signed: bool, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` (any shape) to uint8 codes into the dynamic map.
+
+    Blocks are ``block_size`` consecutive elements of ``x.reshape(-1)``, the
+    last one possibly short. Returns ``(codes, absmax)``: codes with ``x``'s
+    shape, absmax fp32 of shape ``[ceil(numel / block_size)]`` holding
+    ``max|x|`` of each block. Each code is the nearest map value to
+    ``x / absmax`` (ties to the lower code); all-zero blocks get the zero code.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    pad = n_blocks * block_size - n
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    blocks = flat.view(n_blocks, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    codes = _nearest_code(blocks / scale[:, None], bool(signed))
+    return codes.view(-1)[:n].view(x.shape), absmax
+
+
+def dequantize_blockwise_dynamic(codes: Tensor, absmax: Tensor, signed: bool, block_size: int = BLOCK_SIZE) -> Tensor:
+    """fp32 tensor of ``codes``' shape: ``qmap[code] * absmax[block]``."""
+    qmap = dynamic_map(signed, codes.device)
+    out = qmap[codes.reshape(-1).long()]
+    n = out.numel()
+    full = (n // block_size) * block_size
+    if full:
+        out[:full].view(-1, block_size).mul_(absmax[: full // block_size, None])
+    if full < n:
+        out[full:].mul_(absmax[-1])
+    return out.view(codes.shape)
+
+
+# --------------------------------------------------------------------------- state
+@dataclass(eq=False)
+class AdamState:
+    """Adam's two moments for one tensor of shape ``shape``.
+
+    ``bits == 8``: ``m`` and ``v`` are uint8 codes of shape ``shape`` (signed
+    and unsigned dynamic map), ``absmax_m`` / ``absmax_v`` fp32 of shape
+    ``[ceil(numel / block_size)]``. ``bits == 32``: ``m`` and ``v`` are fp32
+    of shape ``shape`` and the absmax fields are ``None``.
+
+    Build with ``AdamState.zeros``; the step count is the caller's.
+    """
+
+    shape: torch.Size
+    bits: int
+    block_size: int
+    m: Tensor
+    v: Tensor
+    absmax_m: Optional[Tensor] = None
+    absmax_v: Optional[Tensor] = None
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+        self.bits = int(self.bits)
+        self.block_size = int(self.block_size)
+        if self.bits not in _BITS:
+            raise ValueError(f"bits must be one of {_BITS}, got {self.bits!r}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        dtype = torch.uint8 if self.bits == 8 else torch.float32
+        for name in ("m", "v"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.shape != self.shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"AdamState.{name} must be a {dtype} tensor of shape {tuple(self.shape)} "
+                                 f"for bits={self.bits}, got {got}")
+        if self.bits == 8:
+            n_blocks = -(-self.shape.numel() // self.block_size)
+            for name in ("absmax_m", "absmax_v"):
+                t = getattr(self, name)
+                if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (n_blocks,):
+                    got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else repr(t)
+                    raise ValueError(f"AdamState.{name} must be a float32 tensor of shape ({n_blocks},) "
+                                     f"for bits=8, block_size={self.block_size}, got {got}")
+        elif self.absmax_m is not None or self.absmax_v is not None:
+            raise ValueError("AdamState.absmax_m / absmax_v must be None for bits=32")
+        if self.v.device != self.m.device or (self.bits == 8 and {self.absmax_m.device, self.absmax_v.device} != {self.m.device}):
+            raise ValueError("all AdamState tensors must be on one device")
+        if self.bits == 8 and self.m.device.type != "meta":
+            _warm_maps(self.m.device)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def zeros(
+        cls,
+        shape,
+        bits: int = 8,
+        device=None,
+        block_size: int = BLOCK_SIZE,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+    ) -> "AdamState":
+        """Zero moments for a tensor of ``shape``.
+
+        ``bits=8`` stores 8-bit block-wise moments unless the tensor has fewer
+        than ``min_8bit_size`` elements, in which case fp32 moments are kept
+        (bitsandbytes' rule; ``min_8bit_size=0`` disables it).
+        """
+        if bits not in _BITS:
+            raise ValueError(f"bits must be one of {_BITS}, got {bits!r}")
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        try:
+            shape = torch.Size(shape)
+        except TypeError:
+            raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from None
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape must not have negative sizes, got {tuple(shape)}")
+        if bits == 8 and shape.numel() < min_8bit_size:
+            bits = 32
+        if bits == 32:
+            z = torch.zeros(shape, dtype=torch.float32, device=device)
+            return cls(shape, 32, block_size, z, z.clone())
+        n_blocks = -(-shape.numel() // block_size)
+        return cls(
+            shape, 8, block_size,
+            m=torch.full(shape, _zero_code(True), dtype=torch.uint8, device=device),
+            v=torch.full(shape, _zero_code(False), dtype=torch.uint8, device=device),
+            absmax_m=torch.zeros(n_blocks, dtype=torch.float32, device=device),
+            absmax_v=torch.zeros(n_blocks, dtype=torch.float32, device=device),
+        )
+
+    # ---------------------------------------------------------------- accounting
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by name (the quantization maps are shared, not counted)."""
+        out = {"m": self.m, "v": self.v}
+        if self.bits == 8:
+            out["absmax_m"] = self.absmax_m
+            out["absmax_v"] = self.absmax_v
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of this state's own tensors (codes/moments and absmax)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def device(self) -> torch.device:
+        return self.m.device
+
+    def __repr__(self) -> str:
+        return (f"AdamState(shape={tuple(self.shape)}, bits={self.bits}, block_size={self.block_size}, "
+                f"nbytes={self.nbytes}, device={self.device})")
+
+    # ---------------------------------------------------------------- (de)serialization
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only (safetensors-ready). The moment tensors are this state's own, not copies."""
+        out = dict(self.tensors())
+        out["shape"] = torch.tensor(list(self.shape), dtype=torch.int64)
+        out["bits"] = torch.tensor(self.bits, dtype=torch.int64)
+        out["block_size"] = torch.tensor(self.block_size, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "AdamState":
+        """Inverse of ``state_dict``. The tensors are copied, so the result never aliases ``d``."""
+        missing = [k for k in ("m", "v", "shape", "bits", "block_size") if k not in d]
+        if missing:
+            raise ValueError(f"AdamState state dict is missing {missing}; it has {sorted(d)}")
+        bits = int(d["bits"])
+        absmax = {}
+        if bits == 8:
+            for k in ("absmax_m", "absmax_v"):
+                if k not in d:
+                    raise ValueError(f"AdamState state dict with bits=8 is missing {k!r}")
+                absmax[k] = d[k].clone()
+        return cls(
+            shape=torch.Size(int(s) for s in d["shape"].tolist()),
+            bits=bits,
+            block_size=int(d["block_size"]),
+            m=d["m"].clone(),
+            v=d["v"].clone(),
+            **absmax,
+        )
+
+    def to(self, device) -> "AdamState":
+        """A state on ``device`` (``self`` if already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = {k: t.to(device) for k, t in self.tensors().items()}
+        return AdamState(self.shape, self.bits, self.block_size, **moved)
+
+    def clone(self) -> "AdamState":
+        return AdamState(self.shape, self.bits, self.block_size, **{k: t.clone() for k, t in self.tensors().items()})
+
+
+# --------------------------------------------------------------------------- checks
+def _check_args(grad: Tensor, state: AdamState, step, beta1, beta2, eps, backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(state, AdamState):
+        raise ValueError(f"state must be an AdamState, got {type(state).__name__}")
+    if not isinstance(grad, Tensor) or not grad.is_floating_point():
+        raise ValueError(f"grad must be a floating-point tensor, got {getattr(grad, 'dtype', type(grad).__name__)}")
+    if grad.shape != state.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} does not match the state shape {tuple(state.shape)}")
+    if grad.device != state.device:
+        raise ValueError(f"grad is on {grad.device} but the state is on {state.device}; move one with .to()")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be a float in [0, 1), got {b!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0.0:
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+            raise ValueError(f"step must be an int >= 1 or a 0-d integer tensor, got a {step.dtype} "
+                             f"tensor of shape {tuple(step.shape)}")
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the 1-based count of this update), got {step!r}")
+
+
+def _check_lr(lr, weight_decay) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a float or a 0-d tensor, got a tensor of shape {tuple(lr.shape)}")
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
+        raise ValueError(f"lr must be a float >= 0 or a 0-d tensor, got {lr!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and _bnb_functional(required=False) is not None:
+        return "bitsandbytes"
+    return "torch"
+
+
+@lru_cache(maxsize=None)
+def _bnb_functional(required: bool = True):
+    try:
+        import bitsandbytes.functional as F
+    except Exception as e:  # ImportError, or a library that fails to load
+        if required:
+            raise RuntimeError(f'backend="bitsandbytes" needs an importable bitsandbytes: {e}') from e
+        return None
+    return F
+
+
+# --------------------------------------------------------------------------- torch reference
+def _bias_corrections(beta1: float, beta2: float, step):
+    """(c1, c2) = (1 - beta1^t, sqrt(1 - beta2^t)), computed in float64."""
+    if isinstance(step, Tensor):
+        t = step.reshape(()).to(torch.float64)
+        return 1.0 - torch.pow(beta1, t), torch.sqrt(1.0 - torch.pow(beta2, t))
+    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+
+
+def _adam_fp32_(m: Tensor, v: Tensor, g: Tensor, step, beta1: float, beta2: float, eps: float) -> Tensor:
+    """Update fp32 moments ``m``, ``v`` in place; return N = m̂ / (sqrt(v̂) + eps)."""
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    c1, c2 = _bias_corrections(beta1, beta2, step)
+    denom = v.sqrt().div_(c2).add_(eps)
+    return m.mul(1.0 / c1).div_(denom)
+
+
+def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps) -> Tensor:
+    g = grad.float()
+    if state.bits == 32:
+        return _adam_fp32_(state.m, state.v, g, step, beta1, beta2, eps)
+    bs = state.block_size
+    m = dequantize_blockwise_dynamic(state.m, state.absmax_m, True, bs)
+    v = dequantize_blockwise_dynamic(state.v, state.absmax_v, False, bs)
+    n = _adam_fp32_(m, v, g, step, beta1, beta2, eps)
+    for codes, absmax, x, signed in ((state.m, state.absmax_m, m, True), (state.v, state.absmax_v, v, False)):
+        new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, bs)
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)
+    return n
+
+
+# --------------------------------------------------------------------------- bitsandbytes
+def _update_bnb_(p32: Tensor, grad: Tensor, state: AdamState, step, lr: float, beta1, beta2, eps) -> None:
+    """One bitsandbytes Adam step on the contiguous fp32 ``p32`` (no weight decay)."""
+    F = _bnb_functional()
+    g = grad.float().contiguous()
+    step = int(step)
+    if state.bits == 8:
+        if state.block_size != _BNB_BLOCK_SIZE:
+            raise ValueError(f'backend="bitsandbytes" needs block_size={_BNB_BLOCK_SIZE}, the state has '
+                             f'block_size={state.block_size}; use backend="torch"')
+        F.optimizer_update_8bit_blockwise(
+            optimizer_name="adam", g=g, p=p32,
+            state1=state.m, state2=state.v,
+            beta1=float(beta1), beta2=float(beta2), beta3=0.0, alpha=0.0,
+            eps=float(eps), step=step, lr=float(lr),
+            qmap1=dynamic_map(True, p32.device), qmap2=dynamic_map(False, p32.device),
+            absmax1=state.absmax_m, absmax2=state.absmax_v,
+            weight_decay=0.0, gnorm_scale=1.0, skip_zeros=False,
+        )
+    else:
+        F.optimizer_update_32bit(
+            optimizer_name="adam", g=g, p=p32,
+            state1=state.m, state2=state.v,
+            beta1=float(beta1), beta2=float(beta2), beta3=0.0, alpha=0.0,
+            eps=float(eps), step=step, lr=float(lr),
+            weight_decay=0.0, gnorm_scale=1.0, unorm_vec=None, max_unorm=0.0, skip_zeros=False,
+        )
+
+
+# --------------------------------------------------------------------------- public API
+@torch.no_grad()
+def adam_direction_(
+    grad: Tensor,
+    state: AdamState,
+    step: Union[int, Tensor],
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> Tensor:
+    """Update ``state`` with ``grad`` and return N = m̂ / (sqrt(v̂) + eps).
+
+    ``step`` is the 1-based index of this update (bias correction uses it);
+    the torch backend also takes a 0-d integer tensor. N is a new fp32 tensor
+    of ``grad``'s shape. See the module docstring for the exact math.
+    """
+    _check_args(grad, state, step, beta1, beta2, eps, backend)
+    if state.shape.numel() == 0:
+        return torch.zeros(state.shape, dtype=torch.float32, device=state.device)
+    if _resolve_backend(backend, state.device) == "torch":
+        return _direction_torch(grad, state, step, beta1, beta2, eps)
+    n = torch.zeros(state.shape, dtype=torch.float32, device=state.device)
+    _update_bnb_(n, grad, state, step, -1.0, beta1, beta2, eps)  # p = 0 - (-1) * N
+    return n
+
+
+@torch.no_grad()
+def adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    state: AdamState,
+    step: Union[int, Tensor],
+    lr: Union[float, Tensor],
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    backend: str = "auto",
+) -> None:
+    """In-place AdamW on ``param``: ``p = p*(1 - lr*wd) - lr*N`` (math in fp32).
+
+    ``param`` may be fp32, bf16 or fp16 and have ``grad``'s shape; ``lr`` a
+    float or 0-d tensor. With the torch backend a tensor ``lr`` is used
+    without a host sync.
+    """
+    _check_args(grad, state, step, beta1, beta2, eps, backend)
+    _check_lr(lr, weight_decay)
+    if not isinstance(param, Tensor) or param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"param must be a float32, bfloat16 or float16 tensor, got "
+                         f"{getattr(param, 'dtype', type(param).__name__)}")
+    if param.shape != grad.shape:
+        raise ValueError(f"param shape {tuple(param.shape)} does not match grad shape {tuple(grad.shape)}")
+    if param.device != state.device:
+        raise ValueError(f"param is on {param.device} but the state is on {state.device}")
+    if state.shape.numel() == 0:
+        return
+    in_place = param.dtype == torch.float32 and param.is_contiguous()
+    p32 = param if in_place else param.float().contiguous()
+    if weight_decay:
+        p32.mul_(1.0 - lr * weight_decay)
+    if _resolve_backend(backend, state.device) == "torch":
+        n = _direction_torch(grad, state, step, beta1, beta2, eps)
+        p32.sub_(n.mul_(lr))
+    else:
+        _update_bnb_(p32, grad, state, step, float(lr), beta1, beta2, eps)
+    if not in_place:
+        param.copy_(p32)

@@ -1,0 +1,500 @@
+"""Block-wise symmetric quantization: the pure-torch reference, the public API and the custom ops.
+
+This module is the single definition of what an INT8 weight or an INT4 projection *is* in
+qgalore_fx. Everything else (the dequant-matmul, the fused optimizer's write-back, the
+Triton kernels in ``quant_triton.py``) follows the math written here.
+
+The format
+----------
+A tensor ``x`` is flattened and cut into blocks of ``block_size`` consecutive elements (the
+last block may be short). For each block::
+
+    qmax   = 127 (bits=8)  or  7 (bits=4)
+    scale  = absmax(block) / qmax                      # fp32, one per block
+    v      = x / scale          (v = 0 where scale == 0)
+    code   = clamp(round(v), -qmax, qmax)
+    x_hat  = code * scale                              # computed in fp32, then cast
+
+* bits=8: codes are ``torch.int8`` with ``x``'s shape.
+* bits=4: codes are packed two per byte into a flat ``torch.uint8`` tensor: nibble =
+  code + 8 (so 1..15 for real codes), element ``2i`` in the low nibble, ``2i+1`` in the high
+  nibble; an odd element count is padded with a raw zero nibble.
+* No zero point is stored: the quantizer is symmetric.
+
+Why symmetric (and not the asymmetric min/max quantizer of the original Q-GaLore code)
+--------------------------------------------------------------------------------------
+* Zero is always exactly representable (code 0), so zero weights, zero padding and all-zero
+  blocks stay exactly zero, and an all-zero block has scale 0 and dequantizes to exact zeros.
+* A block whose values all have the same sign loses nothing beyond rounding. The asymmetric
+  quantizer of the reference implementation computes its zero point from the block's min and
+  max and, on single-sign blocks (e.g. a block of positive values), maps part of the range
+  outside the representable codes, where values are clipped; symmetric absmax has no such
+  failure mode.
+* The element of largest magnitude always gets code +-qmax, so it is reproduced up to fp32
+  rounding of ``qmax * (absmax / qmax)``: exactly after casting back to bf16/fp16 inputs, and
+  within one fp32 ulp for fp32 inputs (``fl(qmax * fl(a / qmax)) != a`` for ~0.6% of fp32
+  values at qmax=127 and ~8% at qmax=7, and no other fp32 scale fixes it, so fp32 exactness
+  of the maximum is not attainable with ``code * scale`` dequantization).
+* A finite input never dequantizes to inf: where ``qmax * scale`` would round past the fp32
+  maximum (absmax within an ulp or so of 3.4e38), the scale is clamped to ``MAX_SCALE[bits]``,
+  the largest fp32 scale whose ``qmax`` multiple is finite (one ulp below ``absmax / qmax``).
+* It needs half the side storage (no zero point) and one multiply to dequantize.
+The price is one code value: the range [-qmax, qmax] uses 255 of 256 int8 codes and 15 of the
+16 int4 codes.
+
+Rounding
+--------
+* Nearest: round half to even (``torch.round``); the Triton path uses the same rule, so both
+  paths give identical codes.
+* Stochastic: ``code = floor(v) + (u < v - floor(v))`` with ``u ~ U[0, 1)``. This is the same
+  law as ``floor(v + u)`` (it rounds down with probability ``ceil(v) - v``, else up, so
+  ``E[x_hat] = x``) but it never suffers the fp32 rounding of the sum ``v + u``.
+  The noise is counter based: the ops take ``seed`` = int64 tensor ``[seed, offset]``. The
+  reference builds a ``torch.Generator`` deterministically from ``(seed, offset)`` and draws
+  ``torch.rand``; the Triton path draws ``tl.rand(seed, offset + element_index)`` (Philox).
+  The two streams are different but each is deterministic: same seed, same codes.
+
+Custom ops (namespace ``qgalore_fx``)
+-------------------------------------
+``torch.ops.qgalore_fx.quantize(x, bits, block_size, seed) -> (codes, scales)`` and
+``torch.ops.qgalore_fx.dequantize(codes, scales, bits, block_size, shape, dtype) -> Tensor``.
+The reference below is the default implementation for every device; ``quant_triton.py``
+registers the Triton kernels for CUDA. The fake implementations check shapes and dtypes, so
+the ops trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "QMAX",
+    "MAX_SCALE",
+    "SUPPORTED_BITS",
+    "FLOAT_DTYPES",
+    "QuantizedTensor",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_reference",
+    "dequantize_reference",
+    "pack_int4",
+    "unpack_int4",
+    "num_blocks",
+    "make_seed",
+]
+
+QMAX = {8: 127, 4: 7}
+SUPPORTED_BITS = (4, 8)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+
+def _max_finite_scale(qmax: int) -> float:
+    s = torch.tensor(torch.finfo(torch.float32).max) / qmax
+    while torch.isinf(s * qmax):
+        s = torch.nextafter(s, torch.zeros(()))
+    return s.item()
+
+
+# Largest fp32 scale with qmax * scale finite: scales are clamped to it (see module docstring).
+MAX_SCALE = {bits: _max_finite_scale(qmax) for bits, qmax in QMAX.items()}
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks, shared by the public API, the reference, the fake impls and the Triton path.
+# None of them looks at tensor values, so they are safe on fake tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Number of quantization blocks for ``numel`` elements (the last block may be short)."""
+    return (numel + block_size - 1) // block_size
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def _check_block_size(block_size) -> None:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size <= 0
+        or block_size % 2 != 0
+    ):
+        raise ValueError(
+            "block_size must be a positive even int (int4 codes are packed two per byte and a "
+            f"byte never straddles two blocks), got {block_size!r}"
+        )
+
+
+def _check_float_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32, bfloat16 or float16, got {t.dtype}"
+        )
+
+
+def _check_seed(seed: Optional[torch.Tensor], device: torch.device) -> None:
+    if seed is None:
+        return
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"seed must be None or an int64 tensor of shape [2], got {type(seed).__name__}")
+    if seed.dtype != torch.int64 or tuple(seed.shape) != (2,):
+        raise ValueError(
+            "seed must be None (nearest rounding) or an int64 tensor of shape [2] holding "
+            f"(seed, offset), got dtype {seed.dtype} and shape {tuple(seed.shape)}"
+        )
+    if seed.device != device:
+        raise ValueError(f"seed must be on x's device {device}, got {seed.device}")
+
+
+def check_quantize_args(x, bits, block_size, seed) -> None:
+    """Validate the arguments of ``qgalore_fx::quantize`` (no data-dependent checks)."""
+    _check_float_tensor(x, "x")
+    _check_bits(bits)
+    _check_block_size(block_size)
+    _check_seed(seed, x.device)
+
+
+def _codes_numel(bits: int, numel: int) -> int:
+    return numel if bits == 8 else (numel + 1) // 2
+
+
+def check_dequantize_args(codes, scales, bits, block_size, shape, dtype) -> None:
+    """Validate the arguments of ``qgalore_fx::dequantize`` (no data-dependent checks)."""
+    _check_bits(bits)
+    _check_block_size(block_size)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if not isinstance(scales, torch.Tensor):
+        raise TypeError(f"scales must be a torch.Tensor, got {type(scales).__name__}")
+    numel = math.prod(shape)
+    want = torch.int8 if bits == 8 else torch.uint8
+    if codes.dtype != want:
+        raise TypeError(f"codes must have dtype {want} for bits={bits}, got {codes.dtype}")
+    if codes.numel() != _codes_numel(bits, numel):
+        raise ValueError(
+            f"codes must hold {_codes_numel(bits, numel)} elements for shape {list(shape)} at "
+            f"bits={bits}, got {codes.numel()}"
+        )
+    if scales.dtype != torch.float32 or scales.dim() != 1:
+        raise ValueError(
+            f"scales must be a 1-D float32 tensor, got dtype {scales.dtype} and {scales.dim()} dims"
+        )
+    if scales.numel() != num_blocks(numel, block_size):
+        raise ValueError(
+            f"scales must hold {num_blocks(numel, block_size)} blocks for {numel} elements at "
+            f"block_size={block_size}, got {scales.numel()}"
+        )
+    if codes.device != scales.device:
+        raise ValueError(f"codes ({codes.device}) and scales ({scales.device}) must be on the same device")
+
+
+# ---------------------------------------------------------------------------------------------
+# INT4 packing
+# ---------------------------------------------------------------------------------------------
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    nibbles = (codes.reshape(-1) + 8).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])  # raw zero nibble as padding
+    pairs = nibbles.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] two per byte: ``uint8[ceil(n / 2)]``.
+
+    Element ``2i`` goes to the low nibble and ``2i+1`` to the high nibble of byte ``i``, each as
+    ``code + 8``; an odd count is padded with a raw zero nibble. ``codes`` is flattened.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8:
+        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(f"codes must be an int8 tensor, got {got}")
+    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
+        raise ValueError(
+            f"codes must lie in [-8, 7] to pack into 4 bits, got range "
+            f"[{int(codes.min())}, {int(codes.max())}]"
+        )
+    return _pack_int4(codes)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``int8[numel]`` codes from ``uint8[ceil(numel / 2)]``."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"packed must be a uint8 tensor, got {got}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed must hold ceil(numel / 2) = {(numel + 1) // 2} bytes for numel={numel}, "
+            f"got {packed.numel()}"
+        )
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat & 0xF, flat >> 4], dim=1).view(-1)[:numel]
+    return nibbles.to(torch.int8) - 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _reference_generator(seed: torch.Tensor, device: torch.device) -> torch.Generator:
+    """A generator seeded deterministically from the (seed, offset) pair in ``seed``."""
+    s, offset = (int(v) for v in seed.tolist())
+    mixed = _splitmix64((_splitmix64(s & _MASK64) ^ (offset & _MASK64)) & _MASK64)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mixed & _INT64_MAX)
+    return gen
+
+
+def make_seed(
+    generator: Union[None, int, torch.Generator], device: Union[str, torch.device] = "cpu", offset: int = 0
+) -> torch.Tensor:
+    """The ``seed`` tensor (int64 ``[seed, offset]``) the ``quantize`` op takes for SR.
+
+    ``generator`` may be an int (used as the seed), a ``torch.Generator`` (one int64 seed is
+    drawn from it with ``torch.randint``) or None (a seed is drawn from the global torch RNG).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else "cpu"
+        s = int(
+            torch.randint(_INT64_MIN, _INT64_MAX, (1,), dtype=torch.int64, generator=generator, device=gen_device)
+        )
+    elif isinstance(generator, int) and not isinstance(generator, bool):
+        if not _INT64_MIN <= generator <= _INT64_MAX:
+            raise ValueError(f"generator as an int seed must fit in int64, got {generator}")
+        s = generator
+    else:
+        raise TypeError(
+            f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}"
+        )
+    if isinstance(offset, bool) or not isinstance(offset, int) or not _INT64_MIN <= offset <= _INT64_MAX:
+        raise ValueError(f"offset must be an int64 int, got {offset!r}")
+    return torch.tensor([s, offset], dtype=torch.int64, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference implementation (pure torch, vectorized over [num_blocks, block_size])
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def quantize_reference(
+    x: torch.Tensor, bits: int, block_size: int, seed: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax block quantization in plain torch; see the module docstring for the math.
+
+    Returns ``(codes, scales)``: int8 codes of ``x``'s shape (bits=8) or packed uint8 codes
+    ``[ceil(numel / 2)]`` (bits=4), and fp32 ``scales[num_blocks]``. ``seed`` None rounds to
+    nearest (half to even); an int64 ``[seed, offset]`` tensor rounds stochastically.
+    """
+    check_quantize_args(x, bits, block_size, seed)
+    qmax = QMAX[bits]
+    n = x.numel()
+    blocks = _as_blocks(x.reshape(-1).float(), block_size)
+    scales = blocks.abs().amax(dim=1) / qmax
+    scales.clamp_(max=MAX_SCALE[bits])  # only bites next to the fp32 maximum
+    v = blocks / torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
+    if seed is None:
+        q = torch.round(v)  # round half to even
+    else:
+        u = torch.rand(v.shape, generator=_reference_generator(seed, x.device), device=x.device)
+        q = torch.floor(v)
+        q += u < (v - q)  # v - floor(v) is exact in fp32
+    codes = q.clamp_(-qmax, qmax).to(torch.int8).view(-1)[:n]
+    if bits == 8:
+        return codes.view(x.shape), scales
+    return _pack_int4(codes), scales
+
+
+def dequantize_reference(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block_size: int,
+    shape: List[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``code * scale`` in fp32, cast to ``dtype`` and shaped as ``shape``."""
+    check_dequantize_args(codes, scales, bits, block_size, shape, dtype)
+    n = math.prod(shape)
+    q = codes.reshape(-1) if bits == 8 else unpack_int4(codes, n)
+    x = _as_blocks(q.float(), block_size) * scales.unsqueeze(1)
+    return x.view(-1)[:n].to(dtype).view(list(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: the reference is the default kernel for every device (quant_triton.py registers
+# the Triton kernels for CUDA).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qgalore_fx::quantize", mutates_args=())
+def quantize_op(
+    x: torch.Tensor, bits: int, block_size: int, seed: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_reference(x, bits, block_size, seed)
+
+
+@quantize_op.register_fake
+def _quantize_fake(x, bits, block_size, seed):
+    check_quantize_args(x, bits, block_size, seed)
+    n = x.numel()
+    if bits == 8:
+        codes = x.new_empty(x.shape, dtype=torch.int8)
+    else:
+        codes = x.new_empty(((n + 1) // 2,), dtype=torch.uint8)
+    scales = x.new_empty((num_blocks(n, block_size),), dtype=torch.float32)
+    return codes, scales
+
+
+@torch.library.custom_op("qgalore_fx::dequantize", mutates_args=())
+def dequantize_op(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block_size: int,
+    shape: List[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    return dequantize_reference(codes, scales, bits, block_size, shape, dtype)
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(codes, scales, bits, block_size, shape, dtype):
+    check_dequantize_args(codes, scales, bits, block_size, shape, dtype)
+    return codes.new_empty(list(shape), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, repr=False)
+class QuantizedTensor:
+    """A block-quantized tensor: codes + one fp32 scale per block (symmetric, so no zero points).
+
+    ``codes``: int8 with ``shape`` for bits=8; packed uint8 ``[ceil(numel / 2)]`` for bits=4.
+    ``scales``: fp32 ``[num_blocks]``. ``shape``/``dtype``: those of the original tensor.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    block_size: int
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dequantized tensor in ``dtype`` (default: the original dtype)."""
+        return torch.ops.qgalore_fx.dequantize(
+            self.codes, self.scales, self.bits, self.block_size, list(self.shape),
+            self.dtype if dtype is None else dtype,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of the stored tensors: codes + scales (there are no zero points)."""
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: Union[str, torch.device]) -> "QuantizedTensor":
+        return QuantizedTensor(
+            self.codes.to(device), self.scales.to(device), self.shape, self.dtype, self.bits, self.block_size
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor(shape={list(self.shape)}, dtype={self.dtype}, bits={self.bits}, "
+            f"block_size={self.block_size}, nbytes={self.nbytes}, device={self.device})"
+        )
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    bits: int = 8,
+    block_size: int = 256,
+    stochastic: bool = False,
+    generator: Union[None, int, torch.Generator] = None,
+    check_finite: bool = True,
+) -> QuantizedTensor:
+    """Quantize ``x`` symmetrically per block of ``block_size`` flattened elements.
+
+    Args:
+        x: fp32, bf16 or fp16 tensor of any shape.
+        bits: 8 (int8 codes in [-127, 127]) or 4 (codes in [-7, 7], packed two per byte).
+        block_size: positive even int.
+        stochastic: round stochastically (unbiased: ``E[dequantize] = x``) instead of to nearest
+            (half to even).
+        generator: source of the SR seed: an int seed, a ``torch.Generator`` (one int64 seed is
+            drawn from it) or None (drawn from the global torch RNG). Not consumed when
+            ``stochastic`` is False. The same seed gives the same codes.
+        check_finite: raise if ``x`` holds NaN or Inf (one reduction and a host sync). Callers
+            that already checked, like the fused optimizer, pass False.
+    """
+    _check_float_tensor(x, "x")
+    _check_bits(bits)
+    _check_block_size(block_size)
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if isinstance(generator, bool) or not isinstance(generator, (type(None), int, torch.Generator)):
+        raise TypeError(
+            f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}"
+        )
+    x = x.detach()
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            "x contains non-finite values (NaN or Inf); block quantization needs finite input "
+            "(pass check_finite=False only if the caller has already checked)"
+        )
+    seed = make_seed(generator, x.device) if stochastic else None
+    codes, scales = torch.ops.qgalore_fx.quantize(x, bits, block_size, seed)
+    return QuantizedTensor(codes, scales, x.shape, x.dtype, bits, block_size)
+
+
+def dequantize_blockwise(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``q.dequantize(dtype)``: the function form of :meth:`QuantizedTensor.dequantize`."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    return q.dequantize(dtype)

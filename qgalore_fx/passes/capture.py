@@ -1,0 +1,193 @@
+"""Choose the linears to project and capture the regions around them as FX graphs.
+
+Why regions, not one whole-model graph (measured with torch 2.13 and
+transformers 5.23, DESIGN.md §5): ``torch.fx.symbolic_trace`` fails on
+``LlamaForCausalLM``, ``LlamaDecoderLayer`` and ``LlamaAttention`` (Python
+control flow, iteration over proxies, decorated forwards) but succeeds on
+``LlamaMLP`` and on plain modules. ``torch.export`` and Dynamo do capture the
+whole model, but their graphs take the weights as *inputs*: a pass there can
+re-route the op yet cannot change what the model stores, and the captured
+program no longer behaves like the HF model (``generate``, caches, kwargs,
+``ModelOutput``). So capture keeps the user's module tree and works bottom-up:
+
+1. Walk from the root. A module that contains no selected linear is left alone.
+2. A module that contains selected linears is traced with ``torch.fx`` (every
+   submodule that holds no selected linear stays a leaf ``call_module`` node, so
+   parameter names and state-dict keys do not change). If tracing succeeds the
+   module is replaced by the resulting ``GraphModule`` — the *region* — and the
+   passes rewrite its graph.
+3. If tracing fails, its children are visited instead; a selected linear whose
+   parent could not be traced is its own region and is rewritten by module
+   swap, calling the same op from ``QGaLoreLinear.forward``.
+
+The root module itself is traced only when it is an ``nn.Sequential`` or
+already a ``GraphModule``: replacing a user's top-level class with a
+``GraphModule`` would drop its methods (``generate``, ``save_pretrained``).
+
+Either way the resulting model runs under ``torch.compile`` as one graph per
+frame: the rewritten op is a ``torch.library`` custom op with a fake kernel,
+so Dynamo sees the same node in traced and swapped regions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Dict, List, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from qgalore_fx.config import QGaLoreConfig
+
+
+@dataclasses.dataclass
+class Region:
+    """A captured part of the model: a traced GraphModule or a single swapped linear."""
+
+    name: str  # fully-qualified name in the model ('' = root)
+    kind: str  # "graph" or "module"
+    module: nn.Module
+    note: str = ""  # why a parent could not be traced, for explain()
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _tied_to_input_embeddings(model: nn.Module, linear: nn.Module) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    return emb is not None and getattr(emb, "weight", None) is linear.weight
+
+
+def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Linear]:
+    """The fully-qualified names of the linears to project, in module order.
+
+    Default: every ``nn.Linear`` inside a transformer block (an element of an
+    ``nn.ModuleList``), or every ``nn.Linear`` when the model has no blocks.
+    ``target_modules`` (regexes searched in the name) and ``filter_fn(module,
+    fqn)`` replace the default; given together, a layer must pass both.
+    ``include_lm_head`` adds the output head.
+    """
+    custom = config.target_modules is not None or config.filter_fn is not None
+    in_blocks = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for sub_name, _ in module.named_modules(prefix=name):
+                in_blocks.add(sub_name)
+
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+
+    chosen: Dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if custom:
+            wanted = True
+            if config.target_modules is not None:
+                wanted = any(re.search(p, name) for p in config.target_modules)
+            if wanted and config.filter_fn is not None:
+                wanted = bool(config.filter_fn(module, name))
+            if not wanted:
+                continue
+            if not isinstance(module, nn.Linear):
+                if config.filter_fn is not None:
+                    raise ValueError(
+                        f"filter_fn selected {name!r} of type {type(module).__name__}; only nn.Linear layers can be "
+                        "projected — make filter_fn return True only for nn.Linear modules"
+                    )
+                continue  # a regex may match containers; only their linears count
+        else:
+            if not isinstance(module, nn.Linear):
+                continue
+            if module is head and not config.include_lm_head:
+                continue
+            if in_blocks and name not in in_blocks and module is not head:
+                continue
+        if not _is_plain_linear(module):
+            raise ValueError(
+                f"module {name!r} is a {type(module).__name__} with its own forward; qgalore_fx can only rewrite plain "
+                "nn.Linear layers. Exclude it with filter_fn/target_modules."
+            )
+        chosen[name] = module
+
+    if config.include_lm_head and isinstance(head, nn.Linear):
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        chosen.setdefault(head_name, head)
+
+    for name, module in chosen.items():
+        if _tied_to_input_embeddings(model, module):
+            raise ValueError(
+                f"{name!r} shares its weight with the input embedding (tied weights) and cannot be stored as INT8 "
+                "codes; set include_lm_head=False or untie the weights (config.tie_word_embeddings=False)"
+            )
+    if not chosen:
+        how = "filter_fn/target_modules" if custom else "the default rule (nn.Linear inside transformer blocks)"
+        raise ValueError(f"{how} selected no layer of {type(model).__name__}; nothing to transform")
+    return chosen
+
+
+class _RegionTracer(fx.Tracer):
+    """Traces through modules that contain selected linears; everything else is a leaf."""
+
+    def __init__(self, keep_open: set):
+        super().__init__()
+        self.keep_open = keep_open
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) not in self.keep_open
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def capture_regions(model: nn.Module, selected: Dict[str, nn.Module], trace: bool = True):
+    """Replace traceable regions by GraphModules in place; returns (model, regions).
+
+    The returned model is ``model`` itself unless the root was traced.
+    """
+    containing = set()  # ids of modules with a selected linear at or below them
+    for name in selected:
+        parts = name.split(".")
+        for i in range(len(parts) + 1):
+            containing.add(id(model.get_submodule(".".join(parts[:i]))))
+    selected_ids = {id(m) for m in selected.values()}
+
+    regions: List[Region] = []
+    root_holder = {"root": model}
+
+    def visit(module: nn.Module, prefix: str, note: str) -> None:
+        if id(module) not in containing:
+            return
+        if id(module) in selected_ids:
+            regions.append(Region(prefix, "module", module, note))
+            return
+        is_root = prefix == ""
+        traceable_root = isinstance(module, (nn.Sequential, fx.GraphModule))
+        if trace and (not is_root or traceable_root):
+            gm: Optional[fx.GraphModule] = None
+            try:
+                tracer = _RegionTracer(containing - selected_ids)
+                graph = tracer.trace(module)
+                gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+            except Exception as e:  # tracing failures are expected; fall back to the children
+                note = f"{prefix or type(module).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if gm is not None:
+                if is_root:
+                    root_holder["root"] = gm
+                else:
+                    _set_submodule(root_holder["root"], prefix, gm)
+                regions.append(Region(prefix, "graph", gm))
+                return
+        for child_name, child in module.named_children():
+            visit(child, f"{prefix}.{child_name}" if prefix else child_name, note)
+
+    visit(model, "", "")
+    return root_holder["root"], regions

@@ -1,0 +1,74 @@
+"""Pass 1: store each selected linear's weight as INT8 and call the dequant-matmul op.
+
+Requires
+    a GraphModule whose selected linears appear as ``call_module`` nodes
+    targeting plain ``nn.Linear`` submodules (``capture_regions`` guarantees it).
+Guarantees
+    each such node is replaced by
+    ``call_function torch.ops.qgalore_fx.linear(x, codes, scales, bias, anchor, layer_id, block)``
+    whose tensor arguments are ``get_attr`` nodes reaching the buffers of a
+    :class:`~qgalore_fx.layers.QGaLoreLinear` that took the ``nn.Linear``'s
+    place; the float weight is no longer referenced by the GraphModule;
+    ``layer_id`` is read from the module (-1 until pass 2 attaches an update,
+    i.e. a frozen quantized linear); ``node.meta`` of the new call keeps the
+    original node's metadata plus ``qgalore_fx_layer``.
+
+``quantize_module`` does the same for a linear that is its own region (module
+swap, used where the parent could not be traced).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.layers import QGaLoreLinear
+from qgalore_fx.passes.capture import _set_submodule
+
+LINEAR_OP = torch.ops.qgalore_fx.linear.default
+
+
+def quantize_module(linear: nn.Linear, config: QGaLoreConfig) -> QGaLoreLinear:
+    """Swap-in replacement for one ``nn.Linear``; its float weight is released."""
+    new = QGaLoreLinear.from_linear(linear, config)
+    linear.weight = None  # drop the reference held by the old module
+    return new
+
+
+def quantize_weights(gm: fx.GraphModule, selected: set, config: QGaLoreConfig) -> bool:
+    """Rewrite the ``call_module`` nodes whose target is in ``selected``; returns whether anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in selected:
+            continue
+        linear = gm.get_submodule(node.target)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"pass 1 expected nn.Linear at {node.target!r}, found {type(linear).__name__}")
+        if len(node.args) + len(node.kwargs) != 1:
+            raise ValueError(f"call of {node.target!r} must take exactly one input, got {node.args} {node.kwargs}")
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        layer = quantize_module(linear, config)
+        _set_submodule(gm, node.target, layer)
+        with gm.graph.inserting_before(node):
+            codes = gm.graph.get_attr(f"{node.target}.weight_codes")
+            scales = gm.graph.get_attr(f"{node.target}.weight_scales")
+            bias = gm.graph.get_attr(f"{node.target}.bias") if layer.bias is not None else None
+            anchor = gm.graph.get_attr(f"{node.target}.anchor")
+            with warnings.catch_warnings():  # FX only knows tensor/module attributes; an int property is fine
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                layer_id = gm.graph.get_attr(f"{node.target}.layer_id")
+            call = gm.graph.call_function(LINEAR_OP, (x, codes, scales, bias, anchor, layer_id, config.block_size))
+        call.meta.update(node.meta)
+        call.meta["qgalore_fx_layer"] = node.target
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return changed

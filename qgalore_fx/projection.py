@@ -1,0 +1,606 @@
+"""Gradient subspaces for Q-GaLore: computing projections and deciding when to refresh them.
+
+Everything here is a pure function of tensors or a small plain-Python state object; no
+module, graph or optimizer code lives here.
+
+Side convention (GaLore)
+------------------------
+For a weight gradient ``G`` of shape ``[m, n]``:
+
+* ``m >= n`` -> project on the **right**: ``P`` holds the top-r right singular vectors as
+  rows, shape ``[r, n]`` with orthonormal rows; ``R = G @ P.T`` (``[m, r]``) and the
+  back-projection is ``R @ P``.
+* ``m < n`` -> project on the **left**: ``P`` holds the top-r left singular vectors as
+  columns, shape ``[m, r]`` with orthonormal columns; ``R = P.T @ G`` (``[r, n]``) and the
+  back-projection is ``P @ R``.
+
+Either way ``P`` lives in the smaller of the two dimensions, which is what keeps it (and the
+optimizer state on ``R``) small.
+
+Computing a projection (:func:`compute_projection`)
+---------------------------------------------------
+``"full"``
+    fp32 ``torch.linalg.svd(full_matrices=False)``: the reference, and by far the slowest.
+``"randomized"``
+    A randomized range finder: a Gaussian block of ``q = rank + oversample`` columns in the
+    projection's space, ``niter`` block power iterations (each applies ``GᵀG``, or ``GGᵀ``
+    on the left side, then re-orthonormalizes with a Householder QR), then a Rayleigh-Ritz
+    step that rotates the block onto ordered singular-vector estimates and keeps the top
+    ``rank``. The Gaussian block comes from ``generator``, so a seeded generator gives a
+    reproducible result.
+``"subspace"``
+    The same iteration warm-started from the previous projection: the starting block is
+    ``prev`` (the dequantized previous ``P``) plus ``oversample`` Gaussian columns that let
+    directions new to the subspace come in. When the subspace has moved little since the
+    last refresh, one iteration already lands on it (see BENCHMARKS.projection.md for the
+    measured cost and quality). Without a usable ``prev`` (``None``, another shape, or
+    non-finite values) it falls back to ``"randomized"``.
+
+All methods return fp32, and fix the sign of each singular vector so that its
+largest-magnitude entry is positive. The sign of a singular vector is arbitrary (LAPACK, a
+randomized sketch and a warm start may each pick another), so fixing it makes the three
+methods agree vector for vector where the spectrum has gaps, and keeps quantized ``P`` codes
+reproducible.
+
+Similarity between consecutive projections (:func:`subspace_similarity`)
+-------------------------------------------------------------------------
+The paper (section 3.2) doubles a layer's refresh interval when "the cosine similarity of
+projection matrices" stayed above a threshold (0.4) over the previous k intervals.
+
+What the official code does (VITA-Group/Q-GaLore, ``q_galore_torch/q_galore_projector.py``,
+``GaLoreProjector.project``; ``q_galore_projector_simulate.py`` is identical):
+
+* it compares **only the top singular vector** -- row 0 of ``P`` on the right side, column 0
+  on the left -- of the new fp32 ``P`` with that of the previous one, using
+  ``torch.nn.functional.cosine_similarity``: a **signed** cosine;
+* the values go into a sliding window: once it holds ``queue_size`` values the oldest is
+  dropped before appending; the first SVD of a layer has nothing to compare with and appends
+  nothing;
+* the interval is multiplied by ``gamma_proj`` (2) when the window is full and the **mean**
+  of its values is ``>= cos_threshold``; the window is **never cleared**, so once it
+  qualifies the interval doubles again at every following refresh for as long as the
+  window mean stays above the threshold (200 -> 400 -> 800 -> ...);
+* a refresh happens when ``step % update_proj_gap == 0`` (``step`` is the optimizer's
+  per-parameter step count), not a fixed distance after the last refresh;
+* defaults: ``cos_threshold=0.4``, ``gamma_proj=2``, ``queue_size=5`` (both in the
+  ``GaLoreProjector`` signature and in ``run_pretrain.py``'s ``--queue_size`` flag, which
+  none of the shipped scripts override).
+
+Why qgalore_fx uses another rule:
+
+* A singular vector is only defined up to sign, so a signed cosine of an unchanged subspace
+  is +1 or -1 depending on which sign the SVD routine happened to pick. A layer whose
+  subspace is perfectly stable can then read as "not similar" forever, or average to about
+  zero, and the decision becomes a coin toss.
+* One vector does not describe an r-dimensional subspace. When the top two singular values
+  are close, their vectors swap or rotate into each other between refreshes while the
+  subspace (which is what the projection uses) does not move at all.
+* The quantity that matters for a lazy refresh is how much of the new gradient subspace
+  the old projection still covers. That is the mean squared cosine of the principal angles,
+  ``||P_new P_oldᵀ||_F² / r`` (rows case), in ``[0, 1]``: 1 exactly when the subspaces are
+  equal, invariant to sign flips and to any rotation of the basis within the subspace.
+
+It is not on the same scale as the official number: two unrelated (random) r-dimensional
+subspaces of a d-dimensional space score about ``r / d`` rather than about 0, e.g. 0.25 for
+rank 128 on a 512-wide layer. ``chance_adjusted=True`` returns ``(s - r/d) / (1 - r/d)``,
+clamped to ``[0, 1]``, which puts unrelated subspaces at about 0. Use it when ``r / d`` is
+not small compared with the threshold (rank 1024 on a 2048-wide layer has ``r/d = 0.5``,
+above the paper's 0.4).
+
+Refresh policy (:class:`LazyRefreshPolicy`)
+-------------------------------------------
+Per layer: refresh at the first step seen, then whenever ``step - last_refresh_step >=
+interval``. Each refresh records the similarity between the new and the previous ``P``.
+When the last ``queue_size`` recorded similarities are **all** ``>= cos_threshold`` (the
+paper's wording, "remains greater than a threshold across the k intervals", rather than the
+official code's mean), the interval doubles and the queue is **cleared**, so each further
+doubling needs ``queue_size`` fresh agreeing refreshes at the new interval: the interval
+grows at most geometrically in the number of refreshes, never at every refresh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+
+__all__ = [
+    "METHODS",
+    "SIDES",
+    "LazyRefreshPolicy",
+    "captured_energy",
+    "compute_projection",
+    "project",
+    "project_back",
+    "projection_side",
+    "subspace_similarity",
+    "synthetic_gradient",
+]
+
+Side = Literal["right", "left"]
+SIDES: tuple[str, ...] = ("right", "left")
+METHODS: tuple[str, ...] = ("full", "randomized", "subspace")
+
+# Default block power iterations per method (see compute_projection's docstring).
+_DEFAULT_NITER = {"randomized": 3, "subspace": 1}
+
+
+# --------------------------------------------------------------------------------------
+# Side convention
+# --------------------------------------------------------------------------------------
+
+
+def projection_side(m: int, n: int) -> Side:
+    """GaLore's side for a gradient of shape ``[m, n]``: ``"right"`` if ``m >= n``, else ``"left"``."""
+    for name, value in (("m", m), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return "right" if m >= n else "left"
+
+
+def _check_side(side: object) -> Side:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return side  # type: ignore[return-value]
+
+
+def _check_2d(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def project(G: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
+    """Low-rank gradient: ``G @ P.T`` (right, ``P`` is ``[r, n]``) or ``P.T @ G`` (left, ``P`` is ``[m, r]``).
+
+    Computed in the promoted dtype of ``G`` and ``P`` (fp32 when either is fp32).
+    """
+    side = _check_side(side)
+    _check_2d("G", G)
+    _check_2d("P", P)
+    m, n = G.shape
+    if side == "right":
+        if P.shape[1] != n:
+            raise ValueError(f"right side needs P of shape [r, {n}] for G of shape {tuple(G.shape)}, got P {tuple(P.shape)}")
+        dtype = torch.promote_types(G.dtype, P.dtype)
+        return G.to(dtype) @ P.to(dtype).T
+    if P.shape[0] != m:
+        raise ValueError(f"left side needs P of shape [{m}, r] for G of shape {tuple(G.shape)}, got P {tuple(P.shape)}")
+    dtype = torch.promote_types(G.dtype, P.dtype)
+    return P.to(dtype).T @ G.to(dtype)
+
+
+def project_back(R: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
+    """Full-shape update from a low-rank one: ``R @ P`` (right) or ``P @ R`` (left)."""
+    side = _check_side(side)
+    _check_2d("R", R)
+    _check_2d("P", P)
+    dtype = torch.promote_types(R.dtype, P.dtype)
+    if side == "right":
+        if R.shape[1] != P.shape[0]:
+            raise ValueError(f"right side needs R of shape [m, {P.shape[0]}] for P {tuple(P.shape)}, got R {tuple(R.shape)}")
+        return R.to(dtype) @ P.to(dtype)
+    if R.shape[0] != P.shape[1]:
+        raise ValueError(f"left side needs R of shape [{P.shape[1]}, n] for P {tuple(P.shape)}, got R {tuple(R.shape)}")
+    return P.to(dtype) @ R.to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Computing P
+# --------------------------------------------------------------------------------------
+
+
+def _check_nonneg_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _canonical_signs(V: torch.Tensor) -> torch.Tensor:
+    """Flip each column of ``V`` so that its largest-magnitude entry is positive."""
+    idx = V.abs().argmax(dim=0, keepdim=True)
+    signs = torch.gather(V, 0, idx).sign()
+    signs[signs == 0] = 1.0
+    return V * signs
+
+
+def _gaussian(rows: int, cols: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(rows, cols, generator=generator, dtype=torch.float32, device=gen_device).to(device)
+
+
+def _block_power_rayleigh_ritz(A: torch.Tensor, X: torch.Tensor, rank: int, niter: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors of ``A`` ([m, d]) as columns of a [d, rank] matrix.
+
+    ``X`` ([d, q], q >= rank) is the starting block. Each iteration is ``X <- qr(AᵀA X)``
+    (Householder QR on the [d, q] block: d is the projection's own dimension, the smaller
+    one under GaLore's convention, which keeps the QR cheap). The Rayleigh-Ritz step then
+    takes ``Z = A X`` and the eigenvectors ``W`` of ``ZᵀZ = Xᵀ AᵀA X`` ([q, q]); ``X W``
+    are the Ritz vectors, ordered by decreasing Ritz value. The Gram matrix squares the
+    condition number, so directions below ~sqrt(eps) * sigma_1 come out in arbitrary order,
+    but they carry under ~eps of the energy and ``X W`` stays orthonormal either way.
+    """
+    for _ in range(niter):
+        X = torch.linalg.qr(A.T @ (A @ X), mode="reduced").Q
+    Z = A @ X
+    _, W = torch.linalg.eigh(Z.T @ Z)  # ascending eigenvalues
+    return X @ W.flip(-1)[:, :rank]
+
+
+def compute_projection(
+    G: torch.Tensor,
+    rank: int,
+    side: Side,
+    method: str = "subspace",
+    prev: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    oversample: int = 8,
+    niter: Optional[int] = None,
+) -> torch.Tensor:
+    """Top-``rank`` singular subspace of ``G`` as a projection matrix, in fp32.
+
+    Args:
+        G: gradient, 2-D ``[m, n]``, any floating dtype (computed in fp32). Must be finite.
+        rank: number of singular vectors, ``1 <= rank <= min(m, n)``.
+        side: ``"right"`` -> returns ``[rank, n]`` with orthonormal rows;
+            ``"left"`` -> returns ``[m, rank]`` with orthonormal columns.
+            :func:`projection_side` gives GaLore's choice.
+        method: ``"full"``, ``"randomized"`` or ``"subspace"`` (see the module docstring).
+        prev: the previous projection (dequantized), same shape as the result; used by
+            ``"subspace"`` only. ``None``, another shape or non-finite values make
+            ``"subspace"`` fall back to ``"randomized"``.
+        generator: source of the Gaussian sketch for ``"randomized"`` and of the extra
+            columns for ``"subspace"``. With a seeded generator the result is
+            deterministic; with ``None`` the global RNG is used.
+        oversample: extra columns in the block, ``q = min(rank + oversample, min(m, n))``.
+        niter: block power iterations, each one application of ``GᵀG`` (right) or ``GGᵀ``
+            (left), i.e. two matmuls with ``G``; ``>= 1``. Default 3 for ``"randomized"``
+            and 1 for ``"subspace"``. ``torch.svd_lowrank(niter=k)`` ends with an extra
+            half step, so its subspace is the one ``niter=k + 1`` gives here: the
+            randomized default matches ``torch.svd_lowrank(niter=2)`` in quality, with its
+            QR factorizations on the small side only.
+    """
+    _check_2d("G", G)
+    side = _check_side(side)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    m, n = G.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be an int with 1 <= rank <= min(m, n) = {min(m, n)} for G of shape {(m, n)}, got {rank!r}")
+    oversample = _check_nonneg_int("oversample", oversample, 0)
+    if niter is not None:
+        niter = _check_nonneg_int("niter", niter, 1)
+    if not G.dtype.is_floating_point:
+        raise ValueError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    if not bool(torch.isfinite(G).all()):
+        raise ValueError("G contains NaN or Inf; a projection cannot be computed from it")
+
+    A = G.detach().to(torch.float32)
+    if side == "left":
+        A = A.T  # left singular vectors of G are the right singular vectors of Gᵀ
+    # From here on: A is [a, d] and we want V = top-rank right singular vectors, [d, rank].
+    d = A.shape[1]
+    out_shape = (rank, d) if side == "right" else (d, rank)
+
+    if method == "full":
+        V = torch.linalg.svd(A, full_matrices=False).Vh[:rank].T
+    else:
+        q = min(rank + oversample, min(m, n))
+        start = None
+        if method == "subspace" and _usable_prev(prev, out_shape):
+            start = prev.detach().to(device=A.device, dtype=torch.float32)
+            start = start.T if side == "right" else start  # [d, rank]
+            if q > rank:
+                start = torch.cat([start, _gaussian(d, q - rank, generator, A.device)], dim=1)
+            iters = _DEFAULT_NITER["subspace"] if niter is None else niter
+        else:
+            start = _gaussian(d, q, generator, A.device)
+            iters = _DEFAULT_NITER["randomized"] if niter is None else niter
+        V = _block_power_rayleigh_ritz(A, start, rank, iters)
+
+    V = _canonical_signs(V)
+    P = V.T if side == "right" else V
+    return P.contiguous()
+
+
+def _usable_prev(prev: Optional[torch.Tensor], shape: tuple[int, int]) -> bool:
+    return (
+        isinstance(prev, torch.Tensor)
+        and tuple(prev.shape) == shape
+        and prev.dtype.is_floating_point
+        and bool(torch.isfinite(prev).all())
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Comparing projections
+# --------------------------------------------------------------------------------------
+
+
+def _orthonormal_basis(P: torch.Tensor, side: Side) -> torch.Tensor:
+    """Columns spanning P's subspace, orthonormalized (P may be a dequantized, slightly
+    non-orthonormal matrix)."""
+    B = P.detach().to(torch.float64)
+    B = B.T if side == "right" else B
+    return torch.linalg.qr(B, mode="reduced").Q
+
+
+def subspace_similarity(P_new: torch.Tensor, P_old: torch.Tensor, side: Side, *, chance_adjusted: bool = False) -> float:
+    """Mean squared cosine of the principal angles between two projections' subspaces.
+
+    For rows-orthonormal ``[r, n]`` (right side) this is ``||P_new P_oldᵀ||_F² / r``; for
+    columns-orthonormal ``[m, r]`` (left side) ``||P_newᵀ P_old||_F² / r``. The inputs are
+    orthonormalized first (in fp64), so a dequantized INT4 ``P`` is measured by the subspace
+    it spans. With different ranks the mean runs over ``min(r_new, r_old)`` angles.
+
+    Range ``[0, 1]``: 1 when the subspaces are equal, whatever the signs or the basis within
+    them; about ``r / d`` for unrelated random subspaces of a d-dimensional space, or about 0
+    with ``chance_adjusted=True`` (``(s - r/d) / (1 - r/d)`` clamped to ``[0, 1]``). The
+    module docstring explains why this replaces the official code's signed cosine of the top
+    singular vector.
+    """
+    side = _check_side(side)
+    _check_2d("P_new", P_new)
+    _check_2d("P_old", P_old)
+    dim_axis = 1 if side == "right" else 0
+    if P_new.shape[dim_axis] != P_old.shape[dim_axis]:
+        raise ValueError(
+            f"P_new {tuple(P_new.shape)} and P_old {tuple(P_old.shape)} live in different spaces for side={side!r}"
+        )
+    d = P_new.shape[dim_axis]
+    r_new, r_old = P_new.shape[1 - dim_axis], P_old.shape[1 - dim_axis]
+    if max(r_new, r_old) > d:
+        raise ValueError(f"rank exceeds the dimension {d}: P_new {tuple(P_new.shape)}, P_old {tuple(P_old.shape)}")
+    Qn = _orthonormal_basis(P_new, side)
+    Qo = _orthonormal_basis(P_old, side)
+    r = min(r_new, r_old)
+    s = float((Qn.T @ Qo).square().sum()) / r
+    s = min(max(s, 0.0), 1.0)
+    if chance_adjusted:
+        chance = max(r_new, r_old) / d
+        if chance >= 1.0:
+            return 1.0
+        s = min(max((s - chance) / (1.0 - chance), 0.0), 1.0)
+    return s
+
+
+def captured_energy(G: torch.Tensor, P: torch.Tensor, side: Side) -> float:
+    """Fraction of ``||G||_F²`` kept by the projection: ``||project(G, P)||_F² / ||G||_F²``.
+
+    For orthonormal ``P`` this is in ``[0, 1]``, and the top-r singular vectors maximize it
+    (Eckart-Young). 0 for an all-zero ``G``.
+    """
+    total = float(G.detach().double().square().sum())
+    if total == 0.0:
+        return 0.0
+    return float(project(G.detach().double(), P.detach().double(), side).square().sum()) / total
+
+
+# --------------------------------------------------------------------------------------
+# Layer-adaptive lazy refresh
+# --------------------------------------------------------------------------------------
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    return step
+
+
+class LazyRefreshPolicy:
+    """When one layer recomputes its projection: Q-GaLore's layer-adaptive lazy refresh.
+
+    Args:
+        update_interval: initial steps between refreshes (int >= 1); the paper's 200.
+        cos_threshold: similarity at or above which a refresh counts as "agreeing"
+            (``0 <= cos_threshold <= 1``); the paper's 0.4.
+        queue_size: agreeing refreshes in a row needed to double the interval (int >= 1);
+            5, the official code's default.
+        adaptive: ``False`` keeps the interval fixed (plain GaLore).
+        max_interval: optional cap on the interval (int >= update_interval); ``None``
+            (the paper) lets it grow without bound.
+
+    Usage, per layer and step::
+
+        if policy.should_refresh(step):
+            P_new = compute_projection(G, rank, side, prev=P_old)
+            sim = None if P_old is None else subspace_similarity(P_new, P_old, side)
+            policy.record_refresh(step, sim)
+
+    ``step`` is the layer's own update counter; steps must not go backwards.
+    """
+
+    _STATE_VERSION = 1
+
+    def __init__(
+        self,
+        update_interval: int = 200,
+        cos_threshold: float = 0.4,
+        queue_size: int = 5,
+        adaptive: bool = True,
+        max_interval: Optional[int] = None,
+    ) -> None:
+        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
+            raise ValueError(f"update_interval must be an int >= 1, got {update_interval!r}")
+        if (
+            isinstance(cos_threshold, bool)
+            or not isinstance(cos_threshold, (int, float))
+            or not 0.0 <= float(cos_threshold) <= 1.0
+        ):
+            raise ValueError(f"cos_threshold must be a number with 0 <= cos_threshold <= 1, got {cos_threshold!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive must be a bool, got {adaptive!r}")
+        if max_interval is not None and (
+            isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < update_interval
+        ):
+            raise ValueError(f"max_interval must be None or an int >= update_interval ({update_interval}), got {max_interval!r}")
+        self.update_interval = update_interval
+        self.cos_threshold = float(cos_threshold)
+        self.queue_size = queue_size
+        self.adaptive = adaptive
+        self.max_interval = max_interval
+        # Schedule state.
+        self.interval = update_interval
+        self.last_refresh_step: Optional[int] = None
+        self.refresh_count = 0
+        self.last_similarity: Optional[float] = None
+        self.queue: list[float] = []
+        self.interval_history: list[tuple[int, int]] = []  # (step, new interval) at each doubling
+
+    # -- schedule ------------------------------------------------------------------------
+
+    @property
+    def next_refresh_step(self) -> int:
+        """The first step at which :meth:`should_refresh` returns True (0 before any refresh)."""
+        return 0 if self.last_refresh_step is None else self.last_refresh_step + self.interval
+
+    def should_refresh(self, step: int) -> bool:
+        """True at the first step seen, then whenever ``step - last_refresh_step >= interval``."""
+        step = _check_step(step)
+        if self.last_refresh_step is None:
+            return True
+        if step < self.last_refresh_step:
+            raise ValueError(f"step {step} is before the last refresh at step {self.last_refresh_step}; steps must not go backwards")
+        return step - self.last_refresh_step >= self.interval
+
+    def record_refresh(self, step: int, similarity: Optional[float]) -> bool:
+        """Record a refresh at ``step``; returns True if the interval grew.
+
+        ``similarity`` compares the new projection with the previous one (e.g.
+        :func:`subspace_similarity`); ``None`` when there was no previous one (the first
+        refresh), in which case the queue is left as it is. With ``adaptive=True`` the value
+        joins the queue of the last ``queue_size`` similarities; when that queue is full and
+        every entry is ``>= cos_threshold`` the interval doubles (up to ``max_interval``)
+        and the queue is cleared.
+        """
+        step = _check_step(step)
+        if self.last_refresh_step is not None and step <= self.last_refresh_step:
+            raise ValueError(f"step {step} must be after the last refresh at step {self.last_refresh_step}")
+        if similarity is not None:
+            if isinstance(similarity, bool) or not isinstance(similarity, (int, float)):
+                raise ValueError(f"similarity must be a float or None, got {similarity!r}")
+            similarity = float(similarity)
+            if not math.isfinite(similarity) or not -1.0 - 1e-6 <= similarity <= 1.0 + 1e-6:
+                raise ValueError(f"similarity must be a finite number in [-1, 1] or None, got {similarity!r}")
+        self.last_refresh_step = step
+        self.refresh_count += 1
+        self.last_similarity = similarity
+        if not self.adaptive or similarity is None:
+            return False
+        self.queue.append(similarity)
+        if len(self.queue) > self.queue_size:
+            del self.queue[: len(self.queue) - self.queue_size]
+        if len(self.queue) < self.queue_size or min(self.queue) < self.cos_threshold:
+            return False
+        self.queue.clear()
+        new_interval = self.interval * 2
+        if self.max_interval is not None:
+            new_interval = min(new_interval, self.max_interval)
+        if new_interval == self.interval:
+            return False
+        self.interval = new_interval
+        self.interval_history.append((step, new_interval))
+        return True
+
+    # -- serialization -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as JSON-safe ints, floats, bools, None and lists."""
+        return {
+            "version": self._STATE_VERSION,
+            "update_interval": self.update_interval,
+            "cos_threshold": self.cos_threshold,
+            "queue_size": self.queue_size,
+            "adaptive": self.adaptive,
+            "max_interval": self.max_interval,
+            "interval": self.interval,
+            "last_refresh_step": self.last_refresh_step,
+            "refresh_count": self.refresh_count,
+            "last_similarity": self.last_similarity,
+            "queue": list(self.queue),
+            "interval_history": [[s, i] for s, i in self.interval_history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore configuration and schedule state from :meth:`state_dict` (also after JSON)."""
+        expected = set(self.state_dict())
+        missing, unknown = expected - set(state), set(state) - expected
+        if missing or unknown:
+            raise ValueError(f"state dict keys do not match: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        if state["version"] != self._STATE_VERSION:
+            raise ValueError(f"state dict version {state['version']!r} is not supported (expected {self._STATE_VERSION})")
+        fresh = LazyRefreshPolicy(
+            update_interval=state["update_interval"],
+            cos_threshold=state["cos_threshold"],
+            queue_size=state["queue_size"],
+            adaptive=state["adaptive"],
+            max_interval=state["max_interval"],
+        )
+        interval = state["interval"]
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        last = state["last_refresh_step"]
+        if last is not None:
+            _check_step(last)
+        count = state["refresh_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"refresh_count must be an int >= 0, got {count!r}")
+        last_sim = state["last_similarity"]
+        if last_sim is not None:
+            last_sim = float(last_sim)
+        queue = [float(x) for x in state["queue"]]
+        if len(queue) > fresh.queue_size:
+            raise ValueError(f"queue holds {len(queue)} values, more than queue_size={fresh.queue_size}")
+        history = [(int(s), int(i)) for s, i in state["interval_history"]]
+        self.__dict__.update(fresh.__dict__)
+        self.interval = interval
+        self.last_refresh_step = last
+        self.refresh_count = count
+        self.last_similarity = last_sim
+        self.queue = queue
+        self.interval_history = history
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "LazyRefreshPolicy":
+        policy = cls()
+        policy.load_state_dict(state)
+        return policy
+
+    def __repr__(self) -> str:
+        return (
+            f"LazyRefreshPolicy(interval={self.interval}, update_interval={self.update_interval}, "
+            f"cos_threshold={self.cos_threshold}, queue_size={self.queue_size}, adaptive={self.adaptive}, "
+            f"max_interval={self.max_interval}, refresh_count={self.refresh_count}, "
+            f"last_refresh_step={self.last_refresh_step}, last_similarity={self.last_similarity})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Test and benchmark helper
+# --------------------------------------------------------------------------------------
+
+
+def synthetic_gradient(
+    m: int,
+    n: int,
+    *,
+    decay: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A gradient-like ``[m, n]`` matrix with singular values ``(i + 1) ** -decay``.
+
+    Random orthonormal singular vectors (QR of Gaussian matrices drawn from ``generator``).
+    ``decay=0`` gives an exactly flat spectrum. Shared by the tests and
+    ``benchmarks/bench_projection.py`` so both measure the same matrices.
+    """
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64)).Q
+    s = torch.arange(1, k + 1, dtype=torch.float64).pow(-float(decay))
+    return ((U * s) @ V.T).to(dtype)

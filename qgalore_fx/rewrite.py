@@ -1,0 +1,130 @@
+"""`transform(model, rank=..., **options)`: capture, then run the passes.
+
+    model = qgalore_fx.transform(model, rank=256)
+
+1. ``select_linears``   which ``nn.Linear`` layers to project (config rules);
+2. ``capture_regions``  torch.fx regions around them (see passes/capture.py);
+3. pass 1 ``quantize_weights``  INT8 storage + ``qgalore_fx.linear`` nodes;
+4. pass 2 ``fuse_update``       low-rank update state attached to each node.
+
+The model is changed in place and returned (use the return value: a traced
+``nn.Sequential`` root comes back as a ``GraphModule``). Transforming a model
+twice raises: its linears are already rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.layers import QGaLoreLinear
+from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
+from qgalore_fx.passes.fuse_update import attach_update, fuse_update
+from qgalore_fx.passes.quantize_weights import quantize_module, quantize_weights
+
+_REGIONS_ATTR = "_qgalore_fx_regions"
+_CONFIG_ATTR = "_qgalore_fx_config"
+
+
+def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[QGaLoreConfig] = None,
+              **options) -> nn.Module:
+    """Rewrite ``model`` for Q-GaLore training; see :class:`QGaLoreConfig` for options."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None:
+        if rank is not None or options:
+            raise TypeError("pass either config= or rank=/options, not both")
+        if not isinstance(config, QGaLoreConfig):
+            raise TypeError(f"config must be a qgalore_fx.QGaLoreConfig, got {type(config).__name__}")
+    else:
+        config = QGaLoreConfig.from_options(rank=rank, **options)
+    if is_transformed(model):
+        raise ValueError("model is already transformed by qgalore_fx; transform the original model once")
+
+    selected = select_linears(model, config)
+    for name, linear in selected.items():
+        m, n = linear.out_features, linear.in_features
+        if config.rank > min(m, n):
+            raise ValueError(
+                f"rank={config.rank} is larger than min(out, in)={min(m, n)} of layer {name!r} (shape [{m}, {n}]); "
+                f"use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
+            )
+        if linear.weight.is_meta:
+            raise ValueError(
+                f"layer {name!r} is on the meta device; use qgalore_fx.transform_from_state_dict or materialize "
+                "the model first"
+            )
+
+    model, regions = capture_regions(model, selected, trace=config.trace)
+    index = 0
+    for region in regions:
+        if region.kind == "graph":
+            prefix = region.name
+            local = {n[len(prefix) + 1:] for n in selected if n.startswith(prefix + ".")} if prefix else set(selected)
+            quantize_weights(region.module, local, config)
+            index += fuse_update(region.module, prefix, config, index)
+        else:
+            layer = quantize_module(region.module, config)
+            _set_submodule(model, region.name, layer)
+            region.module = layer
+            attach_update(layer, region.name, config, index)
+            index += 1
+    object.__setattr__(model, _REGIONS_ATTR, regions)
+    object.__setattr__(model, _CONFIG_ATTR, config)
+    return model
+
+
+def is_transformed(model: nn.Module) -> bool:
+    return any(isinstance(m, QGaLoreLinear) for m in model.modules())
+
+
+def projected_layers(model: nn.Module):
+    """(name, QGaLoreLinear) pairs in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QGaLoreLinear)]
+
+
+def regions_of(model: nn.Module) -> List[Region]:
+    return list(getattr(model, _REGIONS_ATTR, []))
+
+
+def config_of(model: nn.Module) -> Optional[QGaLoreConfig]:
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def explain(model: nn.Module) -> str:
+    """A table of what the transform did: regions, layers, shapes, ranks and bytes."""
+    layers = projected_layers(model)
+    if not layers:
+        return f"{type(model).__name__}: not transformed by qgalore_fx"
+    lines = []
+    regions = regions_of(model)
+    if regions:
+        traced = [r for r in regions if r.kind == "graph"]
+        swapped = [r for r in regions if r.kind == "module"]
+        lines.append(f"regions: {len(traced)} traced with torch.fx, {len(swapped)} linears swapped as modules")
+        notes = sorted({r.note for r in swapped if r.note})
+        for note in notes[:5]:
+            lines.append(f"  not traceable: {note}")
+    header = f"{'layer':<44} {'shape':>13} {'weight':>8} {'rank':>5} {'side':>5} {'bytes fp32':>12} {'bytes now':>11}"
+    lines.append(header)
+    lines.append("-" * len(header))
+    total_before = total_after = 0
+    for name, layer in layers:
+        m, n = layer.out_features, layer.in_features
+        before = m * n * 4
+        after = layer.weight_nbytes()
+        rank = side = "-"
+        if layer.lowrank is not None:
+            rank, side = str(layer.lowrank.rank), layer.lowrank.side
+            after += sum(layer.lowrank.nbytes().values())
+        storage = {8: "int8", 16: "bf16", 32: "fp32"}[layer.weight_bits]
+        lines.append(f"{name:<44} {f'{m}x{n}':>13} {storage:>8} {rank:>5} {side:>5} {before:>12,} {after:>11,}")
+        total_before += before
+        total_after += after
+    lines.append("-" * len(header))
+    lines.append(f"{len(layers)} projected linears: {total_before:,} bytes as fp32 -> {total_after:,} bytes now "
+                 f"(weights + projections + optimizer state, {total_after / max(total_before, 1):.3f}x)")
+    return "\n".join(lines)

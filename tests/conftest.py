@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore():
+    """Every test starts from the same RNG state and leaves global torch state as it found it."""
+    state = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.random.set_rng_state(state)
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(arch: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 128, intermediate: int = 160):
+    """A small HF causal LM built from a config (no weights downloaded)."""
+    import transformers
+
+    kw = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**kw)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()

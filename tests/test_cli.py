@@ -1,0 +1,283 @@
+"""The ``qgalore-fx`` command line and the training loop behind ``pretrain``."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qgalore_fx
+from qgalore_fx import cli, presets
+from qgalore_fx import train as train_lib
+
+WORDS = (
+    "the market shares rose fell after company said profits growth government minister "
+    "election party vote music film award star team match season player goal coach "
+    "phone software users network digital internet record year month week people new"
+).split()
+
+
+def write_corpus(root, n_docs=40, words_per_doc=200, seed=0):
+    """Documents whose words follow a simple chain: each word is one or two places
+    after the previous one in WORDS, so context predicts far better than frequency."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(n_docs):
+        k = rng.randrange(len(WORDS))
+        words = []
+        for _ in range(words_per_doc):
+            k = (k + rng.choice((1, 2))) % len(WORDS)
+            words.append(WORDS[k])
+        (root / f"{i:03d}.txt").write_text(" ".join(words) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one intra-op thread is faster, and far faster when other
+    processes share the cores (OpenMP workers then spin waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGALORE_FX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+SMALL_RUN = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "300",
+             "--eval-batches", "1", "--device", "cpu"]
+
+
+def small_config(corpus_dir, run_dir, **overrides):
+    kwargs = dict(preset="nano", method="adamw", steps=3, batch_size=4, seq_len=32, vocab_size=300,
+                  eval_every=0, device="cpu", corpus=str(corpus_dir), run_dir=str(run_dir))
+    kwargs.update(overrides)
+    return train_lib.TrainConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qgalore-fx {qgalore_fx.__version__}"
+
+
+def test_python_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "qgalore_fx", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"qgalore-fx {qgalore_fx.__version__}"
+
+
+def test_a_command_is_required(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--proj-bits", "3"], "argument --proj-bits: invalid choice: 3 (choose from 4, 8, 16)"),
+        (["--weight-bits", "4"], "argument --weight-bits: invalid choice: 4"),
+        (["--optim-bits", "16"], "argument --optim-bits: invalid choice: 16"),
+        (["--baseline", "sgd"], "argument --baseline: invalid choice: 'sgd'"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+        (["--autocast", "fp8"], "argument --autocast: invalid choice: 'fp8'"),
+        (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
+        (["--lr", "-1"], "argument --lr: expected a positive finite number"),
+        (["--vocab-size", "100"], "argument --vocab-size: expected at least 257"),
+        (["--warmup", "-2"], "argument --warmup: expected an integer >= 0"),
+        (["--device", "gpu0"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (["--steps", "10", "--warmup", "20"], "warmup must be an integer in [0, steps=10]"),
+        (["--baseline", "adamw", "--rank", "8"], "--rank has no effect with --baseline adamw"),
+        (["--baseline", "adamw8bit", "--no-fused"], "--no-fused has no effect with --baseline"),
+        (["--baseline", "galore", "--proj-bits", "4"], "--proj-bits is fixed by --baseline galore"),
+        (["--baseline", "galore", "--no-adaptive"], "--no-adaptive is fixed by --baseline galore"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "train", lambda config: pytest.fail("must not start training"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["pretrain", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: qgalore-fx pretrain" in err
+    assert message in err
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    configs = []
+    monkeypatch.setattr(cli, "train", configs.append)
+    return configs
+
+
+def test_defaults_are_the_train_config_defaults(captured):
+    assert cli.main(["pretrain"]) == 0
+    assert captured == [train_lib.TrainConfig()]
+    resolved = captured[0].resolved()
+    assert resolved.method == "qgalore"
+    assert resolved.transform_kwargs() == dict(
+        rank=64, update_interval=200, scale=0.25, fused=True, cos_threshold=0.4, adaptive=True,
+        weight_bits=8, proj_bits=4, stochastic_round=True, optim_bits=8,
+    )
+
+
+def test_switches_reach_the_transform(captured):
+    argv = ["pretrain", "--rank", "32", "--weight-bits", "16", "--proj-bits", "8", "--optim-bits",
+            "32", "--no-stochastic-round", "--no-adaptive", "--no-fused", "--update-interval", "50",
+            "--scale", "0.5", "--cos-threshold", "0.6", "--queue-size", "3", "--proj-method", "svd"]
+    assert cli.main(argv) == 0
+    assert captured[0].resolved().transform_kwargs() == dict(
+        rank=32, update_interval=50, scale=0.5, fused=False, cos_threshold=0.6, adaptive=False,
+        weight_bits=16, proj_bits=8, stochastic_round=False, optim_bits=32, queue_size=3,
+        proj_method="svd",
+    )
+
+
+def test_galore_baseline_fixes_precision_and_keeps_subspace_settings(captured):
+    assert cli.main(["pretrain", "--baseline", "galore", "--rank", "16", "--update-interval",
+                     "20"]) == 0
+    config = captured[0].resolved()
+    assert config.method == "galore"
+    assert config.lr == train_lib.DEFAULT_LR["galore"]
+    assert config.transform_kwargs() == dict(
+        rank=16, update_interval=20, scale=0.25, fused=True, weight_bits=16, proj_bits=16,
+        adaptive=False, optim_bits=32, stochastic_round=False,
+    )
+
+
+def test_plain_baselines_have_no_transform(captured):
+    assert cli.main(["pretrain", "--baseline", "adamw8bit", "--lr", "1e-3"]) == 0
+    config = captured[0].resolved()
+    assert config.transform_kwargs() is None
+    assert config.lr == 1e-3
+    assert "transform" in config.to_json() and config.to_json()["transform"] is None
+
+
+# --------------------------------------------------------------------------- pieces of the loop
+
+
+def test_cosine_with_warmup():
+    factor = train_lib.cosine_with_warmup(steps=100, warmup=10, min_lr_ratio=0.1)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.55)
+    assert factor(100) == pytest.approx(0.1)
+    values = [factor(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    no_warmup = train_lib.cosine_with_warmup(steps=10, warmup=0, min_lr_ratio=0.0)
+    assert no_warmup(0) == pytest.approx(1.0)
+
+
+def test_presets_match_the_paper_shapes():
+    def params(name):
+        model = presets.build_model(name, device="meta")
+        return sum(p.numel() for p in model.parameters())
+
+    assert params("60m") == pytest.approx(58.07e6, rel=1e-3)
+    assert params("1b") == pytest.approx(1339.1e6, rel=1e-3)
+    assert presets.llama_config("350m").num_hidden_layers == 24
+    with pytest.raises(ValueError, match="takes the tokenizer's vocabulary"):
+        presets.llama_config("tiny")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        presets.get_preset("3b")
+
+
+def test_tensor_memory_counts_real_bytes():
+    model = torch.nn.Linear(10, 20)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    report = train_lib.tensor_memory(model, opt)
+    assert report["parameters"] == 4 * (200 + 20)
+    assert report["gradients"] == 4 * (200 + 20)
+    assert report["optimizer_state"] >= 2 * 4 * (200 + 20)  # exp_avg and exp_avg_sq (+ steps)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_pretrain_end_to_end_writes_the_run_directory(corpus_dir, cache, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["pretrain", "--baseline", "adamw", "--steps", "5", "--eval-every", "2",
+            "--log-every", "1", "--corpus", str(corpus_dir), "--run-dir", str(run_dir), *SMALL_RUN]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+
+    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json", "tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "final.pt").is_file() or (run_dir / "checkpoint").exists()
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records if "val_ppl" in r] == [2, 4, 5]
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0
+    assert records[-1]["val_ppl"] == pytest.approx(math.exp(records[-1]["val_loss"]))
+
+    config = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert config["train"]["method"] == "adamw"
+    assert config["train"]["lr"] == train_lib.DEFAULT_LR["adamw"]
+    assert config["model"]["vocab_size"] == config["data"]["vocab_size"] == summary["vocab_size"]
+    assert 257 <= summary["vocab_size"] <= 300
+    assert config["model"]["hidden_size"] == 64
+    assert summary["val_ppl"] == pytest.approx(records[-1]["val_ppl"])
+    assert 1 < summary["unigram_ppl"] < summary["vocab_size"]
+
+    assert "final validation perplexity:" in out
+    assert "unigram baseline perplexity:" in out
+    assert "memory (adamw):" in out
+
+    # The same run directory is refused rather than overwritten.
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_training_is_reproducible_and_learns(corpus_dir, cache, tmp_path):
+    kwargs = dict(steps=12, lr=1e-2, log_every=4)
+    a = train_lib.train(small_config(corpus_dir, tmp_path / "a", **kwargs), verbose=False)
+    b = train_lib.train(small_config(corpus_dir, tmp_path / "b", **kwargs), verbose=False)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert a.val_loss == b.val_loss
+    # Word frequencies are flat but the chain is predictable: context must beat unigram.
+    assert a.history[-1]["loss"] < a.history[0]["loss"]
+    assert a.val_ppl < a.unigram_ppl
+
+
+def test_adamw8bit_baseline_runs_on_cpu(corpus_dir, cache, tmp_path):
+    result = train_lib.train(small_config(corpus_dir, tmp_path / "r", method="adamw8bit"),
+                             verbose=False)
+    assert math.isfinite(result.val_loss)
+    assert "bitsandbytes" in json.loads((tmp_path / "r" / "config.json").read_text())["optimizer"]
+
+
+@pytest.mark.parametrize("method", ["qgalore", "galore"])
+def test_projected_methods_train(corpus_dir, cache, tmp_path, method):
+    result = train_lib.train(
+        small_config(corpus_dir, tmp_path / "r", method=method, steps=4, rank=8), verbose=False
+    )
+    assert math.isfinite(result.val_loss)
+    assert result.val_ppl < result.vocab_size

@@ -1,0 +1,58 @@
+"""The transformed model under torch.compile: same losses, gradients and INT8 updates as eager."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import qgalore_fx
+
+
+def train_steps(model, opt, batches, params_of=None):
+    losses, grads = [], []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        named = (params_of or model).named_parameters()
+        grads.append(dict((n, p.grad.clone()) for n, p in named if p.grad is not None))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses, grads
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_matches_eager(backend):
+    torch._dynamo.reset()
+    base = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=2)
+    base.train()
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
+    eager = copy.deepcopy(base)
+    compiled_src = copy.deepcopy(base)
+    opt_e = qgalore_fx.optimizer(eager, lr=1e-2)
+    opt_c = qgalore_fx.optimizer(compiled_src, lr=1e-2)
+    compiled = torch.compile(compiled_src, backend=backend, fullgraph=True)
+    losses_e, grads_e = train_steps(eager, opt_e, batches)
+    losses_c, grads_c = train_steps(compiled, opt_c, batches, params_of=compiled_src)
+    for le, lc in zip(losses_e, losses_c):
+        torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
+    for ge, gc in zip(grads_e, grads_c):
+        assert ge.keys() == gc.keys()
+        for name in ge:
+            torch.testing.assert_close(gc[name], ge[name], atol=1e-5, rtol=1e-4, msg=name)
+    # the fused update ran inside the compiled backward and wrote the same INT8 codes
+    for (name, a), (_, b) in zip(qgalore_fx.projected_layers(eager), qgalore_fx.projected_layers(compiled_src)):
+        assert a.lowrank.step == b.lowrank.step == 3, name
+        mismatch = (a.weight_codes != b.weight_codes).float().mean().item()
+        assert mismatch < 1e-3, (name, mismatch)
+
+
+def test_no_graph_breaks_in_a_block():
+    torch._dynamo.reset()
+    model = qgalore_fx.transform(tiny_llama(), rank=8)
+    qgalore_fx.optimizer(model, lr=1e-2)
+    ids = torch.randint(0, 128, (2, 16))
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1

@@ -1,0 +1,157 @@
+"""transform(): capture, INT8 storage, dequant-matmul nodes, errors, explain, compile."""
+
+import copy
+import gc
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from conftest import tiny_llama
+
+import qgalore_fx
+from qgalore_fx.layers import QGaLoreLinear
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean()))
+
+
+def dequantized_twin(original: nn.Module, transformed: nn.Module) -> nn.Module:
+    """The original model with every projected weight replaced by its dequantized INT8 value."""
+    twin = copy.deepcopy(original)
+    for name, layer in qgalore_fx.projected_layers(transformed):
+        twin.get_submodule(name).weight.data.copy_(layer.dequantized_weight(torch.float32))
+    return twin
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_hf_logits_match_dequantized_and_fp32(arch):
+    original = tiny_llama(arch, hidden=256, layers=4, vocab=32000, intermediate=688)
+    model = qgalore_fx.transform(copy.deepcopy(original), rank=32)
+    ids = torch.randint(0, 32000, (2, 24))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+        ref_fp32 = original(input_ids=ids).logits
+        ref_deq = dequantized_twin(original, model)(input_ids=ids).logits
+    assert out.loss is not None and out.logits.shape == (2, 24, 32000)
+    torch.testing.assert_close(out.logits, ref_deq, atol=1e-4, rtol=1e-4)
+    assert sqnr_db(ref_fp32, out.logits) >= 30
+    # 4 blocks x (q, k, v, o, gate, up, down)
+    assert len(qgalore_fx.projected_layers(model)) == 28
+
+
+def test_plain_sequential_mlp():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.GELU(), nn.Linear(64, 10))
+    model = qgalore_fx.transform(copy.deepcopy(original), rank=8)
+    assert isinstance(model, fx.GraphModule)  # a Sequential root is traced as one region
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dequantized_twin(original, model)(x), atol=1e-5, rtol=1e-5)
+        assert sqnr_db(original(x), model(x)) >= 30
+    code = model.code
+    assert code.count("torch.ops.qgalore_fx.linear.default") == 3
+    assert "weight_codes" in code
+
+
+def test_regions_traced_where_possible_and_swapped_elsewhere(llama):
+    model = qgalore_fx.transform(llama, rank=8)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, fx.GraphModule)
+    ops = [n for n in mlp.graph.nodes if n.op == "call_function" and n.target is torch.ops.qgalore_fx.linear.default]
+    assert [n.meta["qgalore_fx_layer"] for n in ops] == ["gate_proj", "up_proj", "down_proj"]
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QGaLoreLinear)
+    text = qgalore_fx.explain(model)
+    assert "model.layers.1.mlp.down_proj" in text and "int8" in text and "not traceable" in text
+    assert "14 projected linears" in text
+
+
+def test_storage_is_really_int8_and_no_float_copy_survives():
+    original = tiny_llama(hidden=256, layers=2, vocab=1000, intermediate=688)
+    shapes = {n: tuple(m.weight.shape) for n, m in original.named_modules()
+              if isinstance(m, nn.Linear) and n.startswith("model.layers")}
+    model = qgalore_fx.transform(original, rank=16)
+    del original
+    gc.collect()
+    stored = fp32 = 0
+    for name, layer in qgalore_fx.projected_layers(model):
+        assert layer.weight_codes.dtype == torch.int8
+        stored += sum(t.numel() * t.element_size() for t in (layer.weight_codes, layer.weight_scales))
+        fp32 += layer.in_features * layer.out_features * 4
+    assert stored <= 0.26 * fp32
+    assert stored <= 0.51 * fp32 / 2  # vs bf16
+    # No floating tensor with a projected weight's shape is reachable from the model.
+    float_shapes = {tuple(t.shape) for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    assert not float_shapes & set(shapes.values())
+    assert not any(isinstance(m, nn.Linear) and n.startswith("model.layers") for n, m in model.named_modules())
+
+
+def test_selection_rules():
+    model = tiny_llama()
+    t = qgalore_fx.transform(copy.deepcopy(model), rank=4, target_modules=[r"mlp\.(up|down)_proj$"])
+    assert sorted(n.rsplit(".", 1)[1] for n, _ in qgalore_fx.projected_layers(t)) == ["down_proj"] * 2 + ["up_proj"] * 2
+    t = qgalore_fx.transform(copy.deepcopy(model), rank=4, filter_fn=lambda m, fqn: fqn.endswith("q_proj"))
+    assert len(qgalore_fx.projected_layers(t)) == 2
+    t = qgalore_fx.transform(copy.deepcopy(model), rank=4, include_lm_head=True)
+    assert "lm_head" in dict(qgalore_fx.projected_layers(t))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(rank=0), ValueError, "rank"),
+        (dict(rank=-3), ValueError, "rank"),
+        (dict(rank=2.5), TypeError, "rank"),
+        (dict(rank=1000), ValueError, "rank=1000 is larger than"),
+        (dict(rank=4, weight_bits=4), ValueError, "weight_bits"),
+        (dict(rank=4, proj_bits=2), ValueError, "proj_bits"),
+        (dict(rank=4, optim_bits=16), ValueError, "optim_bits"),
+        (dict(rank=4, proj_method="qr"), ValueError, "proj_method"),
+        (dict(rank=4, cos_threshold=1.5), ValueError, "cos_threshold"),
+        (dict(rank=4, block_size=255), ValueError, "block_size"),
+        (dict(rank=4, stochastic_round="yes"), TypeError, "stochastic_round"),
+        (dict(rank=4, learning_rate=1e-3), TypeError, "unknown option"),
+        (dict(rank=4, filter_fn=lambda m, n: False), ValueError, "selected no layer"),
+        (dict(rank=4, filter_fn=lambda m, n: n.endswith("input_layernorm")), ValueError, "only nn.Linear"),
+        (dict(), TypeError, "rank"),
+    ],
+)
+def test_bad_options_raise_clear_errors(kwargs, exc, match):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(exc, match=match):
+        qgalore_fx.transform(model, **kwargs)
+    # a rejected transform leaves the model untouched
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_transform_twice_is_an_error(llama):
+    model = qgalore_fx.transform(llama, rank=4)
+    with pytest.raises(ValueError, match="already transformed"):
+        qgalore_fx.transform(model, rank=4)
+
+
+def test_tied_head_cannot_be_projected():
+    import transformers
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="tied"):
+        qgalore_fx.transform(model, rank=4, include_lm_head=True)
+
+
+def test_module_api_survives(llama):
+    model = qgalore_fx.transform(llama, rank=4)
+    keys = model.state_dict().keys()
+    assert "model.layers.0.mlp.gate_proj.weight_codes" in keys
+    assert "model.layers.0.self_attn.q_proj.weight_scales" in keys
+    model.train()
+    assert model.training and model.model.layers[0].mlp.training
+    model.half()  # float conversion must not touch codes or scales
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight_codes.dtype == torch.int8 and layer.weight_scales.dtype == torch.float32
+    clone = copy.deepcopy(model.float())
+    assert clone.model.layers[0].self_attn.q_proj.layer_id != layer.layer_id
