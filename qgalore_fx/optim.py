@@ -47,8 +47,13 @@ def _check_hparams(lr, betas, eps, weight_decay) -> None:
 class QGaLoreOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, optim_bits: Optional[int] = None,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank"):
         _check_hparams(lr, betas, eps, weight_decay)
+        if reduce not in ("lowrank", "full"):
+            raise ValueError(f"reduce must be 'lowrank' (all-reduce the rank-r gradient) or 'full' (all-reduce the "
+                             f"full weight gradient), got {reduce!r}")
+        self.process_group = _resolve_process_group(process_group)
+        self.reduce = reduce
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         layers = [(n, m) for n, m in projected_layers(model) if m.lowrank is not None]
@@ -78,12 +83,19 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         for _, layer in self._layers:
             layer.lowrank.group = group
+            layer.lowrank.process_group = self.process_group
+            layer.lowrank.reduce = self.reduce
             layer.lowrank.defer = (not layer.lowrank.config.fused) or self.accumulation_steps > 1
 
     @property
     def skipped_updates(self) -> int:
         """Updates skipped because of non-finite gradients: projected layers + AdamW steps."""
         return self.skipped_steps + sum(layer.lowrank.skipped_updates for _, layer in self._layers)
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes the projected layers all-reduced or broadcast so far (0 without a process group)."""
+        return sum(layer.lowrank.comm_bytes for _, layer in self._layers)
 
     def layer_stats(self) -> Dict[str, dict]:
         """Per projected layer: step, refresh count, current interval, last similarity, skips."""
@@ -182,9 +194,34 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         return out
 
 
+def _resolve_process_group(process_group):
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(f"process_group must be 'auto', None or a torch.distributed ProcessGroup, "
+                             f"got {process_group!r}")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group must be 'auto', None or a torch.distributed ProcessGroup, "
+                        f"got {type(process_group).__name__}")
+    return process_group
+
+
 def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
-              weight_decay: float = 0.0, optim_bits: Optional[int] = None,
-              accumulation_steps: int = 1) -> QGaLoreOptimizer:
-    """The optimizer for a transformed model (see module docstring)."""
+              weight_decay: float = 0.0, optim_bits: Optional[int] = None, accumulation_steps: int = 1,
+              process_group="auto", reduce: str = "lowrank") -> QGaLoreOptimizer:
+    """The optimizer for a transformed model (see module docstring).
+
+    Under ``torch.distributed`` (e.g. with the model wrapped in ``DistributedDataParallel``), each projected layer
+    averages its gradient across ``process_group`` ("auto": the default group when more than one process runs)
+    before its update: ``reduce="lowrank"`` all-reduces the rank-r gradient R (and the full G only on refresh
+    steps, whose projection rank 0 then broadcasts), ``"full"`` all-reduces G every step.
+    """
     return QGaLoreOptimizer(model, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                            optim_bits=optim_bits, accumulation_steps=accumulation_steps)
+                            optim_bits=optim_bits, accumulation_steps=accumulation_steps,
+                            process_group=process_group, reduce=reduce)

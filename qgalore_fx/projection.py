@@ -123,7 +123,7 @@ SIDES: tuple[str, ...] = ("right", "left")
 METHODS: tuple[str, ...] = ("full", "randomized", "subspace")
 
 # Default block power iterations per method (see compute_projection's docstring).
-_DEFAULT_NITER = {"randomized": 3, "subspace": 1}
+_DEFAULT_NITER = {"randomized": 3, "subspace": 2}
 
 
 # --------------------------------------------------------------------------------------
@@ -258,7 +258,8 @@ def compute_projection(
         oversample: extra columns in the block, ``q = min(rank + oversample, min(m, n))``.
         niter: block power iterations, each one application of ``GᵀG`` (right) or ``GGᵀ``
             (left), i.e. two matmuls with ``G``; ``>= 1``. Default 3 for ``"randomized"``
-            and 1 for ``"subspace"``. ``torch.svd_lowrank(niter=k)`` ends with an extra
+            and 2 for ``"subspace"`` (BENCHMARKS.projection.md has the measurements behind
+            both). ``torch.svd_lowrank(niter=k)`` ends with an extra
             half step, so its subspace is the one ``niter=k + 1`` gives here: the
             randomized default matches ``torch.svd_lowrank(niter=2)`` in quality, with its
             QR factorizations on the small side only.

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch.fx as fx
+import torch
 import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.layers import QGaLoreLinear
+from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
 from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
 from qgalore_fx.passes.fuse_update import attach_update, fuse_update
 from qgalore_fx.passes.quantize_weights import quantize_module, quantize_weights
@@ -30,8 +31,13 @@ _CONFIG_ATTR = "_qgalore_fx_config"
 
 
 def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[QGaLoreConfig] = None,
-              **options) -> nn.Module:
-    """Rewrite ``model`` for Q-GaLore training; see :class:`QGaLoreConfig` for options."""
+              weights: WeightsArg = None, device=None, **options) -> nn.Module:
+    """Rewrite ``model`` for Q-GaLore training; see :class:`QGaLoreConfig` for options.
+
+    A model on the ``meta`` device is materialized layer by layer (see :mod:`qgalore_fx.materialize`):
+    ``weights`` is a state dict, a ``.safetensors`` file or a directory of them (None: initialize as the
+    model would), ``device`` where the real tensors go (default CPU).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is not None:
@@ -44,6 +50,15 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     if is_transformed(model):
         raise ValueError("model is already transformed by qgalore_fx; transform the original model once")
 
+    on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    if weights is not None and not on_meta:
+        raise ValueError("weights= is for models built on the meta device; this model already has real weights "
+                         "(load them with model.load_state_dict before transform)")
+    if device is not None and not on_meta:
+        raise ValueError("device= is for models built on the meta device; move a real model with model.to(device)")
+    source = WeightSource(weights)
+    target_device = torch.device("cpu" if device is None else device)
+
     selected = select_linears(model, config)
     for name, linear in selected.items():
         m, n = linear.out_features, linear.in_features
@@ -52,11 +67,13 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
                 f"rank={config.rank} is larger than min(out, in)={min(m, n)} of layer {name!r} (shape [{m}, {n}]); "
                 f"use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
             )
-        if linear.weight.is_meta:
-            raise ValueError(
-                f"layer {name!r} is on the meta device; use qgalore_fx.transform_from_state_dict or materialize "
-                "the model first"
-            )
+
+    materialize = None
+    if on_meta:
+        make_weight = linear_weight_factory(model, source, target_device)
+
+        def materialize(fqn, linear):
+            return make_weight(fqn, linear), materialize_bias(fqn, linear, source, target_device)
 
     model, regions = capture_regions(model, selected, trace=config.trace)
     index = 0
@@ -64,14 +81,16 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
         if region.kind == "graph":
             prefix = region.name
             local = {n[len(prefix) + 1:] for n in selected if n.startswith(prefix + ".")} if prefix else set(selected)
-            quantize_weights(region.module, local, config)
+            quantize_weights(region.module, local, config, prefix, materialize)
             index += fuse_update(region.module, prefix, config, index)
         else:
-            layer = quantize_module(region.module, config)
+            layer = quantize_module(region.module, config, region.name, materialize)
             _set_submodule(model, region.name, layer)
             region.module = layer
             attach_update(layer, region.name, config, index)
             index += 1
+    if on_meta:
+        materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)
     return model

@@ -109,6 +109,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
+    threads: int | None = None  # intra-op CPU threads; None: torch's current setting
     autocast: str = "auto"  # "auto": bf16 autocast on cuda, none on cpu
     # Q-GaLore switches (DESIGN.md section 2); defaults are the paper's.
     rank: int | None = None  # None: the preset's
@@ -138,13 +139,14 @@ class TrainConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         presets_lib.get_preset(self.preset)  # raises with the list of names
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
+            value = getattr(self, name)
+            if value not in allowed:
                 raise ValueError(
-                    f"{name} must be one of {', '.join(map(str, allowed))}; got {getattr(self, name)!r}"
+                    f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
                 )
         for name in ("steps", "batch_size", "update_interval", "log_every", "eval_batches"):
             _require(getattr(self, name) >= 1, name, "a positive integer", getattr(self, name))
-        for name in ("seq_len", "rank", "queue_size"):
+        for name in ("seq_len", "rank", "queue_size", "threads"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "a positive integer", value)
         _require(self.warmup is None or 0 <= self.warmup <= self.steps, "warmup",
@@ -176,6 +178,7 @@ class TrainConfig:
             warmup=self.warmup if self.warmup is not None else self.steps // 10,
             rank=self.rank or p.rank,
             device=device,
+            threads=self.threads or torch.get_num_threads(),
             autocast=self.autocast if self.autocast != "auto"
             else ("bf16" if torch.device(device).type == "cuda" else "off"),
             run_dir=self.run_dir or _default_run_dir(self.method),
@@ -320,7 +323,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in data_lib.validation_batches(val_ids, config.batch_size, config.seq_len, max_batches):
+    batches = data_lib.validation_batches(val_ids, config.batch_size, config.seq_len, max_batches)
+    for batch in batches:
         total += float(_loss(model, batch, config, reduction="sum"))
         count += batch.labels.numel()
     model.train(was_training)
@@ -497,6 +501,14 @@ def train(
     methods on the same data); otherwise ``config.corpus`` is prepared (cached).
     With ``verbose`` a progress bar runs and the summary is printed at the end.
     """
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(config, corpus, verbose)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose: bool):
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -508,8 +520,10 @@ def train(
     run_dir = _make_run_dir(cfg.run_dir, explicit_run_dir)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = presets_lib.build_model(cfg.preset, corpus.vocab_size, device=device, seq_len=cfg.seq_len)
+    preset = presets_lib.get_preset(cfg.preset)
+    model = presets_lib.build_model(preset, corpus.vocab_size, device=device, seq_len=cfg.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     model_config = model.config.to_dict()
     model.train()
@@ -524,9 +538,9 @@ def train(
 
     import qgalore_fx
 
-    (run_dir / "config.json").write_text(json.dumps({
-        "train": cfg.to_json() | {"preset": presets_lib.get_preset(cfg.preset).name},
-        "preset": dataclasses.asdict(presets_lib.get_preset(cfg.preset)),
+    _write_json(run_dir / "config.json", {
+        "train": cfg.to_json() | {"preset": preset.name},
+        "preset": dataclasses.asdict(preset),
         "model": {"n_params": n_params,
                   **{k: model_config.get(k) for k in (
                       "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -534,12 +548,12 @@ def train(
         "data": corpus.describe() | {"unigram_ppl": unigram_ppl},
         "optimizer": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
         "versions": _versions(qgalore_fx.__version__),
-    }, indent=2, default=str) + "\n")
+    })
     shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.json")
     if verbose:
-        logger.info("run %s: %s, %s (%.2fM parameters), %d train tokens, vocab %d",
-                    run_dir, cfg.method, presets_lib.get_preset(cfg.preset).name, n_params / 1e6,
-                    corpus.train_ids.numel(), corpus.vocab_size)
+        logger.info("run %s: %s, %s (%.2fM parameters), %d train tokens, vocab %d, "
+                    "%d CPU threads", run_dir, cfg.method, preset.name,
+                    n_params / 1e6, corpus.train_ids.numel(), corpus.vocab_size, cfg.threads)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     history: list[dict] = []
@@ -604,7 +618,7 @@ def train(
 
     final = history[-1]
     _plot(run_dir / "loss.png", history, unigram_ppl,
-          f"{cfg.method}, preset {presets_lib.get_preset(cfg.preset).name}, vocab {corpus.vocab_size}")
+          f"{cfg.method}, preset {preset.name}, vocab {corpus.vocab_size}")
     checkpoint = _save_final(run_dir, model, optimizer)
     memory_text, memory = _memory_report(model, optimizer, cfg.device)
     result = TrainResult(
@@ -626,10 +640,14 @@ def train(
         memory=memory,
         history=history,
     )
-    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    _write_json(run_dir / "summary.json", result.to_json())
     if verbose:
         print(result.summary())
     return result
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _versions(qgalore_fx_version: str) -> dict:

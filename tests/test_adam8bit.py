@@ -17,7 +17,6 @@ Tolerances used below, and why:
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """The ``qgalore-fx`` command line and the training loop behind ``pretrain``."""
 
+import dataclasses
 import json
 import math
 import random
@@ -104,6 +105,7 @@ def test_a_command_is_required(capsys):
         (["--lr", "-1"], "argument --lr: expected a positive finite number"),
         (["--vocab-size", "100"], "argument --vocab-size: expected at least 257"),
         (["--warmup", "-2"], "argument --warmup: expected an integer >= 0"),
+        (["--threads", "0"], "argument --threads: expected 'auto' or a positive integer, got '0'"),
         (["--device", "gpu0"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         (["--steps", "10", "--warmup", "20"], "warmup must be an integer in [0, steps=10]"),
         (["--baseline", "adamw", "--rank", "8"], "--rank has no effect with --baseline adamw"),
@@ -131,7 +133,8 @@ def captured(monkeypatch):
 
 def test_defaults_are_the_train_config_defaults(captured):
     assert cli.main(["pretrain"]) == 0
-    assert captured == [train_lib.TrainConfig()]
+    assert captured[0].threads >= 1  # --threads auto picks a number
+    assert dataclasses.replace(captured[0], threads=None) == train_lib.TrainConfig()
     resolved = captured[0].resolved()
     assert resolved.method == "qgalore"
     assert resolved.transform_kwargs() == dict(
@@ -173,6 +176,21 @@ def test_plain_baselines_have_no_transform(captured):
 
 
 # --------------------------------------------------------------------------- pieces of the loop
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(cli.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    for load, expected in [(0.0, 2), (0.4, 2), (0.8, 1), (1.6, 1), (7.5, 1)]:
+        monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli.auto_threads() == expected
+
+
+def test_train_restores_the_thread_count(corpus_dir, cache, tmp_path):
+    assert torch.get_num_threads() == 1
+    train_lib.train(small_config(corpus_dir, tmp_path / "r", steps=1, threads=2), verbose=False)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["threads"] == 2
+    assert torch.get_num_threads() == 1
 
 
 def test_cosine_with_warmup():

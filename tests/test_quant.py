@@ -4,13 +4,20 @@ The Triton kernels are compared against this reference in test_quant_triton.py.
 """
 
 import math
+import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
-from qgalore_fx.kernels import (
+# Importing qgalore_fx.kernels imports triton. Without CUDA, triton must come up in interpreter
+# mode for test_quant_triton.py / test_int8_matmul.py to run their kernels in this process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qgalore_fx.kernels import (  # noqa: E402
     MAX_SCALE,
     QMAX,
     QuantizedTensor,
@@ -443,3 +450,24 @@ def test_public_api_under_torch_compile():
 
     x = torch.randn(20, 30)
     assert torch.equal(torch.compile(round_trip, backend="inductor", fullgraph=True)(x), round_trip(x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block_size", [2, 6, 64])
+def test_reference_chunking_is_invisible(monkeypatch, bits, block_size):
+    """The reference works in chunks of REFERENCE_CHUNK elements; results must not depend on it."""
+    import qgalore_fx.kernels.quant as quant
+
+    x = torch.randn(3, 1001, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x[1, :500] = 0
+    whole = quantize_reference(x, bits, block_size)
+    deq_whole = dequantize_reference(*whole, bits, block_size, [3, 1001], torch.float32)
+    monkeypatch.setattr(quant, "REFERENCE_CHUNK", 100)  # many chunks, a ragged last one
+    chunked = quantize_reference(x, bits, block_size)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert torch.equal(deq_whole, dequantize_reference(*chunked, bits, block_size, [3, 1001], torch.float32))
+    err, scale, slack = rounding_error(x, QuantizedTensor(*chunked, x.shape, x.dtype, bits, block_size))
+    assert bool((err <= 0.5 * scale + slack).all())
+    sr = quantize_reference(x, bits, block_size, make_seed(1))
+    err, scale, slack = rounding_error(x, QuantizedTensor(*sr, x.shape, x.dtype, bits, block_size))
+    assert bool((err <= scale + slack).all())

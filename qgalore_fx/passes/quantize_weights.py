@@ -20,6 +20,7 @@ swap, used where the parent could not be traced).
 from __future__ import annotations
 
 import warnings
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -31,16 +32,31 @@ from qgalore_fx.passes.capture import _set_submodule
 
 LINEAR_OP = torch.ops.qgalore_fx.linear.default
 
+Materializer = Callable[[str, nn.Linear], Tuple[torch.Tensor, Optional[nn.Parameter]]]
 
-def quantize_module(linear: nn.Linear, config: QGaLoreConfig) -> QGaLoreLinear:
-    """Swap-in replacement for one ``nn.Linear``; its float weight is released."""
-    new = QGaLoreLinear.from_linear(linear, config)
+
+def quantize_module(linear: nn.Linear, config: QGaLoreConfig, fqn: str = "",
+                    materialize: Optional[Materializer] = None) -> QGaLoreLinear:
+    """Swap-in replacement for one ``nn.Linear``; its float weight is released.
+
+    ``materialize(fqn, linear) -> (weight, bias)`` supplies the tensors of a linear on the meta device.
+    """
+    weight = bias = None
+    if linear.weight.is_meta:
+        if materialize is None:
+            raise ValueError(f"layer {fqn!r} is on the meta device and no weights/initializer was given")
+        weight, bias = materialize(fqn, linear)
+    new = QGaLoreLinear.from_linear(linear, config, weight=weight, bias=bias)
     linear.weight = None  # drop the reference held by the old module
     return new
 
 
-def quantize_weights(gm: fx.GraphModule, selected: set, config: QGaLoreConfig) -> bool:
-    """Rewrite the ``call_module`` nodes whose target is in ``selected``; returns whether anything changed."""
+def quantize_weights(gm: fx.GraphModule, selected: set, config: QGaLoreConfig, prefix: str = "",
+                     materialize: Optional[Materializer] = None) -> bool:
+    """Rewrite the ``call_module`` nodes whose target is in ``selected``; returns whether anything changed.
+
+    ``prefix`` is the GraphModule's name in the whole model (for weight lookup and messages).
+    """
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or node.target not in selected:
@@ -51,7 +67,7 @@ def quantize_weights(gm: fx.GraphModule, selected: set, config: QGaLoreConfig) -
         if len(node.args) + len(node.kwargs) != 1:
             raise ValueError(f"call of {node.target!r} must take exactly one input, got {node.args} {node.kwargs}")
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-        layer = quantize_module(linear, config)
+        layer = quantize_module(linear, config, f"{prefix}.{node.target}" if prefix else node.target, materialize)
         _set_submodule(gm, node.target, layer)
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(f"{node.target}.weight_codes")

@@ -1,0 +1,179 @@
+"""Materialize a model built on the ``meta`` device, one layer at a time, straight into INT8.
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = qgalore_fx.transform(model, rank=1024, weights="path/to/safetensors-dir")   # or a state dict, or None
+
+A projected linear's float weight exists only while that one layer is being
+quantized: it is read from ``weights`` (a state-dict mapping, a ``.safetensors``
+file or a directory of them; only the needed tensor is read from disk), or
+initialized as the model would initialize it (HF ``_init_weights``, else
+``reset_parameters``) when ``weights`` is None. So a 7B model never exists in
+full precision in memory. Everything that is not projected (embeddings, norms,
+rotary buffers) is then materialized module by module, initialized, and
+overwritten from ``weights`` where it has the tensor. Parameters shared by
+several modules (tied embeddings) stay shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+WeightsArg = Union[None, str, os.PathLike, Mapping[str, Tensor]]
+
+
+class WeightSource:
+    """Reads named tensors lazily from a mapping or safetensors files."""
+
+    def __init__(self, weights: WeightsArg):
+        self._mapping: Optional[Mapping[str, Tensor]] = None
+        self._files: Dict[str, Path] = {}
+        self._handles: Dict[Path, object] = {}
+        if weights is None:
+            return
+        if isinstance(weights, Mapping):
+            self._mapping = weights
+            return
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights must be None, a state-dict mapping or a path to safetensors, got "
+                            f"{type(weights).__name__}")
+        path = Path(weights)
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"weights directory {str(path)!r} contains no .safetensors file")
+        elif path.is_file() and path.suffix == ".safetensors":
+            files = [path]
+        else:
+            raise ValueError(f"weights path {str(path)!r} is neither a .safetensors file nor a directory of them")
+        from safetensors import safe_open
+
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise ValueError(f"weights file {str(f)!r} is not a readable safetensors file: {e}") from None
+            self._handles[f] = handle
+            for key in handle.keys():
+                self._files[key] = f
+
+    @property
+    def empty(self) -> bool:
+        return self._mapping is None and not self._files
+
+    def __contains__(self, key: str) -> bool:
+        return (self._mapping is not None and key in self._mapping) or key in self._files
+
+    def get(self, key: str, shape) -> Optional[Tensor]:
+        if self._mapping is not None:
+            t = self._mapping.get(key)
+        elif key in self._files:
+            t = self._handles[self._files[key]].get_tensor(key)
+        else:
+            return None
+        if t is None:
+            return None
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"weights[{key!r}] has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+        return t
+
+
+def linear_weight_factory(model: nn.Module, source: WeightSource, device) -> Callable[[str, nn.Linear], Tensor]:
+    """Returns ``f(fqn, linear) -> fp32 weight on device`` for one layer (read or initialized)."""
+
+    def make(fqn: str, linear: nn.Linear) -> Tensor:
+        shape = (linear.out_features, linear.in_features)
+        if not source.empty:
+            w = source.get(f"{fqn}.weight", shape)
+            if w is None:
+                raise ValueError(f"weights has no tensor {fqn + '.weight'!r} for projected layer {fqn!r}")
+            return w.to(device=device, dtype=torch.float32)
+        tmp = nn.Linear(linear.in_features, linear.out_features, bias=False, device=device)
+        init = getattr(model, "_init_weights", None)
+        if callable(init):
+            init(tmp)
+        return tmp.weight.detach()
+
+    return make
+
+
+def materialize_bias(fqn: str, linear: nn.Linear, source: WeightSource, device) -> Optional[nn.Parameter]:
+    if linear.bias is None:
+        return None
+    b = source.get(f"{fqn}.bias", linear.bias.shape) if not source.empty else None
+    if b is None:
+        if not source.empty:
+            raise ValueError(f"weights has no tensor {fqn + '.bias'!r}")
+        b = torch.zeros(linear.bias.shape)
+    return nn.Parameter(b.to(device=device, dtype=linear.bias.dtype), requires_grad=linear.bias.requires_grad)
+
+
+@torch.no_grad()
+def materialize_rest(model: nn.Module, source: WeightSource, device, skip: tuple) -> None:
+    """Materialize every remaining meta tensor (modules of type ``skip`` are already real)."""
+    shared: Dict[int, nn.Parameter] = {}
+    loaded: Dict[int, str] = {}
+    missing = []
+    init = getattr(model, "_init_weights", None)
+    for name, module in model.named_modules():
+        if isinstance(module, skip):
+            continue
+        touched = False
+        for pname, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in shared:
+                shared[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            module._parameters[pname] = shared[id(p)]
+            touched = True
+        for bname, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[bname] = torch.empty_like(b, device=device)
+                touched = True
+        if not touched:
+            continue
+        if callable(init):
+            init(module)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        elif source.empty:
+            raise ValueError(f"cannot initialize {name!r} ({type(module).__name__}) from the meta device: it has no "
+                             "reset_parameters(); pass weights= with its tensors")
+        if source.empty:
+            continue
+        for pname, p in module.named_parameters(prefix=name, recurse=False):
+            if _copy_from(source, pname, p):
+                loaded[id(p)] = pname
+            elif id(p) not in loaded:
+                missing.append((pname, p))
+        persistent = {k for k in module._buffers if k not in module._non_persistent_buffers_set}
+        for bname, b in module.named_buffers(prefix=name, recurse=False):
+            if bname.rsplit(".", 1)[-1] in persistent and not _copy_from(source, bname, b):
+                missing.append((bname, b))
+    still_missing = [n for n, t in missing if id(t) not in loaded]  # a tied parameter loaded under its other name
+    if still_missing:
+        raise ValueError(f"weights has no tensor for {still_missing[:5]} ({len(still_missing)} missing); "
+                         "pass a complete state dict or set weights=None to initialize")
+
+
+def _copy_from(source: WeightSource, key: str, target: Tensor) -> bool:
+    t = source.get(key, target.shape)
+    if t is None:
+        return False
+    target.copy_(t)
+    return True
+
+
+def describe(weights: WeightsArg) -> str:
+    if weights is None:
+        return "initialized"
+    if isinstance(weights, Mapping):
+        return f"state dict ({len(weights)} tensors)"
+    return json.dumps(str(weights))

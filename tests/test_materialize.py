@@ -1,0 +1,73 @@
+"""transform() on a meta-device model: layers materialize one at a time, straight to INT8."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_llama
+from safetensors.torch import save_file
+
+import qgalore_fx
+
+
+def meta_llama(tie=False):
+    cfg = tiny_llama().config
+    cfg.tie_word_embeddings = tie
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("source", ["mapping", "file", "directory"])
+def test_meta_model_from_weights_equals_transformed_real_model(tmp_path, source):
+    real = tiny_llama()
+    state = {k: v.contiguous() for k, v in real.state_dict().items()}
+    if source == "mapping":
+        weights = state
+    else:
+        save_file(state, tmp_path / "model.safetensors")
+        weights = tmp_path / "model.safetensors" if source == "file" else tmp_path
+    expected = qgalore_fx.transform(copy.deepcopy(real), rank=8)
+    model = qgalore_fx.transform(meta_llama(), rank=8, weights=weights)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    for (name, a), (_, b) in zip(expected.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_meta_model_initialized_without_weights_trains():
+    model = qgalore_fx.transform(meta_llama(tie=True), rank=8)
+    real = tiny_llama()
+    rot, rot_real = model.model.rotary_emb, real.model.rotary_emb
+    torch.testing.assert_close(rot.inv_freq, rot_real.inv_freq)  # non-persistent buffers re-derived
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied weights stay tied
+    layer = model.model.layers[0].mlp.gate_proj
+    w = layer.dequantized_weight()
+    assert 0.01 < w.std().item() < 0.03  # HF's normal(0, initializer_range=0.02) init
+    opt = qgalore_fx.optimizer(model, lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_meta_errors_name_the_problem(tmp_path):
+    real = tiny_llama()
+    state = dict(real.state_dict())
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+        qgalore_fx.transform(meta_llama(), rank=8, weights=state)
+    state = dict(real.state_dict())
+    state["model.norm.weight"] = torch.ones(7)
+    with pytest.raises(ValueError, match="model.norm.weight.*shape"):
+        qgalore_fx.transform(meta_llama(), rank=8, weights=state)
+    del state["model.norm.weight"]
+    with pytest.raises(ValueError, match="no tensor for.*model.norm.weight"):
+        qgalore_fx.transform(meta_llama(), rank=8, weights=state)
+    with pytest.raises(ValueError, match="neither a .safetensors file"):
+        qgalore_fx.transform(meta_llama(), rank=8, weights=tmp_path / "nope.bin")
+    with pytest.raises(ValueError, match="meta device"):
+        qgalore_fx.transform(tiny_llama(), rank=8, weights=real.state_dict())
