@@ -78,7 +78,7 @@ class QGaLoreLinear(nn.Module):
                 f"weight must have shape ({self.out_features}, {self.in_features}), got {tuple(weight.shape)}"
             )
         if self.weight_bits == 8:
-            q = quantize_blockwise(weight.float(), bits=8, block_size=self.block_size)
+            q = quantize_blockwise(weight.float(), bits=8, block_size=self.block_size, check_finite=not weight.is_meta)
             self.weight_codes.copy_(q.codes.reshape(self.weight_codes.shape))
             self.weight_scales.copy_(q.scales)
         else:
