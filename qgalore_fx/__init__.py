@@ -20,6 +20,11 @@ _EXPORTS = {
     "explain": "qgalore_fx.rewrite",
     "is_transformed": "qgalore_fx.rewrite",
     "projected_layers": "qgalore_fx.rewrite",
+    "save_checkpoint": "qgalore_fx.checkpoint",
+    "load_checkpoint": "qgalore_fx.checkpoint",
+    "read_checkpoint": "qgalore_fx.checkpoint",
+    "export_dense": "qgalore_fx.export",
+    "memory_report": "qgalore_fx.memory",
 }
 
 __all__ = sorted(_EXPORTS)

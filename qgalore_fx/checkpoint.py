@@ -308,8 +308,23 @@ def _sha256(path: str) -> Tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _umask() -> Optional[int]:
+    """The process umask, read without changing it (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _write_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> dict:
     _st_save_file(tensors, path, metadata={"format": "pt"})
+    umask = _umask()
+    if umask is not None:  # safetensors creates its files 0600; give them the permissions of the other files
+        os.chmod(path, 0o666 & ~umask)
     _fsync_file(path)
     digest, size = _sha256(path)
     return {"sha256": digest, "bytes": size}

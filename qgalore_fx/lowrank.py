@@ -250,7 +250,30 @@ class LowRankState:
             out["projection"] = None
         return out
 
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError if ``state`` does not fit this layer (rank, shape, projection layout)."""
+        missing = [k for k in ("step", "skipped_updates", "refresh_seconds", "accum_count", "policy", "adam",
+                               "projection") if k not in state]
+        if missing:
+            raise ValueError(f"low-rank state of layer {self.name!r} lacks {missing}")
+        adam_shape = tuple(int(s) for s in state["adam"]["shape"].tolist())
+        if adam_shape != self.lowrank_shape:
+            raise ValueError(f"low-rank state of layer {self.name!r} has moments of shape {adam_shape}, this layer "
+                             f"needs {self.lowrank_shape} (rank {self.rank}, side {self.side}): saved with another "
+                             "rank or model?")
+        accum = state.get("accum")
+        if accum is not None and tuple(accum.shape) != self.lowrank_shape:
+            raise ValueError(f"low-rank accumulator of layer {self.name!r} has shape {tuple(accum.shape)}, "
+                             f"expected {self.lowrank_shape}")
+        p = state["projection"]
+        expected = (self.rank, self.shape[1]) if self.side == "right" else (self.shape[0], self.rank)
+        if p is not None:
+            shape = tuple(p["dense"].shape) if "dense" in p else tuple(p["shape"])
+            if shape != expected:
+                raise ValueError(f"projection of layer {self.name!r} has shape {shape}, expected {expected}")
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         self.step = int(state["step"])
         self.skipped_updates = int(state["skipped_updates"])
         self.refresh_seconds = float(state["refresh_seconds"])

@@ -161,6 +161,8 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             extra = sorted(set(layers) - set(names))[:3]
             raise ValueError(f"optimizer state_dict's projected layers differ from the model's: missing {missing}, "
                              f"unexpected {extra}")
+        for name, layer in self._layers:  # validate everything before changing anything
+            layer.lowrank.check_state_dict(layers[name])
         by_index = {}
         for group, saved in zip(self.param_groups, groups):
             for p, i in zip(group["params"], saved["params"]):

@@ -2,9 +2,10 @@
 
 The tests import the builders below; run as a script this file is the other process::
 
-    python tests/resume_worker.py resume --ckpt DIR --steps N --out OUT.json --final DIR2 --threads T
-        load DIR into a freshly built tiny HF LLaMA run, train N more steps, write the losses
-        to OUT.json and the final state to the checkpoint DIR2.
+    python tests/resume_worker.py resume --ckpt DIR --steps N --out OUT.json --final DIR2 --threads T [--wait S]
+        build a fresh tiny HF LLaMA run, wait up to S seconds for DIR to appear (so the test can
+        start this process while it trains the first half), load DIR, train N more steps, write
+        the losses to OUT.json and the final state to the checkpoint DIR2.
     python tests/resume_worker.py loop --ckpt DIR --max-steps M --threads T
         resume from DIR if it holds a checkpoint (else start fresh), then train and save to
         DIR after every step, printing one JSON line per completed save, until step M.
@@ -70,7 +71,7 @@ def llama_step(model, opt, sched) -> float:
 class Blocks(nn.Module):
     """Embedding, residual MLP blocks in an nn.ModuleList (traced regions), LayerNorm, head."""
 
-    def __init__(self, vocab: int = 1024, dim: int = 64, hidden: int = 256, depth: int = 3):
+    def __init__(self, vocab: int = 256, dim: int = 64, hidden: int = 256, depth: int = 3):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(
@@ -94,7 +95,7 @@ def build_blocks():
 
 
 def blocks_step(model, opt, sched) -> float:
-    ids = torch.randint(0, 1024, (4, random.choice([8, 12])))
+    ids = torch.randint(0, 256, (4, random.choice([8, 12])))
     logits = model(ids[:, :-1])
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
@@ -107,6 +108,9 @@ def blocks_step(model, opt, sched) -> float:
 # ----------------------------------------------------------------------------- the subprocess
 def _resume(args) -> None:
     model, opt, sched = build_llama()
+    deadline = time.monotonic() + args.wait
+    while not os.path.isdir(args.ckpt) and time.monotonic() < deadline:  # saves appear atomically (a rename)
+        time.sleep(0.05)
     extra = load_checkpoint(args.ckpt, model, opt, sched)
     losses = [llama_step(model, opt, sched) for _ in range(args.steps)]
     save_checkpoint(args.final, model, opt, sched, step=extra["step"] + args.steps)
@@ -139,6 +143,7 @@ def main(argv=None) -> None:
     resume.add_argument("--steps", type=int, required=True)
     resume.add_argument("--out", required=True)
     resume.add_argument("--final", required=True)
+    resume.add_argument("--wait", type=float, default=0.0, help="seconds to wait for --ckpt to appear")
     loop = sub.add_parser("loop")
     loop.add_argument("--ckpt", required=True)
     loop.add_argument("--max-steps", type=int, required=True)

@@ -284,3 +284,20 @@ def test_optimizer_rejects_bad_hyperparameters():
         qgalore_fx.optimizer(model, accumulation_steps=0)
     with pytest.raises(ValueError, match="transform"):
         qgalore_fx.optimizer(nn.Linear(3, 3))
+
+
+def test_optimizer_state_of_another_rank_is_rejected_before_anything_changes():
+    model8 = one_linear(rank=8)
+    opt8 = qgalore_fx.optimizer(model8, lr=1e-2)
+    model8(torch.randn(4, 32)).sum().backward()
+    opt8.step()
+    model4 = one_linear(rank=4)
+    opt4 = qgalore_fx.optimizer(model4, lr=1e-2)
+    model4(torch.randn(4, 32)).sum().backward()
+    opt4.step()
+    before = copy.deepcopy(opt4.state_dict())
+    with pytest.raises(ValueError, match="rank 4"):
+        opt4.load_state_dict(opt8.state_dict())
+    after = opt4.state_dict()
+    assert after["qgalore_layers"]["0"]["step"] == before["qgalore_layers"]["0"]["step"]
+    assert torch.equal(after["qgalore_layers"]["0"]["adam"]["m"], before["qgalore_layers"]["0"]["adam"]["m"])
