@@ -16,7 +16,9 @@ from qgalore_fx.kernels import make_seed, num_blocks, quantize_reference, dequan
 
 BLOCK_SIZE = 256
 SIZES = {"1M": 1 << 20, "16M": 1 << 24}
-BACKENDS = ["cpu-reference", "cuda-triton"]
+# CPU cases at 1 and 2 threads: on a shared 2-core machine the 2-thread timings include waits
+# for a descheduled OpenMP thread, so both are recorded.
+BACKENDS = ["cpu-reference-1thread", "cpu-reference-2threads", "cuda-triton"]
 
 
 def make_input(numel: int, device: str, dtype=torch.float32) -> torch.Tensor:
@@ -25,8 +27,17 @@ def make_input(numel: int, device: str, dtype=torch.float32) -> torch.Tensor:
     return (torch.randn(numel // 4096, 4096, generator=gen) * 0.02).to(device=device, dtype=dtype)
 
 
-def _functions(backend: str):
-    if backend == "cpu-reference":
+@pytest.fixture
+def torch_threads():
+    """Set torch's intra-op thread count for one case and restore it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _functions(backend: str, set_threads):
+    if backend.startswith("cpu-reference"):
+        set_threads(1 if backend.endswith("1thread") else 2)
         return "cpu", quantize_reference, dequantize_reference
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the Triton kernels are timed on GPU only")
@@ -58,8 +69,8 @@ def _code_bytes(bits: int, numel: int) -> int:
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize(benchmark, bits, rounding, size, backend):
-    device, quantize, _ = _functions(backend)
+def test_quantize(benchmark, torch_threads, bits, rounding, size, backend):
+    device, quantize, _ = _functions(backend, torch_threads)
     numel = SIZES[size]
     x = make_input(numel, device)
     seed = make_seed(0, device=device) if rounding == "stochastic" else None
@@ -70,8 +81,8 @@ def test_quantize(benchmark, bits, rounding, size, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("bits", [8, 4])
-def test_dequantize(benchmark, bits, size, backend):
-    device, quantize, dequantize = _functions(backend)
+def test_dequantize(benchmark, torch_threads, bits, size, backend):
+    device, quantize, dequantize = _functions(backend, torch_threads)
     numel = SIZES[size]
     x = make_input(numel, device)
     codes, scales = quantize(x, bits, BLOCK_SIZE, None)

@@ -101,14 +101,16 @@ def test_ops_default_to_the_reference_on_cpu():
     codes, scales = make_weight(45, 70, 64)
     x = randn(33, 70, dtype=torch.float32)
     g = randn(33, 45, dtype=torch.float32)
-    assert torch.equal(torch.ops.qgalore_fx.int8_matmul(x, codes, scales, 64), int8_matmul_reference(x, codes, scales, 64))
-    assert torch.equal(torch.ops.qgalore_fx.int8_matmul_t(g, codes, scales, 64), int8_matmul_t_reference(g, codes, scales, 64))
+    ops = torch.ops.qgalore_fx
+    assert torch.equal(ops.int8_matmul(x, codes, scales, 64), int8_matmul_reference(x, codes, scales, 64))
+    assert torch.equal(ops.int8_matmul_t(g, codes, scales, 64), int8_matmul_t_reference(g, codes, scales, 64))
 
 
 def test_opcheck():
     codes, scales = make_weight(12, 10, 6)
-    torch.library.opcheck(torch.ops.qgalore_fx.int8_matmul.default, (randn(5, 10, dtype=torch.float32), codes, scales, 6))
-    torch.library.opcheck(torch.ops.qgalore_fx.int8_matmul_t.default, (randn(5, 12, dtype=torch.float32), codes, scales, 6))
+    x, g = randn(5, 10, dtype=torch.float32), randn(5, 12, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.qgalore_fx.int8_matmul.default, (x, codes, scales, 6))
+    torch.library.opcheck(torch.ops.qgalore_fx.int8_matmul_t.default, (g, codes, scales, 6))
 
 
 def test_ops_under_torch_compile():
@@ -116,7 +118,8 @@ def test_ops_under_torch_compile():
     codes, scales = make_weight(45, 70, 64)
 
     def forward_backward(x, g):
-        return torch.ops.qgalore_fx.int8_matmul(x, codes, scales, 64).relu(), torch.ops.qgalore_fx.int8_matmul_t(g, codes, scales, 64)
+        y = torch.ops.qgalore_fx.int8_matmul(x, codes, scales, 64).relu()
+        return y, torch.ops.qgalore_fx.int8_matmul_t(g, codes, scales, 64)
 
     x, g = randn(9, 70, dtype=torch.float32), randn(9, 45, dtype=torch.float32)
     compiled = torch.compile(forward_backward, backend="inductor", fullgraph=True)

@@ -235,38 +235,29 @@ def test_pack_layout_all_sixteen_codes_and_odd_padding():
 # ---------------------------------------------------------------------------------------------
 
 
-def sr_statistics(quantize, draws: int):
-    """Mean of ``draws`` stochastic roundings of a fixed block, against the 5-sigma bound.
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not(bits):
+    """Mean of many draws within 5 sigma of the mean of x; nearest rounding fails that bound.
 
-    The block is repeated ``draws`` times (same absmax, hence the same scale), so one call gives
-    ``draws`` independent roundings per element. Returns (x, mean, 5 sigma of the mean, nearest).
+    The block is repeated ``draws`` times (same absmax, hence the same scale), so one call with
+    a fixed seed gives ``draws`` independent roundings of every element.
     """
-    block = 256
+    block, draws = 256, 4000
+    qmax = QMAX[bits]
     gen = torch.Generator().manual_seed(1234)
-    x = torch.rand(block, generator=gen) * 2 - 1
-    x[0] = 1.0  # absmax 1: scale = 1 / 127
-    # fractional parts away from 0 and 1 so nearest rounding is visibly biased
-    scale = 1.0 / 127
-    v = torch.floor(x / scale) + torch.rand(block, generator=gen) * 0.6 + 0.2
-    x = (v * scale).clamp(-1, 1)
-    x[0] = 1.0
-    codes, scales = quantize(x.repeat(draws))
-    deq = (codes.view(draws, block).float() * scales.view(draws, 1)).double()
-    frac = x.double() / scales[0].double() - torch.floor(x.double() / scales[0].double())
-    sigma = scales[0].double() * torch.sqrt(frac * (1 - frac) / draws)
-    nearest, _ = quantize_reference(x, 8, block)
-    return x.double(), deq.mean(0), 5 * sigma + 1e-12, nearest.double() * scales[0].double()
-
-
-def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
-    draws = 4000
-    x, mean, bound, nearest = sr_statistics(
-        lambda t: quantize_reference(t, 8, 256, make_seed(2024)), draws
-    )
-    assert bool(((mean - x).abs() <= bound).all()), f"worst {((mean - x).abs() / bound).max().item():.2f} x bound"
-    # the same bound rejects nearest rounding (deterministic, so its mean is itself)
-    biased = (nearest - x).abs() > bound
-    assert bool(biased[1:].all())
+    # v = x / scale with fractional parts in [0.2, 0.8]: nearest rounding is off by >= 0.2 step
+    v = torch.randint(-qmax + 1, qmax - 1, (block,), generator=gen) + 0.2 + 0.6 * torch.rand(block, generator=gen)
+    x = v / qmax
+    x[0] = 1.0  # absmax 1: scale = 1 / qmax
+    q = quantize_blockwise(x.repeat(draws), bits=bits, block_size=block, stochastic=True, generator=2024)
+    scale = q.scales[0].double()
+    mean = q.dequantize().view(draws, block).double().mean(0)
+    xd = x.double()
+    frac = xd / scale - torch.floor(xd / scale)
+    bound = 5 * scale * torch.sqrt(frac * (1 - frac) / draws) + 2.0**-22 * xd.abs()
+    assert bool(((mean - xd).abs() <= bound).all()), f"worst {((mean - xd).abs() / bound).max():.2f} x bound"
+    nearest = quantize_blockwise(x, bits=bits, block_size=block).dequantize().double()
+    assert bool(((nearest - xd).abs() > bound)[1:].all())
 
 
 def test_stochastic_rounding_seeds():

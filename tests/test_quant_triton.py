@@ -48,6 +48,17 @@ def test_module_in_fresh_process():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (so +0.0 and -0.0 differ), on CPU."""
+    a, b = a.cpu(), b.cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        as_int = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        a, b = a.view(as_int), b.view(as_int)
+    return torch.equal(a, b)
+
+
 def randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
 
@@ -66,10 +77,11 @@ def test_quantize_nearest_matches_reference_exactly(shape, block_size, bits, dty
     """Same codes (ties included: both round half to even) and bit-identical scales."""
     x = randn(*shape, dtype=dtype) * 3
     x.view(-1)[: x.numel() // 3] = 0  # whole zero blocks, and zeros inside blocks
+    x.view(-1)[-1:] = -0.0
     codes, scales = quantize_triton(x, bits, block_size)
     ref_codes, ref_scales = quantize_reference(x.cpu(), bits, block_size)
     assert torch.equal(codes.cpu(), ref_codes)
-    assert torch.equal(scales.cpu(), ref_scales)
+    assert bitwise_equal(scales, ref_scales)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -105,7 +117,7 @@ def test_quantize_nearest_matches_reference_property(n, block_size, bits, dtype,
     x = (randn(n, seed=seed) * 2.0**log_scale).clamp(finfo.min, finfo.max).to(dtype)
     codes, scales = quantize_triton(x, bits, block_size)
     ref_codes, ref_scales = quantize_reference(x.cpu(), bits, block_size)
-    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scales.cpu(), ref_scales)
+    assert torch.equal(codes.cpu(), ref_codes) and bitwise_equal(scales, ref_scales)
 
 
 def test_quantize_extremes_match_reference():
@@ -127,7 +139,7 @@ def test_dequantize_matches_reference_exactly(shape, block_size, bits, out_dtype
     out = dequantize_triton(ref_codes.to(DEVICE), ref_scales.to(DEVICE), bits, block_size, list(shape), out_dtype)
     ref = dequantize_reference(ref_codes, ref_scales, bits, block_size, list(shape), out_dtype)
     assert out.dtype == out_dtype and out.shape == shape
-    assert torch.equal(out.cpu(), ref)
+    assert bitwise_equal(out, ref)
 
 
 def test_large_block_sizes_fall_back_to_the_reference():
@@ -207,3 +219,18 @@ def test_argument_errors_name_the_argument():
     codes, scales = quantize_triton(x, 8, 4)
     with pytest.raises(ValueError, match="scales must hold"):
         dequantize_triton(codes, scales[:2], 8, 4, [16], torch.float32)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU error path only exists without CUDA")
+def test_cpu_launch_without_interpreter_says_what_to_set():
+    code = (
+        "import torch\n"
+        "from qgalore_fx.kernels.quant_triton import quantize_triton\n"
+        "try:\n"
+        "    quantize_triton(torch.randn(8), 8, 4)\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "x is on cpu" in result.stdout and "TRITON_INTERPRET=1" in result.stdout, result.stdout + result.stderr

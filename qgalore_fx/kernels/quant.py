@@ -26,10 +26,11 @@ Why symmetric (and not the asymmetric min/max quantizer of the original Q-GaLore
 * Zero is always exactly representable (code 0), so zero weights, zero padding and all-zero
   blocks stay exactly zero, and an all-zero block has scale 0 and dequantizes to exact zeros.
 * A block whose values all have the same sign loses nothing beyond rounding. The asymmetric
-  quantizer of the reference implementation computes its zero point from the block's min and
-  max and, on single-sign blocks (e.g. a block of positive values), maps part of the range
-  outside the representable codes, where values are clipped; symmetric absmax has no such
-  failure mode.
+  quantizer of the original code takes ``scale = (max - min) / 255`` and an integer zero point
+  clamped to the code range; on a single-sign block that zero point falls outside the range
+  and is clamped, so every value farther than ``max - min`` from zero is clipped (a block of
+  values in [1, 2] dequantizes to about 1 everywhere), and its floor of 1e-5 on ``max - min``
+  flattens constant blocks the same way. Symmetric absmax has neither failure mode.
 * The element of largest magnitude always gets code +-qmax, so it is reproduced up to fp32
   rounding of ``qmax * (absmax / qmax)``: exactly after casting back to bf16/fp16 inputs, and
   within one fp32 ulp for fp32 inputs (``fl(qmax * fl(a / qmax)) != a`` for ~0.6% of fp32
@@ -52,7 +53,9 @@ Rounding
   The noise is counter based: the ops take ``seed`` = int64 tensor ``[seed, offset]``. The
   reference builds a ``torch.Generator`` deterministically from ``(seed, offset)`` and draws
   ``torch.rand``; the Triton path draws ``tl.rand(seed, offset + element_index)`` (Philox).
-  The two streams are different but each is deterministic: same seed, same codes.
+  The two streams are different but each is deterministic: same seed, same codes (for the
+  reference: on the same device type and with the same ``REFERENCE_CHUNK``, since it draws
+  the noise chunk by chunk).
 
 Custom ops (namespace ``qgalore_fx``)
 -------------------------------------
@@ -92,7 +95,6 @@ __all__ = [
 QMAX = {8: 127, 4: 7}
 SUPPORTED_BITS = (4, 8)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 
 def _max_finite_scale(qmax: int) -> float:
@@ -212,8 +214,8 @@ def check_dequantize_args(codes, scales, bits, block_size, shape, dtype) -> None
 
 
 # Packing works on byte pairs seen as one int16 (the pair's first byte is the low byte on
-# little-endian machines): two vectorized int16 passes instead of strided uint8 ones, which
-# torch runs more than 50x slower.
+# little-endian machines): contiguous int16 passes instead of strided uint8 ones, about 1.7x
+# faster on CPU (1M codes, one thread: 0.48 ms vs 0.80 ms).
 _FIRST_BYTE_IS_LOW = sys.byteorder == "little"
 
 
@@ -348,6 +350,8 @@ def quantize_reference(
     Returns ``(codes, scales)``: int8 codes of ``x``'s shape (bits=8) or packed uint8 codes
     ``[ceil(numel / 2)]`` (bits=4), and fp32 ``scales[num_blocks]``. ``seed`` None rounds to
     nearest (half to even); an int64 ``[seed, offset]`` tensor rounds stochastically.
+    ``x`` must be finite (NaN/Inf give unspecified codes); the op does not check, callers do
+    (``quantize_blockwise(check_finite=True)``, or the fused optimizer's own check).
     """
     check_quantize_args(x, bits, block_size, seed)
     qmax = QMAX[bits]
@@ -361,8 +365,10 @@ def quantize_reference(
     gen = None if seed is None else _reference_generator(seed, x.device)
     for start, stop in _chunks(n, block_size):
         blocks = _as_blocks(flat[start:stop].float(), block_size)  # may be a view of x: read only
-        lo, hi = torch.aminmax(blocks, dim=1)
-        scale = torch.maximum(hi, -lo).div_(qmax).clamp_(max=MAX_SCALE[bits])  # clamp: fp32 top only
+        # max(amax, -amin) is several times faster than abs().amax() or aminmax() on CPU; the
+        # final abs_ turns a -0.0 of an all-zero block into +0.0
+        absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).abs_()
+        scale = absmax.div_(qmax).clamp_(max=MAX_SCALE[bits])  # the clamp bites at the fp32 top only
         v = blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
         if gen is None:
             q = v.round_()  # round half to even
@@ -370,12 +376,12 @@ def quantize_reference(
             u = torch.rand(v.shape, generator=gen, device=x.device)
             q = torch.floor(v)
             q += u < v.sub_(q)  # v - floor(v) is exact in fp32
-        q = q.clamp_(-qmax, qmax).to(torch.int8).view(-1)[: stop - start]
+        q = q.clamp_(-qmax, qmax).view(-1)[: stop - start]
         scales[start // block_size : start // block_size + scale.numel()] = scale
         if bits == 8:
-            codes[start:stop] = q
+            codes[start:stop] = q  # integral floats: the int8 conversion is exact
         else:  # start is a multiple of the (even) block size, so bytes never straddle chunks
-            codes[start // 2 : (stop + 1) // 2] = _pack_int4(q)
+            codes[start // 2 : (stop + 1) // 2] = _pack_int4(q.to(torch.int8))
     return (codes.view(x.shape) if bits == 8 else codes), scales
 
 
@@ -519,6 +525,16 @@ def quantize_blockwise(
             ``stochastic`` is False. The same seed gives the same codes.
         check_finite: raise if ``x`` holds NaN or Inf (one reduction and a host sync). Callers
             that already checked, like the fused optimizer, pass False.
+
+    Raises:
+        TypeError: ``x`` is not an fp32/bf16/fp16 tensor; ``stochastic``/``check_finite`` are
+            not bools; ``generator`` is of another type.
+        ValueError: ``bits`` not in (4, 8); ``block_size`` not a positive even int; ``x``
+            contains non-finite values; an int ``generator`` outside int64.
+
+    Inside a ``torch.compile(fullgraph=True)`` region, call ``torch.ops.qgalore_fx.quantize``
+    with an explicit ``seed`` tensor (see :func:`make_seed`) and ``check_finite=False`` here:
+    drawing a seed or checking finiteness reads values on the host.
     """
     _check_float_tensor(x, "x")
     _check_bits(bits)

@@ -116,8 +116,10 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n, block_size, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """out.view(-1)[i] = (code[i] * scales[i // block_size]).to(out.dtype), code unpacked for BITS=4."""
+def _dequantize_kernel(
+    codes_ptr, scales_ptr, out_ptr, n, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """out.view(-1)[i] = (code[i] * scales[i // BLOCK_SIZE]).to(out.dtype), code unpacked for BITS=4."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if BITS == 8:
@@ -126,7 +128,7 @@ def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n, block_size, BITS: tl.c
         byte = tl.load(codes_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
         shift = ((offs % 2) * 4).to(tl.int32)
         q = (((byte >> shift) & 0xF) - 8).to(tl.float32)
-    s = tl.load(scales_ptr + offs // block_size, mask=mask, other=0.0)
+    s = tl.load(scales_ptr + offs // BLOCK_SIZE, mask=mask, other=0.0)
     tl.store(out_ptr + offs, _cast_rtne(q * s, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -191,7 +193,7 @@ def dequantize_triton(
     n = out.numel()
     if n:
         _dequantize_kernel[(triton.cdiv(n, _DEQUANT_TILE),)](
-            codes.contiguous(), scales.contiguous(), out, n, block_size, BITS=bits, BLOCK=_DEQUANT_TILE
+            codes.contiguous(), scales.contiguous(), out, n, BLOCK_SIZE=block_size, BITS=bits, BLOCK=_DEQUANT_TILE
         )
     return out
 
