@@ -80,12 +80,21 @@ class LowRankState:
         self.layer_id = register_layer(self)
 
     # ------------------------------------------------------------------ projection storage
-    def _store_projection(self, P: Tensor) -> None:
+    @property
+    def projection_shape(self) -> tuple:
+        """Shape of P: [rank, n] for a right projection, [m, rank] for a left one."""
+        m, n = self.shape
+        return (self.rank, n) if self.side == "right" else (m, self.rank)
+
+    def stored_projection(self, P: Tensor):
+        """The stored form of ``P`` (packed INT4/INT8 QuantizedTensor or bf16), without changing this state."""
         bits = self.config.proj_bits
         if bits == 16:
-            self.projection = P.to(torch.bfloat16)
-        else:
-            self.projection = quantize_blockwise(P, bits=bits, block_size=self.config.proj_block_size, check_finite=False)
+            return P.to(torch.bfloat16)
+        return quantize_blockwise(P, bits=bits, block_size=self.config.proj_block_size, check_finite=False)
+
+    def _store_projection(self, P: Tensor) -> None:
+        self.projection = self.stored_projection(P)
 
     def projection_matrix(self) -> Optional[Tensor]:
         """The current P in fp32 (dequantized), or None before the first refresh."""
@@ -266,7 +275,7 @@ class LowRankState:
             raise ValueError(f"low-rank accumulator of layer {self.name!r} has shape {tuple(accum.shape)}, "
                              f"expected {self.lowrank_shape}")
         p = state["projection"]
-        expected = (self.rank, self.shape[1]) if self.side == "right" else (self.shape[0], self.rank)
+        expected = self.projection_shape
         if p is not None:
             shape = tuple(p["dense"].shape) if "dense" in p else tuple(p["shape"])
             if shape != expected:
