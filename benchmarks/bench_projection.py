@@ -1,9 +1,10 @@
 """Cost and quality of the three ways to compute a projection, at the LLaMA presets' shapes.
 
-Run as a script (prints a markdown table, ~3-4 minutes on a 2-core CPU)::
+Run as a script (prints markdown tables; about 2 minutes on the 2-core CPU)::
 
-    .venv/bin/python benchmarks/bench_projection.py            # MLP shapes of 60M..1B
-    .venv/bin/python benchmarks/bench_projection.py --quick    # two small shapes, seconds
+    .venv/bin/python benchmarks/bench_projection.py                     # MLP shapes of 60M..1B
+    .venv/bin/python benchmarks/bench_projection.py --quick             # two small shapes, seconds
+    .venv/bin/python benchmarks/bench_projection.py --wall --threads 2  # wall time, 2 threads
 
 or under pytest-benchmark (small shapes only)::
 
@@ -11,10 +12,13 @@ or under pytest-benchmark (small shapes only)::
 
 What is measured, per shape ``[m, n]`` and rank ``r`` (GaLore side: right when m >= n):
 
-* time: median of 3 calls of :func:`qgalore_fx.projection.compute_projection` (and of
-  ``torch.svd_lowrank`` as an outside baseline), the repetitions interleaved across methods
-  so that load from other processes hits them alike; ``speedup`` is against ``full`` in the
-  same run;
+* time: median (and min) of 3 calls of :func:`qgalore_fx.projection.compute_projection`
+  (and of ``torch.svd_lowrank`` as an outside baseline), the repetitions interleaved across
+  methods so that load from other processes hits them alike; ``speedup`` is against
+  ``full`` in the same run. By default the clock is this process's CPU time with one
+  intra-op thread: on a machine shared with other jobs it is the figure they disturb least
+  (two OpenMP threads competing for busy cores spin-wait, and wall times then swing by 3x
+  between identical calls). ``--wall`` and ``--threads`` measure wall time instead;
 * ``energy``: the captured gradient energy ``||project(G, P)||² / ||G||²`` divided by the
   same for the full-SVD ``P`` (1.0 = as good as the exact top-r subspace; Eckart-Young
   makes it <= 1);
@@ -25,11 +29,12 @@ What is measured, per shape ``[m, n]`` and rank ``r`` (GaLore side: right when m
 
 The gradient has singular values ``(i + 1) ** -0.5`` (:func:`synthetic_gradient`,
 ``decay=0.5``): a slowly decaying spectrum, the harder case for sketching (with ``decay=1``
-every method is within 0.1% of the optimal energy). The warm start ("subspace") is measured
+every method at its defaults is within 0.1% of the optimal energy). The warm start ("subspace") is measured
 as in training: ``P_prev`` is the exact projection of the previous gradient ``G_prev``, and
 ``G = G_prev + eps * D * ||G_prev|| / ||D||`` with ``D`` another gradient of the same
 spectrum; ``eps = 0.2`` ("slow") and ``eps = 1.0`` ("fast") give the subspace drifts shown
-in the ``drift cos²`` line (similarity of ``P_prev`` to the new exact subspace). "INT4 prev"
+in the ``cos² to P_prev`` column of the stale rows (similarity of ``P_prev`` to the new exact
+subspace; for the other rows it is what the lazy-refresh policy would record). "INT4 prev"
 round-trips ``P_prev`` through 4-bit asymmetric block quantization (block 256), the way the
 stored projection reaches the refresh.
 """
@@ -130,39 +135,45 @@ def cases(m: int, n: int, rank: int, seed: int = 0) -> tuple[list[Case], torch.T
     ], P_prev
 
 
-def measure(shapes: list[tuple[str, int, int, int]], repeats: int = REPEATS) -> list[str]:
-    lines = [
-        "| model | shape (side) | r | method | time ms, median (min) | speedup vs full | energy vs full | cos² to full | cos² to P_prev |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, m, n, rank in shapes:
-        side = projection_side(m, n)
-        rows, P_prev = cases(m, n, rank)
-        times: list[list[float]] = [[] for _ in rows]
-        for _ in range(repeats):  # interleaved repetitions
-            for case, ts in zip(rows, times):
-                if case.fn is not None:
-                    t0 = time.perf_counter()
-                    case.P = case.fn()
-                    ts.append(time.perf_counter() - t0)
-        exact: dict[int, tuple[torch.Tensor, float]] = {}  # exact projection of each distinct G
-        for case in rows:
-            if id(case.G) not in exact:
-                P_exact = compute_projection(case.G, rank, side, "full")
-                exact[id(case.G)] = (P_exact, captured_energy(case.G, P_exact, side))
-        t_full = statistics.median(times[0])
+TABLE_HEADER = [
+    "| model | shape (side) | r | method | {clock} ms, median (min) | speedup vs full "
+    "| energy vs full | cos² to full | cos² to P_prev |",
+    "|---|---|---|---|---:|---:|---:|---:|---:|",
+]
+
+
+def measure(
+    name: str, m: int, n: int, rank: int, repeats: int = REPEATS, clock: Callable[[], float] = time.process_time
+) -> list[str]:
+    """Table rows for one shape."""
+    side = projection_side(m, n)
+    rows, P_prev = cases(m, n, rank)
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(repeats):  # interleaved repetitions
         for case, ts in zip(rows, times):
-            P_exact, e_exact = exact[id(case.G)]
-            if ts:
-                t = statistics.median(ts)
-                timing = f"{t * 1e3:.0f} ({min(ts) * 1e3:.0f}) | {t_full / t:.1f}×"
-            else:
-                timing = "— | —"
-            lines.append(
-                f"| {name} | {m}×{n} ({side}) | {rank} | {case.label} | {timing} "
-                f"| {captured_energy(case.G, case.P, side) / e_exact:.4f} | {subspace_similarity(case.P, P_exact, side):.3f} "
-                f"| {subspace_similarity(case.P, P_prev, side):.3f} |"
-            )
+            if case.fn is not None:
+                t0 = clock()
+                case.P = case.fn()
+                ts.append(clock() - t0)
+    # exact projection of each distinct G (the first row is the full SVD of its G)
+    exact = {id(rows[0].G): rows[0].P}
+    for case in rows:
+        if id(case.G) not in exact:
+            exact[id(case.G)] = compute_projection(case.G, rank, side, "full")
+    t_full = statistics.median(times[0])
+    lines = []
+    for case, ts in zip(rows, times):
+        P_exact = exact[id(case.G)]
+        if ts:
+            t = statistics.median(ts)
+            timing = f"{t * 1e3:.0f} ({min(ts) * 1e3:.0f}) | {t_full / t:.1f}×"
+        else:
+            timing = "— | —"
+        energy = captured_energy(case.G, case.P, side) / captured_energy(case.G, P_exact, side)
+        lines.append(
+            f"| {name} | {m}×{n} ({side}) | {rank} | {case.label} | {timing} | {energy:.4f} "
+            f"| {subspace_similarity(case.P, P_exact, side):.3f} | {subspace_similarity(case.P, P_prev, side):.3f} |"
+        )
     return lines
 
 
@@ -196,7 +207,10 @@ def chained(m: int, n: int, rank: int, refreshes: int = CHAIN_REFRESHES, seed: i
             P_exact_new = compute_projection(G, rank, side, "full")
             e_exact = captured_energy(G, P_exact_new, side)
             exact_sim = subspace_similarity(P_exact_new, P_exact, side)
-            new = {label: compute_projection(G, rank, side, prev=P[label], generator=gen, **kw) for label, kw in variants.items()}
+            new = {
+                label: compute_projection(G, rank, side, prev=P[label], generator=gen, **kw)
+                for label, kw in variants.items()
+            }
             if t == 0:
                 first = {label: captured_energy(G, Q, side) / e_exact for label, Q in new.items()}
             if t == refreshes - 1:
@@ -212,20 +226,31 @@ def chained(m: int, n: int, rank: int, refreshes: int = CHAIN_REFRESHES, seed: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small shapes only (seconds)")
-    parser.add_argument("--rank-1b", type=int, default=None, help="also run LLaMA-1B at this rank (the official script uses 1024)")
+    parser.add_argument(
+        "--rank-1b", type=int, default=None, help="also run LLaMA-1B at this rank (the official script uses 1024)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--wall", action="store_true", help="time wall-clock instead of this process's CPU time")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else list(PRESET_SHAPES)
     if args.rank_1b is not None and not args.quick:
         shapes.append(("LLaMA-1B", 5461, 2048, args.rank_1b))
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    lines = measure(shapes)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, spectrum decay {DECAY}, median of {REPEATS}")
-    print("\n".join(lines))
+    clock = time.perf_counter if args.wall else time.process_time
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'wall' if args.wall else 'CPU'} time, "
+        f"spectrum decay {DECAY}, median of {REPEATS}\n"
+    )
+    print("\n".join(TABLE_HEADER).format(clock="wall" if args.wall else "CPU"), flush=True)
+    for shape in shapes:
+        print("\n".join(measure(*shape, clock=clock)), flush=True)
     name, m, n, rank = shapes[0]
     print(f"\nChained refreshes, {name} {m}×{n}, r={rank}:\n")
     print("\n".join(chained(m, n, rank)))
-    print(f"\nwall {time.perf_counter() - t0:.0f} s; 1-min load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+    load_after = os.getloadavg()[0]
+    print(f"\nwall {time.perf_counter() - t0:.0f} s; 1-min load average before {load_before:.2f}, after {load_after:.2f}")
 
 
 # -- pytest-benchmark (small shapes, so it stays quick) ----------------------------------
@@ -246,7 +271,8 @@ if pytest is not None:
         G_prev = synthetic_gradient(m, n, decay=DECAY, generator=gen)
         G = drifted(G_prev, DRIFTS["slow"], gen)
         prev = compute_projection(G_prev, rank, side, "full") if method == "subspace" else None
-        P = benchmark(lambda: compute_projection(G, rank, side, method, prev=prev, generator=torch.Generator().manual_seed(1)))
+        sketch = torch.Generator()
+        P = benchmark(lambda: compute_projection(G, rank, side, method, prev=prev, generator=sketch.manual_seed(1)))
         P_exact = compute_projection(G, rank, side, "full")
         assert captured_energy(G, P, side) >= 0.97 * captured_energy(G, P_exact, side)
 

@@ -176,7 +176,10 @@ class LowRankState:
         self._store_projection(P)
         if self.process_group is not None:
             self._broadcast_projection()
-        similarity = None if prev is None else proj.subspace_similarity(self.projection_matrix(), prev, self.side)
+        # Chance-adjusted: two unrelated rank-r subspaces of a d-dim space overlap by r/d on average, which at
+        # rank 1024 of 2048 is above the 0.4 threshold; the adjusted score maps "unrelated" to 0, "same" to 1.
+        similarity = None if prev is None else proj.subspace_similarity(
+            self.projection_matrix(), prev, self.side, chance_adjusted=True)
         self.policy.record_refresh(self.step, similarity)
         self.refresh_seconds += time.perf_counter() - t0
 

@@ -31,10 +31,12 @@ Computing a projection (:func:`compute_projection`)
 ``"subspace"``
     The same iteration warm-started from the previous projection: the starting block is
     ``prev`` (the dequantized previous ``P``) plus ``oversample`` Gaussian columns that let
-    directions new to the subspace come in. When the subspace has moved little since the
-    last refresh, one iteration already lands on it (see BENCHMARKS.projection.md for the
-    measured cost and quality). Without a usable ``prev`` (``None``, another shape, or
-    non-finite values) it falls back to ``"randomized"``.
+    directions new to the subspace come in. It starts where the answer probably is, so two
+    iterations (the default), at the cost of ``"randomized"`` with two, beat ``"randomized"``
+    with three when the subspace moved little and come within 0.3% of its captured energy
+    when it moved a lot; one iteration is enough when the subspace moved little.
+    BENCHMARKS.projection.md has the measurements. Without a usable ``prev`` (``None``,
+    another shape, or non-finite values) it falls back to ``"randomized"``.
 
 All methods return fp32, and fix the sign of each singular vector so that its
 largest-magnitude entry is positive. The sign of a singular vector is arbitrary (LAPACK, a
@@ -61,7 +63,12 @@ What the official code does (VITA-Group/Q-GaLore, ``q_galore_torch/q_galore_proj
   qualifies the interval doubles again at every following refresh for as long as the
   window mean stays above the threshold (200 -> 400 -> 800 -> ...);
 * a refresh happens when ``step % update_proj_gap == 0`` (``step`` is the optimizer's
-  per-parameter step count), not a fixed distance after the last refresh;
+  per-parameter step count), not a fixed distance after the last refresh, so right after a
+  doubling the next refresh can come sooner than the new interval (doubled to 400 at step
+  1000, it refreshes again at 1200); the per-layer variant in ``run_pretrain.py`` passes
+  ``2 * update_proj_gap`` because its hook runs twice per step;
+* the first doubling therefore needs ``queue_size + 1`` refreshes (the first has no
+  predecessor); the similarity is taken on the fp32 ``P`` before it is quantized;
 * defaults: ``cos_threshold=0.4``, ``gamma_proj=2``, ``queue_size=5`` (both in the
   ``GaLoreProjector`` signature and in ``run_pretrain.py``'s ``--queue_size`` flag, which
   none of the shipped scripts override).
@@ -79,6 +86,8 @@ Why qgalore_fx uses another rule:
   the old projection still covers. That is the mean squared cosine of the principal angles,
   ``||P_new P_oldᵀ||_F² / r`` (rows case), in ``[0, 1]``: 1 exactly when the subspaces are
   equal, invariant to sign flips and to any rotation of the basis within the subspace.
+* Refresh at a fixed distance after the last refresh (``step - last >= interval``), so the
+  spacing is what the interval says, whatever step a layer started at.
 
 It is not on the same scale as the official number: two unrelated (random) r-dimensional
 subspaces of a d-dimensional space score about ``r / d`` rather than about 0, e.g. 0.25 for
@@ -87,15 +96,24 @@ clamped to ``[0, 1]``, which puts unrelated subspaces at about 0. Use it when ``
 not small compared with the threshold (rank 1024 on a 2048-wide layer has ``r/d = 0.5``,
 above the paper's 0.4).
 
+The recorded similarity also depends on how ``P_new`` was computed. A warm-started one
+(method ``"subspace"``) keeps a little of ``P_old`` that its iterations have not rotated out
+yet, so it reads higher than the exact subspaces' (BENCHMARKS.projection.md: about 0.72
+instead of 0.61 with the default two iterations when the subspace moved a lot, 0.96 instead
+of 0.92 when it moved little); a cold randomized one reads lower when little moved (0.85
+instead of 0.92), because its own approximation error looks like movement. Both matter only
+for similarities near the threshold.
+
 Refresh policy (:class:`LazyRefreshPolicy`)
 -------------------------------------------
 Per layer: refresh at the first step seen, then whenever ``step - last_refresh_step >=
 interval``. Each refresh records the similarity between the new and the previous ``P``.
 When the last ``queue_size`` recorded similarities are **all** ``>= cos_threshold`` (the
-paper's wording, "remains greater than a threshold across the k intervals", rather than the
-official code's mean), the interval doubles and the queue is **cleared**, so each further
+paper's wording, "the cosine similarity across the k intervals remains greater than a
+threshold", rather than the official code's mean), the interval doubles and the queue is **cleared**, so each further
 doubling needs ``queue_size`` fresh agreeing refreshes at the new interval: the interval
-grows at most geometrically in the number of refreshes, never at every refresh.
+doubles at most once every ``queue_size`` refreshes, not at every refresh as in the
+official code once its window qualifies.
 """
 
 from __future__ import annotations
@@ -164,11 +182,15 @@ def project(G: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
     m, n = G.shape
     if side == "right":
         if P.shape[1] != n:
-            raise ValueError(f"right side needs P of shape [r, {n}] for G of shape {tuple(G.shape)}, got P {tuple(P.shape)}")
+            raise ValueError(
+                f"right side needs P of shape [r, {n}] for G of shape {tuple(G.shape)}, got P {tuple(P.shape)}"
+            )
         dtype = torch.promote_types(G.dtype, P.dtype)
         return G.to(dtype) @ P.to(dtype).T
     if P.shape[0] != m:
-        raise ValueError(f"left side needs P of shape [{m}, r] for G of shape {tuple(G.shape)}, got P {tuple(P.shape)}")
+        raise ValueError(
+            f"left side needs P of shape [{m}, r] for G of shape {tuple(G.shape)}, got P {tuple(P.shape)}"
+        )
     dtype = torch.promote_types(G.dtype, P.dtype)
     return P.to(dtype).T @ G.to(dtype)
 
@@ -181,10 +203,14 @@ def project_back(R: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
     dtype = torch.promote_types(R.dtype, P.dtype)
     if side == "right":
         if R.shape[1] != P.shape[0]:
-            raise ValueError(f"right side needs R of shape [m, {P.shape[0]}] for P {tuple(P.shape)}, got R {tuple(R.shape)}")
+            raise ValueError(
+                f"right side needs R of shape [m, {P.shape[0]}] for P {tuple(P.shape)}, got R {tuple(R.shape)}"
+            )
         return R.to(dtype) @ P.to(dtype)
     if R.shape[0] != P.shape[1]:
-        raise ValueError(f"left side needs R of shape [{P.shape[1]}, n] for P {tuple(P.shape)}, got R {tuple(R.shape)}")
+        raise ValueError(
+            f"left side needs R of shape [{P.shape[1]}, n] for P {tuple(P.shape)}, got R {tuple(R.shape)}"
+        )
     return P.to(dtype) @ R.to(dtype)
 
 
@@ -193,7 +219,7 @@ def project_back(R: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _check_nonneg_int(name: str, value: object, minimum: int) -> int:
+def _check_int_at_least(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -259,10 +285,10 @@ def compute_projection(
         niter: block power iterations, each one application of ``GᵀG`` (right) or ``GGᵀ``
             (left), i.e. two matmuls with ``G``; ``>= 1``. Default 3 for ``"randomized"``
             and 2 for ``"subspace"`` (BENCHMARKS.projection.md has the measurements behind
-            both). ``torch.svd_lowrank(niter=k)`` ends with an extra
-            half step, so its subspace is the one ``niter=k + 1`` gives here: the
-            randomized default matches ``torch.svd_lowrank(niter=2)`` in quality, with its
-            QR factorizations on the small side only.
+            both). ``torch.svd_lowrank(niter=k)`` ends with an extra half step, so its
+            subspace is the one ``niter=k + 1`` gives here: the randomized default matches
+            ``torch.svd_lowrank(niter=2)`` in quality, with its QR factorizations on the
+            small side only.
     """
     _check_2d("G", G)
     side = _check_side(side)
@@ -270,10 +296,12 @@ def compute_projection(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     m, n = G.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be an int with 1 <= rank <= min(m, n) = {min(m, n)} for G of shape {(m, n)}, got {rank!r}")
-    oversample = _check_nonneg_int("oversample", oversample, 0)
+        raise ValueError(
+            f"rank must be an int with 1 <= rank <= min(m, n) = {min(m, n)} for G of shape {(m, n)}, got {rank!r}"
+        )
+    oversample = _check_int_at_least("oversample", oversample, 0)
     if niter is not None:
-        niter = _check_nonneg_int("niter", niter, 1)
+        niter = _check_int_at_least("niter", niter, 1)
     if not G.dtype.is_floating_point:
         raise ValueError(f"G must be a floating-point tensor, got dtype {G.dtype}")
     if not bool(torch.isfinite(G).all()):
@@ -290,7 +318,6 @@ def compute_projection(
         V = torch.linalg.svd(A, full_matrices=False).Vh[:rank].T
     else:
         q = min(rank + oversample, min(m, n))
-        start = None
         if method == "subspace" and _usable_prev(prev, out_shape):
             start = prev.detach().to(device=A.device, dtype=torch.float32)
             start = start.T if side == "right" else start  # [d, rank]
@@ -329,7 +356,9 @@ def _orthonormal_basis(P: torch.Tensor, side: Side) -> torch.Tensor:
     return torch.linalg.qr(B, mode="reduced").Q
 
 
-def subspace_similarity(P_new: torch.Tensor, P_old: torch.Tensor, side: Side, *, chance_adjusted: bool = False) -> float:
+def subspace_similarity(
+    P_new: torch.Tensor, P_old: torch.Tensor, side: Side, *, chance_adjusted: bool = False
+) -> float:
     """Mean squared cosine of the principal angles between two projections' subspaces.
 
     For rows-orthonormal ``[r, n]`` (right side) this is ``||P_new P_oldᵀ||_F² / r``; for
@@ -391,6 +420,16 @@ def _check_step(step: object) -> int:
     return step
 
 
+def _as_similarity(name: str, value: object) -> float:
+    """A finite float in [-1, 1] (signed cosines are accepted, for callers that use them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a float or None, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not -1.0 - 1e-6 <= value <= 1.0 + 1e-6:
+        raise ValueError(f"{name} must be a finite number in [-1, 1] or None, got {value!r}")
+    return value
+
+
 class LazyRefreshPolicy:
     """When one layer recomputes its projection: Q-GaLore's layer-adaptive lazy refresh.
 
@@ -439,7 +478,9 @@ class LazyRefreshPolicy:
         if max_interval is not None and (
             isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < update_interval
         ):
-            raise ValueError(f"max_interval must be None or an int >= update_interval ({update_interval}), got {max_interval!r}")
+            raise ValueError(
+                f"max_interval must be None or an int >= update_interval ({update_interval}), got {max_interval!r}"
+            )
         self.update_interval = update_interval
         self.cos_threshold = float(cos_threshold)
         self.queue_size = queue_size
@@ -466,7 +507,9 @@ class LazyRefreshPolicy:
         if self.last_refresh_step is None:
             return True
         if step < self.last_refresh_step:
-            raise ValueError(f"step {step} is before the last refresh at step {self.last_refresh_step}; steps must not go backwards")
+            raise ValueError(
+                f"step {step} is before the last refresh at step {self.last_refresh_step}; steps must not go backwards"
+            )
         return step - self.last_refresh_step >= self.interval
 
     def record_refresh(self, step: int, similarity: Optional[float]) -> bool:
@@ -483,11 +526,7 @@ class LazyRefreshPolicy:
         if self.last_refresh_step is not None and step <= self.last_refresh_step:
             raise ValueError(f"step {step} must be after the last refresh at step {self.last_refresh_step}")
         if similarity is not None:
-            if isinstance(similarity, bool) or not isinstance(similarity, (int, float)):
-                raise ValueError(f"similarity must be a float or None, got {similarity!r}")
-            similarity = float(similarity)
-            if not math.isfinite(similarity) or not -1.0 - 1e-6 <= similarity <= 1.0 + 1e-6:
-                raise ValueError(f"similarity must be a finite number in [-1, 1] or None, got {similarity!r}")
+            similarity = _as_similarity("similarity", similarity)
         self.last_refresh_step = step
         self.refresh_count += 1
         self.last_similarity = similarity
@@ -534,7 +573,9 @@ class LazyRefreshPolicy:
         if missing or unknown:
             raise ValueError(f"state dict keys do not match: missing {sorted(missing)}, unknown {sorted(unknown)}")
         if state["version"] != self._STATE_VERSION:
-            raise ValueError(f"state dict version {state['version']!r} is not supported (expected {self._STATE_VERSION})")
+            raise ValueError(
+                f"state dict version {state['version']!r} is not supported (expected {self._STATE_VERSION})"
+            )
         fresh = LazyRefreshPolicy(
             update_interval=state["update_interval"],
             cos_threshold=state["cos_threshold"],
@@ -553,11 +594,16 @@ class LazyRefreshPolicy:
             raise ValueError(f"refresh_count must be an int >= 0, got {count!r}")
         last_sim = state["last_similarity"]
         if last_sim is not None:
-            last_sim = float(last_sim)
-        queue = [float(x) for x in state["queue"]]
+            last_sim = _as_similarity("last_similarity", last_sim)
+        if not isinstance(state["queue"], (list, tuple)):
+            raise ValueError(f"queue must be a list of similarities, got {state['queue']!r}")
+        queue = [_as_similarity("queue entry", x) for x in state["queue"]]
         if len(queue) > fresh.queue_size:
             raise ValueError(f"queue holds {len(queue)} values, more than queue_size={fresh.queue_size}")
-        history = [(int(s), int(i)) for s, i in state["interval_history"]]
+        try:
+            history = [(_check_step(s), int(i)) for s, i in state["interval_history"]]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"interval_history must be a list of [step, interval] pairs: {e}") from None
         self.__dict__.update(fresh.__dict__)
         self.interval = interval
         self.last_refresh_step = last
@@ -596,12 +642,12 @@ def synthetic_gradient(
 ) -> torch.Tensor:
     """A gradient-like ``[m, n]`` matrix with singular values ``(i + 1) ** -decay``.
 
-    Random orthonormal singular vectors (QR of Gaussian matrices drawn from ``generator``).
-    ``decay=0`` gives an exactly flat spectrum. Shared by the tests and
-    ``benchmarks/bench_projection.py`` so both measure the same matrices.
+    Random orthonormal singular vectors (QR of Gaussian matrices drawn from ``generator``),
+    computed in ``dtype``. ``decay=0`` gives an exactly flat spectrum. Shared by the tests
+    and ``benchmarks/bench_projection.py`` so both measure the same matrices.
     """
     k = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64)).Q
-    s = torch.arange(1, k + 1, dtype=torch.float64).pow(-float(decay))
-    return ((U * s) @ V.T).to(dtype)
+    U = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=dtype)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=dtype)).Q
+    s = torch.arange(1, k + 1, dtype=dtype).pow(-float(decay))
+    return (U * s) @ V.T

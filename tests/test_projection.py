@@ -24,6 +24,16 @@ SHAPES = [(96, 40), (40, 96), (64, 64)]  # m > n, m < n, square
 SIDES = ["right", "left"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These matrices are tiny: one thread is as fast, and it avoids the 10-100x slowdown of
+    OpenMP spin-waiting when other processes hold the cores. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -182,7 +192,8 @@ def test_flat_spectrum_every_subspace_is_optimal_but_none_is_determined():
     """Exactly flat spectrum: every r-dim subspace of the row space keeps the same energy, so
     randomized methods are 'optimal' in energy while returning an arbitrary subspace (about
     r/n similarity to the SVD's). A Gaussian matrix (Marchenko-Pastur spectrum, no gap at r)
-    is the realistic flat-ish case: the sketch keeps about 90% of the optimal energy."""
+    is the realistic flat-ish case: the sketch falls short of 99% of the optimal energy (0.967
+    here; 0.95-0.96 at the 60M/130M shapes, see BENCHMARKS.projection.md)."""
     m, n, rank = 192, 64, 8
     G = synthetic_gradient(m, n, decay=0.0, generator=gen(6))
     P_full = compute_projection(G, rank, "right", "full")
@@ -193,7 +204,7 @@ def test_flat_spectrum_every_subspace_is_optimal_but_none_is_determined():
     G = torch.randn(m, n, generator=gen(8))
     best = captured_energy(G, compute_projection(G, rank, "right", "full"), "right")
     ratio = captured_energy(G, compute_projection(G, rank, "right", "randomized", generator=gen(9)), "right") / best
-    assert 0.8 < ratio < 0.99
+    assert 0.9 < ratio < 0.99
 
 
 def _rotated(P: torch.Tensor, angle: float, seed: int) -> torch.Tensor:
@@ -356,7 +367,8 @@ def test_similarity_of_random_subspaces_is_about_r_over_d(side):
         for i in range(8)
     ]
     assert sum(adjusted) / len(adjusted) < 0.03
-    assert subspace_similarity(_basis(d, r, side, 1), _basis(d, r, side, 1), side, chance_adjusted=True) == pytest.approx(1.0)
+    same = _basis(d, r, side, 1)
+    assert subspace_similarity(same, same, side, chance_adjusted=True) == pytest.approx(1.0)
 
 
 def test_similarity_of_orthogonal_subspaces_is_zero_and_partial_overlap_is_the_mean_cos2():
@@ -395,7 +407,7 @@ def test_similarity_errors():
 
 def test_warm_started_similarity_is_biased_towards_the_previous_subspace():
     """Documented behaviour: one warm-started iteration keeps part of the old subspace, so the
-    similarity recorded against P_prev overstates how far little the exact subspace moved."""
+    similarity recorded against P_prev is higher than the exact one."""
     m, n, rank = 200, 80, 16
     g = gen(60)
     G_prev = synthetic_gradient(m, n, decay=0.5, generator=g)
@@ -403,8 +415,10 @@ def test_warm_started_similarity_is_biased_towards_the_previous_subspace():
     G = G_prev + D * (G_prev.norm() / D.norm())
     P_prev = compute_projection(G_prev, rank, "right", "full")
     exact = subspace_similarity(compute_projection(G, rank, "right", "full"), P_prev, "right")
-    one = subspace_similarity(compute_projection(G, rank, "right", "subspace", prev=P_prev, niter=1, generator=g), P_prev, "right")
-    two = subspace_similarity(compute_projection(G, rank, "right", "subspace", prev=P_prev, niter=2, generator=g), P_prev, "right")
+    one, two = (
+        subspace_similarity(compute_projection(G, rank, "right", prev=P_prev, niter=k, generator=g), P_prev, "right")
+        for k in (1, 2)
+    )
     assert exact < two < one
 
 
@@ -538,6 +552,12 @@ def test_policy_load_state_dict_validates():
         LazyRefreshPolicy.from_state_dict({**state, "queue": [0.5] * 6})
     with pytest.raises(ValueError, match=r"^interval must be an int >= 1"):
         LazyRefreshPolicy.from_state_dict({**state, "interval": 0})
+    with pytest.raises(ValueError, match=r"^queue entry must be a float or None, got None"):
+        LazyRefreshPolicy.from_state_dict({**state, "queue": [None]})
+    with pytest.raises(ValueError, match=r"^last_similarity must be a finite number"):
+        LazyRefreshPolicy.from_state_dict({**state, "last_similarity": float("nan")})
+    with pytest.raises(ValueError, match=r"^interval_history must be a list of \[step, interval\] pairs"):
+        LazyRefreshPolicy.from_state_dict({**state, "interval_history": [[1]]})
 
 
 @pytest.mark.parametrize(
@@ -584,7 +604,8 @@ def test_policy_with_real_projections_end_to_end():
     m, n, rank = 64, 32, 4
     g = gen(70)
     base = synthetic_gradient(m, n, decay=1.0, generator=g)
-    stable, wild = LazyRefreshPolicy(update_interval=2, queue_size=3), LazyRefreshPolicy(update_interval=2, queue_size=3)
+    stable = LazyRefreshPolicy(update_interval=2, queue_size=3)
+    wild = LazyRefreshPolicy(update_interval=2, queue_size=3)
     P = {"stable": None, "wild": None}
     for step in range(40):
         grads = {
