@@ -1,7 +1,7 @@
 """Time of one Adam update of a Q-GaLore low-rank state, and the state's bytes.
 
 Run: ``.venv/bin/pytest benchmarks/bench_adam8bit.py --benchmark-enable``
-(add ``--benchmark-json=out.json`` to keep the figures; BENCHMARKS.adam.md
+(add ``--benchmark-json=out.json`` to keep the figures; BENCHMARKS.md
 was written from such a run).
 
 Measures ``adam_direction_`` (what a projected layer calls every step) for

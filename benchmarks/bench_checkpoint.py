@@ -18,7 +18,7 @@ low-rank 8-bit moments, 8-bit AdamW moments of embeddings/norms/head), then meas
   what ``torch.save({"model": ..., "optimizer": AdamW.state_dict()})`` holds.
 
 Ratios are against the fp32 AdamW checkpoint. Prints a markdown table; ``--write`` also
-writes it to BENCHMARKS.checkpoint.md.
+writes it to benchmarks/results/checkpoint.md (pasted into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--write", action="store_true", help="write the table to BENCHMARKS.checkpoint.md")
+    ap.add_argument("--write", action="store_true", help="write the table to benchmarks/results/checkpoint.md")
     args = ap.parse_args(argv)
     table = run(args.preset, args.rank, args.steps, args.seq, args.batch)
     print(table)
@@ -150,7 +150,8 @@ def main(argv=None) -> None:
             "Date: 2026-11-23.\n\n"
             f"{table}\n"
         )
-        with open(os.path.join(ROOT, "BENCHMARKS.checkpoint.md"), "w") as f:
+        os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+        with open(os.path.join(ROOT, "benchmarks", "results", "checkpoint.md"), "w") as f:
             f.write(text)
 
 

@@ -35,7 +35,7 @@ Two entry points:
     LLaMA-7B set-up of its Figure 5.
 
 Units: ``GiB`` is 2**30 bytes, ``GB`` 10**9 bytes, ``MiB`` 2**20 bytes. The
-paper writes "G" without saying which; see BENCHMARKS.memory.md.
+paper writes "G" without saying which; see BENCHMARKS.md.
 """
 
 from __future__ import annotations

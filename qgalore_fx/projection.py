@@ -35,7 +35,7 @@ Computing a projection (:func:`compute_projection`)
     iterations (the default), at the cost of ``"randomized"`` with two, beat ``"randomized"``
     with three when the subspace moved little and come within 0.3% of its captured energy
     when it moved a lot; one iteration is enough when the subspace moved little.
-    BENCHMARKS.projection.md has the measurements. Without a usable ``prev`` (``None``,
+    BENCHMARKS.md has the measurements. Without a usable ``prev`` (``None``,
     another shape, or non-finite values) it falls back to ``"randomized"``.
 
 All methods return fp32, and fix the sign of each singular vector so that its
@@ -98,7 +98,7 @@ above the paper's 0.4).
 
 The recorded similarity also depends on how ``P_new`` was computed. A warm-started one
 (method ``"subspace"``) keeps a little of ``P_old`` that its iterations have not rotated out
-yet, so it reads higher than the exact subspaces' (BENCHMARKS.projection.md: about 0.72
+yet, so it reads higher than the exact subspaces' (BENCHMARKS.md: about 0.72
 instead of 0.61 with the default two iterations when the subspace moved a lot, 0.96 instead
 of 0.92 when it moved little); a cold randomized one reads lower when little moved (0.85
 instead of 0.92), because its own approximation error looks like movement. Both matter only
@@ -284,7 +284,7 @@ def compute_projection(
         oversample: extra columns in the block, ``q = min(rank + oversample, min(m, n))``.
         niter: block power iterations, each one application of ``GᵀG`` (right) or ``GGᵀ``
             (left), i.e. two matmuls with ``G``; ``>= 1``. Default 3 for ``"randomized"``
-            and 2 for ``"subspace"`` (BENCHMARKS.projection.md has the measurements behind
+            and 2 for ``"subspace"`` (BENCHMARKS.md has the measurements behind
             both). ``torch.svd_lowrank(niter=k)`` ends with an extra half step, so its
             subspace is the one ``niter=k + 1`` gives here: the randomized default matches
             ``torch.svd_lowrank(niter=2)`` in quality, with its QR factorizations on the

@@ -15,7 +15,7 @@ from qgalore_fx.memory import (GiB, METHODS, PAPER_TABLE1, MemoryReport, activat
 from conftest import tiny_llama
 
 # plan("60m") against the paper's Table 1 "Memory" (its "G" read as GiB): the paper's figures are estimates
-# whose counting it does not give (BENCHMARKS.memory.md explains each difference); ours are exact bytes.
+# whose counting it does not give (BENCHMARKS.md explains each difference); ours are exact bytes.
 # At 60M the three rows differ by -9.9 % (Full), +8.6 % (GaLore) and -10.7 % (Q-GaLore).
 TABLE1_TOLERANCE_60M = 0.12
 

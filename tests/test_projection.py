@@ -193,7 +193,7 @@ def test_flat_spectrum_every_subspace_is_optimal_but_none_is_determined():
     randomized methods are 'optimal' in energy while returning an arbitrary subspace (about
     r/n similarity to the SVD's). A Gaussian matrix (Marchenko-Pastur spectrum, no gap at r)
     is the realistic flat-ish case: the sketch falls short of 99% of the optimal energy (0.967
-    here; 0.95-0.96 at the 60M/130M shapes, see BENCHMARKS.projection.md)."""
+    here; 0.95-0.96 at the 60M/130M shapes, see BENCHMARKS.md)."""
     m, n, rank = 192, 64, 8
     G = synthetic_gradient(m, n, decay=0.0, generator=gen(6))
     P_full = compute_projection(G, rank, "right", "full")
