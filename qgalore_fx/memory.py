@@ -600,16 +600,6 @@ def format_paper_comparison(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _methods(text: str) -> Tuple[str, ...]:
     items = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in items if t not in METHODS]
@@ -620,6 +610,7 @@ def _methods(text: str) -> Tuple[str, ...]:
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register the ``memory`` command's arguments on ``parser`` (used by ``qgalore-fx memory`` and ``-m``)."""
+    from qgalore_fx.cli import _positive_int
     from qgalore_fx.presets import PRESETS
 
     parser.add_argument("--preset", choices=list(PRESETS), default=None,

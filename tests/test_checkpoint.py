@@ -522,32 +522,28 @@ def test_damaged_checkpoint_is_rejected_and_nothing_changes(saved, name):
     _assert_load_fails_cleanly(path, target, error, match)
 
 
+def _fresh_run(rank=8, **blocks):
+    """A transformed Blocks model with its optimizer and scheduler, as the saved run built them."""
+    torch.manual_seed(0)
+    model = qgalore_fx.transform(Blocks(**blocks), rank=rank, update_interval=3)
+    opt = qgalore_fx.optimizer(model, lr=1e-2)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
 def test_checkpoint_of_another_rank_is_rejected(saved):
     path, _ = saved
-    torch.manual_seed(0)
-    model = qgalore_fx.transform(Blocks(), rank=4, update_interval=3)
-    opt = qgalore_fx.optimizer(model, lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    _assert_load_fails_cleanly(path, (model, opt, sched), CheckpointMismatchError, r"rank: checkpoint 8, model 4")
+    _assert_load_fails_cleanly(path, _fresh_run(rank=4), CheckpointMismatchError, r"rank: checkpoint 8, model 4")
 
 
 def test_checkpoint_of_other_layer_shapes_is_rejected_naming_them(saved):
     path, _ = saved
-    torch.manual_seed(0)
-    model = qgalore_fx.transform(Blocks(hidden=128), rank=8, update_interval=3)
-    opt = qgalore_fx.optimizer(model, lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    err = _assert_load_fails_cleanly(path, (model, opt, sched), CheckpointMismatchError, "shape mismatch")
+    err = _assert_load_fails_cleanly(path, _fresh_run(hidden=128), CheckpointMismatchError, "shape mismatch")
     assert "blocks.0.0.weight_codes (checkpoint [256, 64], model [128, 64])" in str(err)
 
 
 def test_checkpoint_of_other_parameter_names_is_rejected(saved):
     path, _ = saved
-    torch.manual_seed(0)
-    model = qgalore_fx.transform(Blocks(depth=4), rank=8, update_interval=3)
-    opt = qgalore_fx.optimizer(model, lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    _assert_load_fails_cleanly(path, (model, opt, sched), CheckpointMismatchError,
+    _assert_load_fails_cleanly(path, _fresh_run(depth=4), CheckpointMismatchError,
                                r"missing from the checkpoint: blocks\.3\.0\.bias, blocks\.3\.0\.anchor")
 
 
