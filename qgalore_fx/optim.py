@@ -47,8 +47,11 @@ def _check_hparams(lr, betas, eps, weight_decay) -> None:
 class QGaLoreOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, optim_bits: Optional[int] = None,
-                 accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank"):
+                 accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank",
+                 rest_lr: Optional[float] = None):
         _check_hparams(lr, betas, eps, weight_decay)
+        if rest_lr is not None:
+            _check_hparams(rest_lr, betas, eps, weight_decay)
         if reduce not in ("lowrank", "full"):
             raise ValueError(f"reduce must be 'lowrank' (all-reduce the rank-r gradient) or 'full' (all-reduce the "
                              f"full weight gradient), got {reduce!r}")
@@ -73,7 +76,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self._param_names: Dict[int, str] = {id(p): n for n, p in model.named_parameters()}
         groups = [{"params": anchors, "name": "qgalore"}]
         if others:
-            groups.append({"params": others, "name": "adamw"})
+            groups.append({"params": others, "name": "adamw", **({} if rest_lr is None else {"lr": rest_lr})})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
         self.skipped_steps = 0
@@ -216,8 +219,11 @@ def _resolve_process_group(process_group):
 
 def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, optim_bits: Optional[int] = None, accumulation_steps: int = 1,
-              process_group="auto", reduce: str = "lowrank") -> QGaLoreOptimizer:
+              process_group="auto", reduce: str = "lowrank", rest_lr: Optional[float] = None) -> QGaLoreOptimizer:
     """The optimizer for a transformed model (see module docstring).
+
+    ``lr`` drives the projected layers; ``rest_lr`` (default: ``lr``) the AdamW group of everything else —
+    low-rank updates usually take a larger learning rate than embeddings and norms tolerate.
 
     Under ``torch.distributed`` (e.g. with the model wrapped in ``DistributedDataParallel``), each projected layer
     averages its gradient across ``process_group`` ("auto": the default group when more than one process runs)
@@ -226,4 +232,4 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     """
     return QGaLoreOptimizer(model, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                             optim_bits=optim_bits, accumulation_steps=accumulation_steps,
-                            process_group=process_group, reduce=reduce)
+                            process_group=process_group, reduce=reduce, rest_lr=rest_lr)

@@ -307,12 +307,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig):
     import qgalore_fx
 
     model = qgalore_fx.transform(model, **config.transform_kwargs())
-    optimizer = qgalore_fx.optimizer(model, lr=lr, weight_decay=wd, betas=betas)
-    # The library's optimizer names its groups "qgalore" (projected layers) and
-    # "adamw" (the rest); LambdaLR scales each group's own initial lr.
-    for group in optimizer.param_groups:
-        if group.get("name") == "adamw":
-            group["lr"] = config.rest_lr
+    # LambdaLR scales each group's own initial lr: projected layers from lr, the rest from rest_lr.
+    optimizer = qgalore_fx.optimizer(model, lr=lr, weight_decay=wd, betas=betas, rest_lr=config.rest_lr)
     return model, optimizer
 
 

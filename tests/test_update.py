@@ -301,3 +301,12 @@ def test_optimizer_state_of_another_rank_is_rejected_before_anything_changes():
     after = opt4.state_dict()
     assert after["qgalore_layers"]["0"]["step"] == before["qgalore_layers"]["0"]["step"]
     assert torch.equal(after["qgalore_layers"]["0"]["adam"]["m"], before["qgalore_layers"]["0"]["adam"]["m"])
+
+
+def test_rest_lr_sets_the_adamw_group():
+    model = one_linear()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=1e-3)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"qgalore": 1e-2, "adamw": 1e-3}
+    with pytest.raises(ValueError, match="lr"):
+        qgalore_fx.optimizer(model, rest_lr=-1.0)
