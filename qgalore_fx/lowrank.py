@@ -36,6 +36,15 @@ from qgalore_fx.ops import dequantize_weight, register_layer
 _SEED_STRIDE = 1_000_003
 
 
+def check_rank(rank: int, name: str, m: int, n: int) -> None:
+    """Raise ValueError when ``rank`` does not fit a [m, n] layer."""
+    if rank > min(m, n):
+        raise ValueError(
+            f"rank={rank} is larger than min(out, in)={min(m, n)} of layer {name!r} (shape [{m}, {n}]); "
+            f"use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
+        )
+
+
 class LowRankState:
     """Everything one projected layer needs between steps.
 
@@ -45,11 +54,7 @@ class LowRankState:
 
     def __init__(self, name: str, shape: tuple, config: QGaLoreConfig, index: int, device=None):
         m, n = shape
-        if config.rank > min(m, n):
-            raise ValueError(
-                f"rank={config.rank} is larger than min(out, in)={min(m, n)} of layer {name!r} "
-                f"(shape [{m}, {n}]); use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
-            )
+        check_rank(config.rank, name, m, n)
         self.name = name
         self.shape = (m, n)
         self.config = config

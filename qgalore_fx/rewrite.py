@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.layers import QGaLoreLinear
+from qgalore_fx.lowrank import check_rank
 from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
 from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
 from qgalore_fx.passes.fuse_update import attach_update, fuse_update
@@ -60,13 +61,8 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     target_device = torch.device("cpu" if device is None else device)
 
     selected = select_linears(model, config)
-    for name, linear in selected.items():
-        m, n = linear.out_features, linear.in_features
-        if config.rank > min(m, n):
-            raise ValueError(
-                f"rank={config.rank} is larger than min(out, in)={min(m, n)} of layer {name!r} (shape [{m}, {n}]); "
-                f"use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
-            )
+    for name, linear in selected.items():  # before anything is rewritten
+        check_rank(config.rank, name, linear.out_features, linear.in_features)
 
     materialize = None
     if on_meta:
