@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_checkpoint.py [--preset 60m] [--rank 128] [--steps 2] [--write]
 
-Builds the paper's LLaMA of ``--preset`` (``qgalore_fx.presets``, 60M: hidden 512, intermediate
+Builds the paper's LLaMA of ``--preset`` (``qgalore_fx.app.presets``, 60M: hidden 512, intermediate
 1376, 8 layers, 8 heads, vocabulary 32,000, untied embeddings) on the CPU, transforms it with
 ``rank``, runs ``--steps`` training steps (so every optimizer state exists: projections,
 low-rank 8-bit moments, 8-bit AdamW moments of embeddings/norms/head), then measures:
@@ -36,7 +36,7 @@ import torch
 import qgalore_fx
 from qgalore_fx.checkpoint import MODEL_FILE, STATE_FILE, load_checkpoint, save_checkpoint
 from qgalore_fx.export import export_dense
-from qgalore_fx.presets import build_model, get_preset
+from qgalore_fx.app.presets import build_model, get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

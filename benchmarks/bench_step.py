@@ -7,7 +7,7 @@ jobs, ``OMP_NUM_THREADS=1`` gives far steadier numbers, see BENCHMARKS.md).
 The model is the tests' ``tiny_llama()`` (tests/conftest.py: a 2-layer HF LLaMA,
 hidden 64, intermediate 160, vocabulary 128, built from a config), on a fixed
 batch of 4 x 64 random tokens; the optimizer comes from
-``qgalore_fx.train.build_optimizer`` so each method is exactly the one
+``qgalore_fx.app.train.build_optimizer`` so each method is exactly the one
 ``qgalore-fx pretrain`` and ``benchmarks/compare.py`` run:
 
 - ``adamw``: ``torch.optim.AdamW`` on every parameter (fp32);
@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qgalore_fx.train import TrainConfig, build_optimizer
+from qgalore_fx.app.train import TrainConfig, build_optimizer
 
 _spec = importlib.util.spec_from_file_location(
     "_bench_step_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py"

@@ -12,7 +12,7 @@ the ``galore_torch`` package is importable):
 ``adamw``         ``torch.optim.AdamW`` on every parameter; fp32 on CPU, bf16 autocast on GPU
 ``adamw8bit``     ``bitsandbytes.optim.AdamW8bit`` on every parameter
 ``galore``        qgalore_fx with GaLore's switches (``train.py``'s ``galore`` method):
-                  ``weight_bits=16`` (bf16 weights; ``TrainConfig`` allows 8 or 16, not 32),
+                  ``weight_bits=16`` (bf16 weights),
                   ``proj_bits=16``, ``adaptive=False``, ``optim_bits=32``,
                   ``stochastic_round=False``
 ``qgalore``       qgalore_fx with its defaults (INT8 weights, INT4 projections, 8-bit Adam,
@@ -25,7 +25,7 @@ the ``galore_torch`` package is importable):
                   and scale; runs through the same ``train()`` loop
 ================  ==========================================================================
 
-Every method runs through ``qgalore_fx.train.train`` (the loop behind ``qgalore-fx
+Every method runs through ``qgalore_fx.app.train.train`` (the loop behind ``qgalore-fx
 pretrain``) in its own subprocess, so that each one's peak RSS is its own. The learning
 rates are ``train.py``'s per-method defaults (``DEFAULT_LR``, and for the projected methods
 ``rest_lr`` for the parameters that are not projected); the two Q-GaLore ablations get
@@ -59,7 +59,7 @@ average, and validation loss against step for every method) and a markdown table
 Instrumentation: ``train()`` returns neither the optimizer nor per-step CPU times, so the
 worker wraps two module attributes for the duration of its own run: ``train.build_optimizer``
 (to keep the model and optimizer it built, and to build ``galore-torch``'s optimizer) and
-``qgalore_fx.data.random_batches`` (to stamp the process CPU clock at each batch fetch).
+``qgalore_fx.app.data.random_batches`` (to stamp the process CPU clock at each batch fetch).
 Neither changes what is computed.
 """
 
@@ -182,8 +182,8 @@ def run_worker(spec: dict) -> dict:
 
     import torch
 
-    import qgalore_fx.data as data_lib
-    import qgalore_fx.train as train_mod
+    import qgalore_fx.app.data as data_lib
+    import qgalore_fx.app.train as train_mod
     from qgalore_fx.memory import memory_report
 
     name = spec["name"]
@@ -344,7 +344,7 @@ def _quantile(xs: list[float], q: float) -> float:
 
 # =========================================================================== parent
 def method_specs(args, names: list[str]) -> list[dict]:
-    from qgalore_fx.train import DEFAULT_LR
+    from qgalore_fx.app.train import DEFAULT_LR
 
     specs = []
     for name in names:
@@ -583,8 +583,8 @@ def main(argv=None) -> int:
     else:
         names = [n for n in METHODS if n != "galore-torch" or galore_torch_available()]
 
-    import qgalore_fx.data as data_lib
-    from qgalore_fx import presets
+    import qgalore_fx.app.data as data_lib
+    from qgalore_fx.app import presets
 
     preset = presets.get_preset(args.preset)
     args.rank = args.rank or preset.rank

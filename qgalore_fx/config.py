@@ -59,25 +59,53 @@ def _check_bool(name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QGaLoreConfig:
-    rank: int
-    update_interval: int = 200
-    cos_threshold: float = 0.4
-    queue_size: int = 5
-    adaptive: bool = True
-    weight_bits: int = 8
-    proj_bits: int = 4
-    stochastic_round: bool = True
-    optim_bits: int = 8
-    fused: bool = True
-    scale: float = 0.25
-    block_size: int = 256
-    proj_block_size: int = 256
-    proj_method: str = "subspace"
-    include_lm_head: bool = False
-    target_modules: Optional[tuple] = None
-    filter_fn: Optional[FilterFn] = None
-    trace: bool = True
-    seed: int = 0
+    # Each field's metadata: "help" (what the option does); "cli": True where ``qgalore-fx pretrain``
+    # exposes it as a switch (see `cli_fields`); "choices" for the options with a fixed set of values;
+    # "negated" for a True-by-default switch, the help of its ``--no-...`` flag.
+    rank: int = dataclasses.field(metadata={
+        "help": "rank of the gradient projection", "cli": True})
+    update_interval: int = dataclasses.field(default=200, metadata={
+        "help": "steps between subspace refreshes", "cli": True})
+    cos_threshold: float = dataclasses.field(default=0.4, metadata={
+        "help": "similarity in [0, 1] of successive subspaces above which a layer's refresh interval doubles",
+        "cli": True})
+    queue_size: int = dataclasses.field(default=5, metadata={
+        "help": "refreshes that must all pass cos_threshold before the interval doubles", "cli": True})
+    adaptive: bool = dataclasses.field(default=True, metadata={
+        "help": "layer-adaptive lazy refresh (a stable layer's refresh interval doubles)", "cli": True,
+        "negated": "keep every layer's refresh interval fixed"})
+    weight_bits: int = dataclasses.field(default=8, metadata={
+        "help": "storage of projected weights: INT8 codes, bf16 or fp32", "cli": True, "choices": (8, 16, 32)})
+    proj_bits: int = dataclasses.field(default=4, metadata={
+        "help": "storage of projection matrices: INT4 (packed), INT8 or bf16", "cli": True,
+        "choices": (4, 8, 16)})
+    stochastic_round: bool = dataclasses.field(default=True, metadata={
+        "help": "stochastic rounding of the INT8 weight write-back", "cli": True,
+        "negated": "round the INT8 write-back to nearest instead of stochastically"})
+    optim_bits: int = dataclasses.field(default=8, metadata={
+        "help": "Adam moments of the low-rank gradient: 8-bit block-wise or fp32", "cli": True,
+        "choices": (8, 32)})
+    fused: bool = dataclasses.field(default=True, metadata={
+        "help": "update projected layers inside backward (else in opt.step())", "cli": True,
+        "negated": "update projected layers in opt.step() instead of inside backward"})
+    scale: float = dataclasses.field(default=0.25, metadata={
+        "help": "alpha, the scale of the projected-back update", "cli": True})
+    block_size: int = dataclasses.field(default=256, metadata={
+        "help": "quantization block of weights (even)"})
+    proj_block_size: int = dataclasses.field(default=256, metadata={
+        "help": "quantization block of projections (even)"})
+    proj_method: str = dataclasses.field(default="subspace", metadata={
+        "help": f"how a refreshed subspace is computed: one of {', '.join(PROJ_METHODS)}", "cli": True})
+    include_lm_head: bool = dataclasses.field(default=False, metadata={
+        "help": "also project the output head"})
+    target_modules: Optional[tuple] = dataclasses.field(default=None, metadata={
+        "help": "regular expressions of the fully-qualified module names to project"})
+    filter_fn: Optional[FilterFn] = dataclasses.field(default=None, metadata={
+        "help": "filter_fn(module, fqn) -> bool, choosing the layers to project"})
+    trace: bool = dataclasses.field(default=True, metadata={
+        "help": "capture regions with torch.fx"})
+    seed: int = dataclasses.field(default=0, metadata={
+        "help": "seeds stochastic rounding and sketches"})
 
     def __post_init__(self) -> None:
         _check_int("rank", self.rank, 1)
@@ -136,3 +164,8 @@ class QGaLoreConfig:
         out["filter_fn"] = None if self.filter_fn is None else getattr(self.filter_fn, "__qualname__", repr(self.filter_fn))
         out["target_modules"] = None if self.target_modules is None else list(self.target_modules)
         return out
+
+
+def cli_fields() -> tuple:
+    """The `QGaLoreConfig` fields ``qgalore-fx pretrain`` exposes as switches (metadata ``cli``), in order."""
+    return tuple(f for f in dataclasses.fields(QGaLoreConfig) if f.metadata.get("cli"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import qgalore_fx
-from qgalore_fx import cli, presets
-from qgalore_fx import train as train_lib
+from qgalore_fx.app import cli, presets
+from qgalore_fx.app import train as train_lib
 
 WORDS = (
     "the market shares rose fell after company said profits growth government minister "
@@ -113,6 +113,14 @@ def test_a_command_is_required(capsys):
         (["--baseline", "adamw", "--rest-lr", "1e-3"], "--rest-lr has no effect with --baseline"),
         (["--baseline", "galore", "--proj-bits", "4"], "--proj-bits is fixed by --baseline galore"),
         (["--baseline", "galore", "--no-adaptive"], "--no-adaptive is fixed by --baseline galore"),
+        # Q-GaLore switches are checked by qgalore_fx.QGaLoreConfig, with its messages.
+        (["--cos-threshold", "-0.5"], "cos_threshold must be in [0, 1], got -0.5"),
+        (["--cos-threshold", "1.5"], "cos_threshold must be in [0, 1], got 1.5"),
+        (["--rank", "0"], "rank must be >= 1, got 0"),
+        (["--queue-size", "0"], "queue_size must be >= 1, got 0"),
+        (["--scale", "-1"], "scale must be a positive float"),
+        (["--proj-method", "bogus"],
+         "proj_method must be one of ('subspace', 'randomized', 'full'), got 'bogus'"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys, monkeypatch):
@@ -149,21 +157,22 @@ def test_defaults_are_the_train_config_defaults(captured):
     assert resolved.method == "qgalore"
     assert resolved.transform_kwargs() == dict(
         rank=64, update_interval=200, scale=0.25, fused=True, cos_threshold=0.4, adaptive=True,
-        weight_bits=8, proj_bits=4, stochastic_round=True, optim_bits=8,
+        weight_bits=8, proj_bits=4, stochastic_round=True, optim_bits=8, queue_size=5,
+        proj_method="subspace",
     )
 
 
 def test_switches_reach_the_transform(captured):
     argv = ["pretrain", "--rank", "32", "--weight-bits", "16", "--proj-bits", "8", "--optim-bits",
             "32", "--no-stochastic-round", "--no-adaptive", "--no-fused", "--update-interval", "50",
-            "--scale", "0.5", "--cos-threshold", "0.6", "--queue-size", "3", "--proj-method", "svd",
+            "--scale", "0.5", "--cos-threshold", "0.6", "--queue-size", "3", "--proj-method", "full",
             "--rest-lr", "5e-4"]
     assert cli.main(argv) == 0
     assert captured[0].rest_lr == 5e-4
     assert captured[0].resolved().transform_kwargs() == dict(
         rank=32, update_interval=50, scale=0.5, fused=False, cos_threshold=0.6, adaptive=False,
         weight_bits=16, proj_bits=8, stochastic_round=False, optim_bits=32, queue_size=3,
-        proj_method="svd",
+        proj_method="full",
     )
 
 
@@ -174,8 +183,8 @@ def test_galore_baseline_fixes_precision_and_keeps_subspace_settings(captured):
     assert config.method == "galore"
     assert config.lr == train_lib.DEFAULT_LR["galore"]
     assert config.transform_kwargs() == dict(
-        rank=16, update_interval=20, scale=0.25, fused=True, weight_bits=16, proj_bits=16,
-        adaptive=False, optim_bits=32, stochastic_round=False,
+        rank=16, update_interval=20, scale=0.25, fused=True, proj_method="subspace", weight_bits=16,
+        proj_bits=16, adaptive=False, optim_bits=32, stochastic_round=False,
     )
 
 
@@ -318,7 +327,7 @@ def test_projected_methods_train(corpus_dir, cache, tmp_path, method):
 
 
 def test_memory_subcommand_plans_7b(capsys):
-    from qgalore_fx.cli import main
+    from qgalore_fx.app.cli import main
 
     assert main(["memory", "--preset", "7b", "--rank", "1024"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from qgalore_fx import data
+from qgalore_fx.app import data
 
 WORDS = (
     "the market shares rose fell after company said profits growth government minister "

@@ -9,8 +9,9 @@ import torch
 
 import qgalore_fx
 from qgalore_fx.kernels import QuantizedTensor
-from qgalore_fx.memory import (GiB, METHODS, PAPER_TABLE1, MemoryReport, activation_bytes, add_memory_arguments,
-                               memory_report, plan, planned_qgalore_report, run_memory)
+from qgalore_fx.app.planner import (METHODS, PAPER_TABLE1, activation_bytes, add_memory_arguments, plan,
+                                    planned_qgalore_report, run_memory)
+from qgalore_fx.memory import GiB, MemoryReport, memory_report
 
 from conftest import tiny_llama
 
@@ -135,7 +136,7 @@ def test_planned_accumulator_for_deferred_updates():
 
 
 def test_report_on_meta_transformed_model_costs_nothing():
-    from qgalore_fx.presets import build_model
+    from qgalore_fx.app.presets import build_model
 
     model = qgalore_fx.transform(build_model("60m", device="meta"), rank=128, device="meta")
     report = memory_report(model, planned=True)
@@ -207,7 +208,7 @@ def test_plan_exact_bytes_of_the_baselines():
     n = rows["adamw"].params
     assert rows["adamw"].weights == 2 * n and rows["adamw"].optimizer_states == 4 * n
     assert rows["adamw"].grad_peak == 2 * n
-    from qgalore_fx.presets import build_model
+    from qgalore_fx.app.presets import build_model
 
     shapes = [p.numel() for p in build_model("60m", device="meta").parameters()]
     expected = sum(2 * k + 8 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in shapes)

@@ -1,7 +1,7 @@
 """The pre-training loop behind ``qgalore-fx pretrain`` and the benchmarks.
 
-``train(TrainConfig(...))`` builds a LLaMA of a preset (:mod:`qgalore_fx.presets`)
-on a tokenized corpus (:mod:`qgalore_fx.data`), trains it with one of four methods
+``train(TrainConfig(...))`` builds a LLaMA of a preset (:mod:`qgalore_fx.app.presets`)
+on a tokenized corpus (:mod:`qgalore_fx.app.data`), trains it with one of four methods
 and writes a run directory:
 
 ==============  ===========================================================
@@ -17,7 +17,7 @@ and writes a run directory:
 The loop is the plain one users write (forward, ``backward``, ``step``,
 ``zero_grad``, scheduler step), with a cosine schedule after a linear warmup.
 The loss is the token-mean cross entropy computed here from the logits, because
-the batches' labels are already shifted (see :mod:`qgalore_fx.data`).
+the batches' labels are already shifted (see :mod:`qgalore_fx.app.data`).
 No gradient clipping: with the fused Q-GaLore backward each layer is updated
 before the global norm would be known, and the baselines are run the same way
 so the comparison stays fair.
@@ -55,11 +55,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from qgalore_fx import data as data_lib
-from qgalore_fx import presets as presets_lib
+from qgalore_fx.app import data as data_lib
+from qgalore_fx.app import presets as presets_lib
+from qgalore_fx.config import QGaLoreConfig, cli_fields
 
 __all__ = [
     "DEFAULT_LR",
+    "GALORE_OPTIONS",
     "METHODS",
     "TrainConfig",
     "TrainResult",
@@ -88,16 +90,35 @@ DEFAULT_LR = {"qgalore": 1e-2, "galore": 1e-2, "adamw": 1e-3, "adamw8bit": 1e-3}
 GALORE_SETTINGS = dict(
     weight_bits=16, proj_bits=16, adaptive=False, optim_bits=32, stochastic_round=False
 )
+# The transform options GaLore keeps settable (its subspace); the others are fixed above or
+# do not apply (the refresh policy: cos_threshold, queue_size).
+GALORE_OPTIONS = ("rank", "update_interval", "scale", "fused", "proj_method")
 
 _CHOICES = {
-    "weight_bits": (8, 16),
-    "proj_bits": (4, 8, 16),
-    "optim_bits": (8, 32),
     "autocast": ("auto", "bf16", "off"),
 }
 
 
+def _with_transform_options(cls):
+    """Give ``cls`` one field per option of :func:`qgalore_fx.config.cli_fields` (before ``@dataclass``).
+
+    Each field has the ``QGaLoreConfig`` field's type, default and metadata, so the options are
+    declared once, in the library. ``rank`` has no default there; here it defaults to None, the
+    preset's rank.
+    """
+    annotations = cls.__dict__.get("__annotations__", {})
+    for f in cli_fields():
+        if f.name in annotations:
+            raise TypeError(f"{cls.__name__}.{f.name} is a QGaLoreConfig option; do not redeclare it")
+        required = f.default is dataclasses.MISSING
+        annotations[f.name] = f"{f.type} | None" if required else f.type
+        setattr(cls, f.name, field(default=None if required else f.default, metadata=f.metadata))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass(frozen=True)
+@_with_transform_options
 class TrainConfig:
     """Everything a run depends on. ``None`` means "derive it" (see :meth:`resolved`)."""
 
@@ -122,19 +143,10 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     threads: int | None = None  # intra-op CPU threads; None: torch's current setting
     autocast: str = "auto"  # "auto": bf16 autocast on cuda, none on cpu
-    # Q-GaLore switches (DESIGN.md section 2); defaults are the paper's.
-    rank: int | None = None  # None: the preset's
-    update_interval: int = 200
-    cos_threshold: float = 0.4
-    queue_size: int | None = None  # None: the library's default
-    adaptive: bool = True
-    weight_bits: int = 8
-    proj_bits: int = 4
-    stochastic_round: bool = True
-    optim_bits: int = 8
-    fused: bool = True
-    scale: float = 0.25
-    proj_method: str | None = None  # None: the library's default
+    # Q-GaLore switches (DESIGN.md section 2): rank, update_interval, cos_threshold, queue_size,
+    # adaptive, weight_bits, proj_bits, stochastic_round, optim_bits, fused, scale, proj_method.
+    # They are the QGaLoreConfig fields marked for the command line, added after the fields below
+    # by @_with_transform_options with the library's defaults (the paper's); rank None: the preset's.
     # Evaluation and logging.
     eval_every: int = 100  # 0: only the final evaluation
     eval_batches: int = 8  # batches per periodic evaluation; the final one uses all
@@ -155,9 +167,9 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
                 )
-        for name in ("steps", "batch_size", "update_interval", "log_every", "eval_batches"):
+        for name in ("steps", "batch_size", "log_every", "eval_batches"):
             _require(getattr(self, name) >= 1, name, "a positive integer", getattr(self, name))
-        for name in ("seq_len", "rank", "queue_size", "threads"):
+        for name in ("seq_len", "threads"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, "a positive integer", value)
         _require(self.warmup is None or 0 <= self.warmup <= self.steps, "warmup",
@@ -173,13 +185,21 @@ class TrainConfig:
                  self.min_lr_ratio)
         _require(self.weight_decay >= 0.0, "weight_decay", "a non-negative number",
                  self.weight_decay)
-        _require(self.scale > 0.0, "scale", "a positive number", self.scale)
-        _require(-1.0 <= self.cos_threshold <= 1.0, "cos_threshold", "a number in [-1, 1]",
-                 self.cos_threshold)
         _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                  "two numbers in [0, 1)", self.betas)
         _require(self.vocab_size >= data_lib.MIN_VOCAB_SIZE, "vocab_size",
                  f"an integer >= {data_lib.MIN_VOCAB_SIZE}", self.vocab_size)
+        self.qgalore_config()  # the transform options, validated by the library's config
+
+    def qgalore_config(self) -> QGaLoreConfig:
+        """The ``QGaLoreConfig`` of these switches (rank None: the preset's).
+
+        Raises the config's ``ValueError``/``TypeError``, naming the option, on an invalid value.
+        """
+        options = {f.name: getattr(self, f.name) for f in cli_fields()}
+        if options["rank"] is None:
+            options["rank"] = presets_lib.get_preset(self.preset).rank
+        return QGaLoreConfig(**options)
 
     def resolved(self) -> TrainConfig:
         """A copy with every derived value filled in (the run records this one)."""
@@ -208,38 +228,16 @@ class TrainConfig:
         """The keyword arguments of ``qgalore_fx.transform`` for this run (None: no transform)."""
         if self.method not in PROJECTED_METHODS:
             return None
-        kwargs = dict(
-            rank=self.rank,
-            update_interval=self.update_interval,
-            scale=self.scale,
-            fused=self.fused,
-        )
         if self.method == "galore":
-            kwargs.update(GALORE_SETTINGS)
-        else:
-            kwargs.update(
-                cos_threshold=self.cos_threshold,
-                adaptive=self.adaptive,
-                weight_bits=self.weight_bits,
-                proj_bits=self.proj_bits,
-                stochastic_round=self.stochastic_round,
-                optim_bits=self.optim_bits,
-            )
-            if self.queue_size is not None:
-                kwargs["queue_size"] = self.queue_size
-        if self.proj_method is not None:
-            kwargs["proj_method"] = self.proj_method
-        return kwargs
+            return {name: getattr(self, name) for name in GALORE_OPTIONS} | GALORE_SETTINGS
+        return {f.name: getattr(self, f.name) for f in cli_fields()}
 
     def to_json(self) -> dict:
         """JSON-ready view: the Q-GaLore switches appear only where they apply."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
-        switches = ("rank", "update_interval", "cos_threshold", "queue_size", "adaptive",
-                    "weight_bits", "proj_bits", "stochastic_round", "optim_bits", "fused",
-                    "scale", "proj_method")
-        for name in switches:
-            d.pop(name)
+        for f in cli_fields():
+            d.pop(f.name)
         d["transform"] = self.transform_kwargs()
         return d
 

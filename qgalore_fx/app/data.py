@@ -21,7 +21,7 @@ The pipeline, each step cached so a second run starts in about a second:
    fixed set of non-overlapping windows. Both yield :class:`Batch` with
    ``labels`` already shifted: ``labels[:, t]`` is the token that follows
    ``input_ids[:, t]``. Hugging Face's ``labels=`` argument shifts once more, so
-   compute the loss from the logits (as :mod:`qgalore_fx.train` does) rather than
+   compute the loss from the logits (as :mod:`qgalore_fx.app.train` does) rather than
    passing these labels to an HF model.
 
 ``<cache>`` is ``$QGALORE_FX_CACHE`` when set, else ``$XDG_CACHE_HOME/qgalore_fx``,

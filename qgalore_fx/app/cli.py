@@ -2,7 +2,7 @@
 
 ``qgalore-fx pretrain`` trains a LLaMA from scratch on the bundled BBC News corpus
 with Q-GaLore (or a baseline chosen with ``--baseline``) and writes a run
-directory; see :mod:`qgalore_fx.train` for what it contains. With no arguments it
+directory; see :mod:`qgalore_fx.app.train` for what it contains. With no arguments it
 trains the ``tiny`` preset (7.4M parameters, BPE vocabulary 8192) for 400 steps of
 8 x 128 tokens and finishes in about five minutes on two CPU cores (measured on a
 shared 2-core machine: AdamW 4m24s including the first-use tokenizer training,
@@ -12,93 +12,59 @@ unigram baseline is 1282).
 Each subcommand is an ``_add_<name>(subparsers)`` function that registers its
 arguments and sets ``func(args) -> exit status``, which ``main`` calls; errors
 are reported through the subcommand's own parser so they carry its usage line.
+
+The Q-GaLore switches of ``pretrain`` are not declared here: there is one per
+``QGaLoreConfig`` field marked for the command line (:func:`qgalore_fx.config.cli_fields`),
+with the field's type, choices, default and help, and a value is checked by
+building the ``QGaLoreConfig``, so an invalid one gets the library's message.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 
 import torch
 
 from qgalore_fx import __version__
-from qgalore_fx.data import MIN_VOCAB_SIZE
-from qgalore_fx.presets import PRESETS
-from qgalore_fx.train import DEFAULT_LR, TrainConfig, train
+from qgalore_fx.app.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from qgalore_fx.app.data import MIN_VOCAB_SIZE
+from qgalore_fx.app.planner import add_memory_arguments, run_memory
+from qgalore_fx.app.presets import PRESETS
+from qgalore_fx.app.train import DEFAULT_LR, GALORE_OPTIONS, TrainConfig, train
+from qgalore_fx.config import QGaLoreConfig, cli_fields
 
 __all__ = ["auto_threads", "build_parser", "main"]
 
 PROG = "qgalore-fx"
 BASELINES = ("adamw", "adamw8bit", "galore")
 
-# Q-GaLore switches: CLI flag -> TrainConfig field. Which of them each baseline
-# accepts is decided below; the rest are an error with that baseline.
-_SWITCHES = {
-    "--rank": "rank",
-    "--update-interval": "update_interval",
-    "--scale": "scale",
-    "--no-fused": "fused",
-    "--proj-method": "proj_method",
-    "--rest-lr": "rest_lr",
-    "--weight-bits": "weight_bits",
-    "--proj-bits": "proj_bits",
-    "--optim-bits": "optim_bits",
-    "--no-stochastic-round": "stochastic_round",
-    "--no-adaptive": "adaptive",
-    "--cos-threshold": "cos_threshold",
-    "--queue-size": "queue_size",
-}
+
+def _flag(field: dataclasses.Field) -> str:
+    """``--update-interval`` for update_interval; ``--no-fused`` for a switch that is on by default."""
+    name = field.name.replace("_", "-")
+    return f"--no-{name}" if field.default is True else f"--{name}"
+
+
+def _switches() -> dict[str, str]:
+    """Q-GaLore switches: CLI flag -> TrainConfig field. Which of them each baseline
+    accepts is decided in ``_run_pretrain``; the rest are an error with that baseline."""
+    return {_flag(f): f.name for f in cli_fields()} | {"--rest-lr": "rest_lr"}
+
+
 # GaLore keeps its subspace settings; its precision and refresh policy are fixed.
-_GALORE_SWITCHES = {"rank", "update_interval", "scale", "fused", "proj_method", "rest_lr"}
+_GALORE_SWITCHES = set(GALORE_OPTIONS) | {"rest_lr"}
 
 
 # --------------------------------------------------------------------------- argument types
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
 def _vocab_size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < MIN_VOCAB_SIZE:
         raise argparse.ArgumentTypeError(
             f"expected at least {MIN_VOCAB_SIZE} (256 byte tokens + end-of-text), got {value}"
@@ -122,7 +88,7 @@ def _threads(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected 'auto' or a positive integer, got {text!r}"
@@ -165,18 +131,18 @@ def _add_pretrain(subparsers) -> None:
                           "60m..7b: the paper's sizes; default: %(default)s)")
     run.add_argument("--baseline", choices=BASELINES, default=None,
                      help="train with a baseline instead of Q-GaLore (default: Q-GaLore)")
-    run.add_argument("--steps", type=_positive_int, default=d.steps,
+    run.add_argument("--steps", type=positive_int, default=d.steps,
                      help="optimizer steps (default: %(default)s)")
-    run.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    run.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                      help="sequences per step (default: %(default)s)")
-    run.add_argument("--seq-len", type=_positive_int, default=None,
+    run.add_argument("--seq-len", type=positive_int, default=None,
                      help="tokens per sequence (default: the preset's; tiny 128, paper sizes 256)")
-    run.add_argument("--lr", type=_positive_float, default=None,
+    run.add_argument("--lr", type=positive_float, default=None,
                      help="peak learning rate (default: "
                           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    run.add_argument("--warmup", type=_non_negative_int, default=None,
+    run.add_argument("--warmup", type=non_negative_int, default=None,
                      help="linear warmup steps before the cosine decay (default: 10%% of --steps)")
-    run.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay,
+    run.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
                      help="decoupled weight decay (default: %(default)s)")
     run.add_argument("--seed", type=int, default=d.seed,
                      help="seeds the model initialisation and the batch order "
@@ -198,58 +164,51 @@ def _add_pretrain(subparsers) -> None:
                            "(default: %(default)s)")
     data.add_argument("--run-dir", metavar="DIR", default=None,
                       help="where to write the run (default: runs/<timestamp>-<method>)")
-    data.add_argument("--eval-every", type=_non_negative_int, default=d.eval_every,
+    data.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
                       help="steps between validation evaluations, 0: only at the end "
                            "(default: %(default)s)")
-    data.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches,
+    data.add_argument("--eval-batches", type=positive_int, default=d.eval_batches,
                       help="batches per periodic evaluation (the final one uses the whole "
                            "validation split; default: %(default)s)")
-    data.add_argument("--log-every", type=_positive_int, default=d.log_every,
+    data.add_argument("--log-every", type=positive_int, default=d.log_every,
                       help="steps between metrics.jsonl records (default: %(default)s)")
 
+    galore_flags = [flag for flag, name in _switches().items() if name in _GALORE_SWITCHES]
     q = p.add_argument_group(
         "Q-GaLore switches",
-        "Defaults are the paper's. With --baseline galore only --rank, --update-interval, "
-        "--scale, --no-fused, --proj-method and --rest-lr apply; with adamw/adamw8bit none do.",
+        "Defaults are the paper's (qgalore_fx.QGaLoreConfig's). With --baseline galore only "
+        + ", ".join(galore_flags[:-1]) + f" and {galore_flags[-1]} apply; with adamw/adamw8bit none do.",
     )
-    q.add_argument("--rank", type=_positive_int, default=None,
-                   help="rank of the gradient projection (default: the preset's; tiny 64, "
-                        "60m 128, 130m/350m 256, 1b 512, 7b 1024)")
-    q.add_argument("--rest-lr", type=_positive_float, default=None,
+    _add_transform_switches(q)
+    q.add_argument("--rest-lr", type=positive_float, default=None,
                    help="peak learning rate of the parameters that are not projected "
                         "(embeddings, norms, output head), which get plain AdamW "
                         f"(default: {DEFAULT_LR['adamw']:g}, the adamw baseline's)")
-    q.add_argument("--update-interval", type=_positive_int, default=None,
-                   help=f"steps between subspace refreshes (default: {d.update_interval})")
-    q.add_argument("--scale", type=_positive_float, default=None,
-                   help=f"scale of the projected-back update (default: {d.scale})")
-    q.add_argument("--weight-bits", type=int, choices=(8, 16), default=None,
-                   help=f"storage of projected weights (default: {d.weight_bits})")
-    q.add_argument("--proj-bits", type=int, choices=(4, 8, 16), default=None,
-                   help=f"storage of projection matrices (default: {d.proj_bits})")
-    q.add_argument("--optim-bits", type=int, choices=(8, 32), default=None,
-                   help=f"Adam moments of the low-rank gradient (default: {d.optim_bits})")
-    q.add_argument("--no-stochastic-round", dest="stochastic_round", action="store_const",
-                   const=False, default=None,
-                   help="round the INT8 write-back to nearest instead of stochastically")
-    q.add_argument("--no-adaptive", dest="adaptive", action="store_const", const=False,
-                   default=None, help="keep every layer's refresh interval fixed")
-    q.add_argument("--cos-threshold", type=float, default=None,
-                   help=f"similarity above which a layer's interval doubles "
-                        f"(default: {d.cos_threshold})")
-    q.add_argument("--queue-size", type=_positive_int, default=None,
-                   help="refreshes that must all pass --cos-threshold (default: the library's)")
-    q.add_argument("--no-fused", dest="fused", action="store_const", const=False, default=None,
-                   help="update projected layers in opt.step() instead of inside backward")
-    q.add_argument("--proj-method", default=None,
-                   help="how the projection is computed (default: the library's)")
     p.set_defaults(func=lambda args: _run_pretrain(args, p))
+
+
+def _add_transform_switches(group) -> None:
+    """One flag per ``QGaLoreConfig`` field marked for the command line; None (the default) means
+    "not given". A switch that is on by default is a ``--no-...`` flag that turns it off."""
+    types = typing.get_type_hints(QGaLoreConfig)
+    preset_ranks = ", ".join(f"{name} {p.rank}" for name, p in PRESETS.items())
+    for f in cli_fields():
+        meta = f.metadata
+        if types[f.name] is bool:
+            group.add_argument(_flag(f), dest=f.name, action="store_const", const=not f.default,
+                               default=None, help=meta.get("negated") if f.default else meta["help"])
+            continue
+        default = (f"the preset's; {preset_ranks}" if f.default is dataclasses.MISSING
+                   else f.default)
+        group.add_argument(_flag(f), dest=f.name, type=types[f.name], choices=meta.get("choices"),
+                           default=None, help=f"{meta['help']} (default: {default})")
 
 
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     method = args.baseline or "qgalore"
-    given = {flag: field for flag, field in _SWITCHES.items() if getattr(args, field) is not None}
-    allowed = {"qgalore": set(_SWITCHES.values()), "galore": _GALORE_SWITCHES}.get(method, set())
+    switches = _switches()
+    given = {flag: field for flag, field in switches.items() if getattr(args, field) is not None}
+    allowed = {"qgalore": set(switches.values()), "galore": _GALORE_SWITCHES}.get(method, set())
     for flag, field in given.items():
         if field in allowed:
             continue
@@ -283,7 +242,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             log_every=args.log_every,
             **options,
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: QGaLoreConfig's, for a value of the wrong type
         parser.error(str(e))
     device = config.resolved().device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -302,8 +261,6 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _add_memory(subparsers) -> None:
-    from qgalore_fx.memory import add_memory_arguments, run_memory
-
     p = subparsers.add_parser(
         "memory",
         help="bytes of weights, optimizer states, projections and gradients per method (meta device)",

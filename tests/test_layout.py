@@ -1,0 +1,161 @@
+"""Where things live: the library (``qgalore_fx``) never imports the application (``qgalore_fx.app``),
+and each transform option is declared once, in ``QGaLoreConfig``, from which the training loop's
+``TrainConfig`` and the ``qgalore-fx pretrain`` switches are derived."""
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import qgalore_fx
+from qgalore_fx.config import QGaLoreConfig, cli_fields
+
+PACKAGE = pathlib.Path(qgalore_fx.__file__).parent
+APP_ONLY = ("tokenizers", "matplotlib", "tqdm")  # what the application needs and the library must not load
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def test_importing_the_library_loads_no_application_module():
+    # torch itself imports tqdm (torch.hub) when tqdm is installed, so a module counts only if it is
+    # loaded after torch is.
+    code = (
+        "import json, sys\n"
+        "import torch\n"
+        "before = set(sys.modules)\n"
+        "import qgalore_fx\n"
+        "import qgalore_fx.memory\n"
+        "qgalore_fx.QGaLoreConfig\n"
+        "qgalore_fx.memory_report\n"
+        "new = sorted(set(sys.modules) - before)\n"
+        "print(json.dumps({'app': [m for m in sys.modules if m.startswith('qgalore_fx.app')], 'new': new}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded["app"] == []
+    assert "qgalore_fx.memory" in loaded["new"] and "qgalore_fx.config" in loaded["new"]
+    heavy = [m for m in loaded["new"] if m.split(".")[0] in APP_ONLY]
+    assert heavy == [], f"importing the library loaded {heavy}"
+
+
+def _imported_modules(path: pathlib.Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def test_library_modules_never_import_the_application():
+    # __main__.py is not part of the library: it is ``python -m qgalore_fx``, which runs the application.
+    library = [p for p in PACKAGE.rglob("*.py")
+               if PACKAGE / "app" not in p.parents and p != PACKAGE / "__main__.py"]
+    assert PACKAGE / "memory.py" in library and PACKAGE / "rewrite.py" in library
+    offenders = {
+        str(p.relative_to(PACKAGE)): sorted(m for m in _imported_modules(p)
+                                            if m == "qgalore_fx.app" or m.startswith("qgalore_fx.app."))
+        for p in library
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+@pytest.mark.parametrize("old", ["train", "data", "presets", "cli"])
+def test_application_modules_live_only_under_app(old):
+    assert importlib.util.find_spec(f"qgalore_fx.{old}") is None
+    assert importlib.util.find_spec(f"qgalore_fx.app.{old}") is not None
+
+
+def test_memory_keeps_only_the_accounting():
+    import qgalore_fx.memory as memory
+
+    assert memory.__all__ == ["MemoryReport", "memory_report"]
+    for name in ("plan", "PlanRow", "add_memory_arguments", "run_memory", "PAPER_TABLE1", "main"):
+        assert not hasattr(memory, name), name
+
+
+# --------------------------------------------------------------------------- one declaration per option
+
+
+def _pretrain_parser():
+    from qgalore_fx.app import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["pretrain"]
+
+
+def test_every_cli_field_has_a_pretrain_switch():
+    actions = {a.dest: a for a in _pretrain_parser()._actions}
+    exposed = cli_fields()
+    assert {f.name for f in exposed} >= {"rank", "update_interval", "cos_threshold", "queue_size", "adaptive",
+                                         "weight_bits", "proj_bits", "stochastic_round", "optim_bits", "fused",
+                                         "scale", "proj_method"}
+    for f in exposed:
+        assert f.name in actions, f"QGaLoreConfig.{f.name} is marked for the CLI but has no flag"
+        action = actions[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            assert action.option_strings == ([f"--no-{flag[2:]}"] if f.default else [flag])
+            assert action.const is (not f.default)
+        else:
+            assert action.option_strings == [flag]
+            assert action.choices == f.metadata.get("choices")
+        assert action.default is None  # None: not given, so the config's default applies
+        assert action.help
+
+
+def test_field_choices_agree_with_the_config_validation():
+    for f in cli_fields():
+        for value in f.metadata.get("choices", ()):
+            QGaLoreConfig(rank=8, **{f.name: value})
+
+
+def test_train_config_derives_its_transform_fields():
+    from qgalore_fx.app.train import TrainConfig
+
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for f in cli_fields():
+        assert f.name in train_fields, f.name
+        expected = None if f.default is dataclasses.MISSING else f.default
+        assert train_fields[f.name].default == expected, f.name
+    # the training-only options are not transform options
+    assert "rest_lr" in train_fields and "rest_lr" not in {f.name for f in dataclasses.fields(QGaLoreConfig)}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(cos_threshold=-0.5), "cos_threshold must be in [0, 1], got -0.5"),
+    (dict(proj_method="bogus"), "proj_method must be one of ('subspace', 'randomized', 'full'), got 'bogus'"),
+    (dict(weight_bits=4), "weight_bits must be one of (8, 16, 32), got 4"),
+    (dict(update_interval=0), "update_interval must be >= 1, got 0"),
+])
+def test_train_config_validates_with_the_config_messages(options, message):
+    from qgalore_fx.app.train import TrainConfig
+
+    with pytest.raises(ValueError) as exc:
+        TrainConfig(**options)
+    assert str(exc.value) == message
+    with pytest.raises(ValueError) as lib:
+        QGaLoreConfig(rank=8, **options)
+    assert str(lib.value) == message
+
+
+def test_bogus_proj_method_names_the_option_and_the_allowed_values(capsys, monkeypatch):
+    from qgalore_fx.app import cli
+    from qgalore_fx.config import PROJ_METHODS
+
+    monkeypatch.setattr(cli, "train", lambda config: pytest.fail("must not start training"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["pretrain", "--proj-method", "bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: qgalore-fx pretrain" in err
+    assert "proj_method" in err and "'bogus'" in err
+    assert all(repr(m) in err for m in PROJ_METHODS)
