@@ -21,7 +21,6 @@ Layout (format version 1)
     once and listed under ``model.aliases`` in the metadata.
 ``state.safetensors``
     every other tensor, under dotted keys: ``optimizer.state.14.adam.m``,
-    ``optimizer.qgalore_layers.model.layers.0.mlp.up_proj.projection.codes``,
     ``rng.torch_cpu``, ``rng.cuda.0``, ``scheduler.…``, ``extra.…``.
 ``checkpoint.json``
     written last; its presence marks the checkpoint complete. It holds the
@@ -87,7 +86,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
-from qgalore_fx.rewrite import config_of
+from qgalore_fx.lowrank import check_control
+from qgalore_fx.rewrite import config_of, projected_layers
 
 __all__ = [
     "FORMAT_VERSION",
@@ -617,6 +617,13 @@ def _check_model_state(saved: Dict[str, torch.Tensor], model: nn.Module, where: 
               and saved[k].dtype != current[k].dtype]
     if dtypes:
         problems.append(f"dtype mismatch: {_names(dtypes)}")
+    if not problems:
+        for name, layer in projected_layers(model):
+            if layer.spec is not None:
+                try:
+                    check_control(saved[f"{name}._extra_state"], layer.spec, name)
+                except ValueError as e:
+                    problems.append(str(e))
     if problems:
         raise CheckpointMismatchError(f"{where} does not fit this model's parameters and buffers — "
                                       + "; ".join(problems))
@@ -636,28 +643,9 @@ def _check_optimizer_state(saved_meta: Optional[dict], state: Optional[dict], op
     if saved_sizes != sizes:
         raise CheckpointMismatchError(f"{where}: optimizer parameter groups differ — checkpoint has groups of "
                                       f"{saved_sizes} parameters, this optimizer {sizes}")
-    layers = getattr(optimizer, "_layers", None)
-    if layers is None:
-        return
-    saved_layers = state.get("qgalore_layers")
-    if not isinstance(saved_layers, dict):
-        raise CheckpointCorruptError(f"{where}: the optimizer state has no qgalore_layers")
-    names = [n for n, _ in layers]
-    missing = [n for n in names if n not in saved_layers]
-    unexpected = [n for n in saved_layers if n not in names]
-    if missing or unexpected:
-        raise CheckpointMismatchError(f"{where}: projected layers differ — missing from the checkpoint: "
-                                      f"{_names(missing) or 'none'}; not in the model: {_names(unexpected) or 'none'}")
-    bad = []
-    for name, layer in layers:
-        adam = saved_layers[name].get("adam") if isinstance(saved_layers[name], dict) else None
-        shape = adam.get("shape") if isinstance(adam, dict) else None
-        saved_shape = tuple(int(s) for s in shape.tolist()) if isinstance(shape, torch.Tensor) else None
-        if saved_shape != tuple(layer.lowrank.lowrank_shape):
-            bad.append(f"{name} (checkpoint low-rank state {list(saved_shape or [])}, "
-                       f"model {list(layer.lowrank.lowrank_shape)})")
-    if bad:
-        raise CheckpointMismatchError(f"{where}: projected layers' low-rank state shapes differ: {_names(bad)}")
+    if "qgalore_layers" in state:
+        raise CheckpointMismatchError(f"{where} keeps the projected layers' state in the optimizer (an older "
+                                      "layout); this version keeps it in the model's state dict")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     bad = []
     for index, s in (state.get("state") or {}).items():

@@ -15,7 +15,7 @@ What changes in the copy
 - in every traced region (a ``GraphModule`` made by the transform), each
   ``torch.ops.qgalore_fx.linear`` node becomes a ``call_module`` node calling
   that ``nn.Linear``, and the ``get_attr`` nodes that fed it (codes, scales,
-  anchor, layer id) are removed. The region stays a ``GraphModule``.
+  anchor, update state, spec) are removed. The region stays a ``GraphModule``.
 
   Why not rebuild the region's original class (e.g. ``LlamaMLP``)? A traced
   region keeps the original's submodules and parameter names but not its
@@ -80,9 +80,9 @@ def _rewrite_graph(gm: fx.GraphModule) -> bool:
             call = gm.graph.call_module(target, (x,))
         call.meta.update({k: v for k, v in node.meta.items() if not k.startswith("qgalore_fx")})
         node.replace_all_uses_with(call)
-        feeds = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+        feeds = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
-        for attr in feeds:  # codes, scales, bias, anchor, layer id: now unused and pointing at nothing
+        for attr in feeds:  # codes, scales, bias, anchor, update state: now unused and pointing at nothing
             if not attr.users:
                 gm.graph.erase_node(attr)
         changed = True

@@ -1,4 +1,4 @@
-"""`QGaLoreLinear`: the module that owns a rewritten linear's storage.
+"""`QGaLoreLinear`: the module that owns a rewritten linear's storage and update state.
 
 Compiled graphs see weights as inputs; to change *what is stored* the storage
 has to be owned by a module before anything is captured or compiled. Each
@@ -11,28 +11,57 @@ rewritten ``nn.Linear`` therefore becomes one of these, holding:
 - ``bias``: the original bias Parameter, untouched (trained by the optimizer's
   ordinary AdamW group);
 - ``anchor``: a zero-element Parameter (see :mod:`qgalore_fx.ops`);
-- ``lowrank``: the :class:`~qgalore_fx.lowrank.LowRankState` attached by the
-  fuse-update pass (None for a frozen quantized linear).
+- once pass 2 enabled its update: the update state of
+  :data:`qgalore_fx.lowrank.STATE_NAMES` as buffers (projection codes and
+  scales, Adam's moments, ``step``, ``skipped``, ``accum``), the host-side
+  ``control`` tensor (kept on the CPU whatever ``.to()`` does to the rest,
+  because the host reads it to decide when to refresh; it reaches
+  ``state_dict`` as this module's extra state), ``hparams`` (a non-persistent
+  buffer the optimizer writes), and ``spec``, the static settings.
 
 No full-precision copy of the weight is kept. In a traced region the graph
-reaches these buffers through ``get_attr`` nodes; where a region could not be
-traced, this module's own ``forward`` calls the same op.
+reaches these tensors through ``get_attr`` nodes; where a region could not be
+traced, this module's own ``forward`` calls the same op. ``state_dict``,
+``load_state_dict``, ``copy.deepcopy``, ``.to()`` and pickling all work by
+PyTorch's own mechanisms: there is nothing else to carry.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Optional
+import weakref
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx import ops  # noqa: F401  (registers the custom ops)
+from qgalore_fx import lowrank, ops  # noqa: F401  (ops registers the custom ops)
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.kernels import quantize_blockwise
 
 _STORAGE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
+
+
+class OptimizerLink:
+    """Which optimizer drives a layer (a weak reference).
+
+    A link never travels with a copy or a pickle: a deep-copied or unpickled model is unbound and
+    gets its own optimizer with ``qgalore_fx.optimizer(copy)``.
+    """
+
+    __slots__ = ("ref",)
+
+    def __init__(self, optimizer=None):
+        self.ref = None if optimizer is None else weakref.ref(optimizer)
+
+    def get(self):
+        return None if self.ref is None else self.ref()
+
+    def __reduce__(self):
+        return (OptimizerLink, ())
+
+    def __deepcopy__(self, memo):
+        return OptimizerLink()
 
 
 class QGaLoreLinear(nn.Module):
@@ -54,7 +83,11 @@ class QGaLoreLinear(nn.Module):
         self.register_buffer("weight_scales", scales)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         self.anchor = nn.Parameter(torch.zeros(0, device=device))
-        self.lowrank = None
+        self.register_buffer("hparams", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
+        self.spec: Optional[lowrank.UpdateSpec] = None
+        self.spec_json = ""
+        self.control: Optional[Tensor] = None
+        self.optimizer_link = OptimizerLink()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QGaLoreConfig, weight: Optional[Tensor] = None,
@@ -84,53 +117,135 @@ class QGaLoreLinear(nn.Module):
         else:
             self.weight_codes.copy_(weight)
 
+    # ------------------------------------------------------------------ update state
+    def enable_update(self, config: QGaLoreConfig, name: str, index: int) -> bool:
+        """Give this layer its low-rank update (pass 2); False if it already has one."""
+        if self.spec is not None:
+            return False
+        self.set_spec(lowrank.UpdateSpec.from_config(config, name, self.out_features, self.in_features, index))
+        for key, t in lowrank.initial_state(self.spec, device=self.weight_codes.device).items():
+            if key == "control":
+                self.control = t
+            else:
+                self.register_buffer(key, t)
+        return True
+
+    def set_spec(self, spec: lowrank.UpdateSpec) -> None:
+        self.spec = spec
+        self.spec_json = spec.encode()
+
     @property
-    def layer_id(self) -> int:
-        """Key of the attached low-rank state for the graph op; -1 = frozen."""
-        return -1 if self.lowrank is None else self.lowrank.layer_id
+    def trainable(self) -> bool:
+        """Whether this layer updates its weight in backward (False: a frozen quantized linear)."""
+        return self.spec is not None
+
+    def update_state(self) -> List[Tensor]:
+        """The update-state tensors in the order the ops take them (empty when frozen)."""
+        if self.spec is None:
+            return []
+        return [self.control if k == "control" else getattr(self, k) for k in lowrank.STATE_NAMES]
+
+    def state_tensors(self) -> Dict[str, Tensor]:
+        return dict(zip(lowrank.STATE_NAMES, self.update_state()))
+
+    def apply_pending(self) -> bool:
+        """Apply an accumulated update (deferred mode); True if there was one."""
+        if self.spec is None:
+            return False
+        return lowrank.apply_pending_(self.weight_codes, self.weight_scales, self.state_tensors(), self.hparams,
+                                      self.spec)
+
+    def get_extra_state(self) -> Tensor:
+        """The host control state, for ``state_dict`` (see :data:`qgalore_fx.lowrank.NOT_SAVED`)."""
+        if self.control is None:
+            return torch.zeros(0, dtype=torch.float64)
+        out = self.control.clone()
+        out[list(lowrank.NOT_SAVED)] = 0.0
+        return out
+
+    def set_extra_state(self, state) -> None:
+        if self.control is None:
+            if not (isinstance(state, Tensor) and state.numel() == 0):
+                raise ValueError("this layer is frozen (no update state) but the state dict holds update state")
+            return
+        lowrank.check_control(state, self.spec, f"layer {self.spec.name!r}")
+        keep = list(lowrank.NOT_SAVED)
+        live = self.control[keep].clone()
+        self.control.copy_(state)
+        self.control[keep] = live
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def rank(self) -> Optional[int]:
+        return None if self.spec is None else self.spec.rank
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """A dense copy of the current weight (materializes [out, in] floats)."""
         return ops.dequantize_weight(self.weight_codes, self.weight_scales, self.block_size, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.qgalore_fx.linear(
-            x, self.weight_codes, self.weight_scales, self.bias, self.anchor, self.layer_id, self.block_size
-        )
+    def projection_matrix(self) -> Optional[Tensor]:
+        """The current projection P in fp32, or None before the first refresh (or when frozen)."""
+        if self.spec is None or not self.stats()["refresh_count"]:
+            return None
+        return lowrank.projection_matrix(self.proj_codes, self.proj_scales, self.spec)
+
+    def stats(self) -> dict:
+        """Step, refresh count, interval, last similarity, skips (reads ``step``/``skipped``: synchronizes)."""
+        if self.spec is None:
+            return {}
+        c = lowrank.control_dict(self.control)
+        return {
+            "step": int(self.step),
+            "attempts": int(c["calls"]),
+            "refresh_count": int(c["refresh_count"]),
+            "interval": int(c["interval"]),
+            "last_similarity": None if c["last_similarity"] < 0 else c["last_similarity"],
+            "skipped_updates": int(self.skipped),
+            "refresh_seconds": c["refresh_seconds"],
+            "comm_bytes": int(c["comm_bytes"]),
+            "pending": int(c["pending"]),
+        }
 
     def weight_nbytes(self) -> int:
         return self.weight_codes.numel() * self.weight_codes.element_size() + \
             self.weight_scales.numel() * self.weight_scales.element_size()
 
-    def _apply(self, fn, recurse=True):
-        # .half()/.bfloat16() must not touch quantization scales; .to(device) must move the low-rank state.
-        scales_dtype = self.weight_scales.dtype
-        storage_dtype = self.weight_codes.dtype
-        super()._apply(fn, recurse)
-        if self.weight_scales.dtype != scales_dtype:
-            self.weight_scales.data = self.weight_scales.data.to(scales_dtype)
-        if self.weight_codes.dtype != storage_dtype:
-            self.weight_codes.data = self.weight_codes.data.to(storage_dtype)
-        if self.lowrank is not None:
-            self.lowrank.to(self.weight_codes.device)
-        return self
+    def state_nbytes(self) -> Dict[str, int]:
+        """Exact bytes of the update state: projection, optimizer moments, accumulator."""
+        def nb(*names):
+            return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in names)
 
-    def __deepcopy__(self, memo):
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            if key == "lowrank":
-                continue
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        new.lowrank = None if self.lowrank is None else self.lowrank.clone()
-        return new
+        if self.spec is None:
+            return {"projection": 0, "optimizer_state": 0, "accumulator": 0}
+        return {"projection": nb("proj_codes", "proj_scales"),
+                "optimizer_state": nb("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"),
+                "accumulator": nb("accum")}
+
+    def _apply(self, fn, recurse=True):
+        # Float conversions (.half(), .bfloat16(), .to(dtype)) change the compute dtype, never the storage
+        # format: codes, scales, moments and hparams keep their dtypes (converting fp32 scales to fp16 and back
+        # would lose bits). Device moves go through unchanged; the bias is an ordinary parameter and converts.
+        buffers = {id(t) for t in self._buffers.values() if t is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            if id(t) in buffers and out.dtype != t.dtype:
+                return t.to(out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.qgalore_fx.linear(
+            x, self.weight_codes, self.weight_scales, self.bias, self.anchor, self.update_state(), self.hparams,
+            self.block_size, self.spec_json,
+        )
 
     def extra_repr(self) -> str:
         storage = {8: f"int8 block={self.block_size}", 16: "bf16", 32: "fp32"}[self.weight_bits]
         text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"weight={storage}"
-        if self.lowrank is not None:
-            st = self.lowrank
-            text += f", rank={st.rank}, side={st.side}, proj_bits={st.config.proj_bits}, " \
-                    f"optim_bits={st.config.optim_bits}"
+        if self.spec is not None:
+            s = self.spec
+            text += f", rank={s.rank}, side={s.side}, proj_bits={s.proj_bits}, optim_bits={s.optim_bits}"
         return text

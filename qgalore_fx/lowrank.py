@@ -1,4 +1,4 @@
-"""Per-layer Q-GaLore state and the update it runs inside backward.
+"""The Q-GaLore update of one projected layer, as functions over that layer's tensors.
 
 For a weight W of shape [m, n] with rank r, one update is (DESIGN.md §2)::
 
@@ -9,31 +9,101 @@ For a weight W of shape [m, n] with rank r, one update is (DESIGN.md §2)::
     N  = Adam(R)                           8-bit block-wise moments
     W <- W - lr·(α·N·P or α·P·N) - lr·wd·W in fp32, then INT8 with stochastic rounding
 
-All of it runs in the layer's backward, as soon as grad_y reaches it
-(``fused=True``), or — for gradient accumulation and ``fused=False`` — R is
-summed in fp32 across micro-batches (r·max(m, n) floats, not m·n) and the
-update runs at ``optimizer.step()``.
+Where the state lives
+---------------------
+Everything a layer keeps between steps is a tensor owned by its
+:class:`~qgalore_fx.layers.QGaLoreLinear` (see :data:`STATE_NAMES`): the
+projection codes and scales, Adam's moments (8-bit codes + per-block absmax,
+or fp32), the applied-update count ``step``, the skip counter, the low-rank
+accumulator for deferred updates, and ``control`` — a small float64 tensor on
+the *host* holding what the host must know to run the update without reading
+device memory (update attempts, pending micro-batches, the lazy-refresh
+schedule and its recent similarities). The moments sit on the layer, not in
+the optimizer, because the update runs inside the layer's backward, where the
+graph reaches the layer's tensors and nothing else: a layer that owns its
+state needs no registry, and ``state_dict``, ``deepcopy``, ``.to()`` and
+pickling carry it by PyTorch's own mechanisms. The optimizer owns only the
+hyperparameters (its ``param_groups``), which it hands to each layer as a
+float64 tensor ``hparams = [lr, beta1, beta2, eps, weight_decay]``.
 
-A refresh needs a full G, so on a refresh step the first micro-batch's G
-defines the new subspace and later micro-batches of that step are projected
-onto it. Gradients with NaN/Inf skip the update entirely: weight, moments,
-projection and counters stay as they were and ``skipped_updates`` counts it.
+Two ops
+-------
+``qgalore_fx::lowrank_update_`` (:func:`update_`) runs in the layer's backward.
+It decides on the host — from ``control``, never from device memory — whether
+this step refreshes the subspace; a refresh forms G, computes P (an SVD-like
+iteration, data-dependent, so the refresh path may synchronize), and records
+the similarity in the schedule. Otherwise it computes R without forming G.
+It then either accumulates R (``fused=False`` or gradient accumulation) or
+calls:
+
+``qgalore_fx::lowrank_step_`` (:func:`step_`), the steady-state update: Adam on
+R, project back, decay, stochastic-rounding write-back. It is branch-free:
+a non-finite R (or non-finite hyperparameters) selects the old weight and
+moments with ``torch.where`` and bumps the skip counter, so a steady-state
+step performs no host synchronization. Its hyperparameters arrive as tensors,
+so a learning-rate schedule never recompiles a compiled model.
+
+The refresh clock counts update *attempts* (``control[CALLS]``), which the
+host knows without reading the device; Adam's bias correction counts
+*applied* updates (``step``, on the device). They differ only after skipped
+updates.
+
+A refresh needs a full G, so with gradient accumulation the first
+micro-batch's G defines the new subspace and later micro-batches of that step
+are projected onto it. A non-finite micro-batch poisons the accumulator, so
+the whole accumulated update is skipped — as the optimizer's AdamW group does.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import functools
+import json
+import math
+import time
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from qgalore_fx import projection as proj
-from qgalore_fx.config import QGaLoreConfig
-from qgalore_fx.kernels import QuantizedTensor, quantize_blockwise
-from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_
-from qgalore_fx.ops import dequantize_weight, register_layer
+from qgalore_fx.kernels import quantize_blockwise
+from qgalore_fx.kernels.adam8bit import (
+    BLOCK_SIZE as ADAM_BLOCK_SIZE,
+    AdamState,
+    dequantize_blockwise_dynamic,
+    quantize_blockwise_dynamic,
+)
 
 _SEED_STRIDE = 1_000_003
+
+#: Names of a layer's update-state tensors, in the order the ops take them.
+STATE_NAMES = (
+    "proj_codes", "proj_scales",
+    "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
+    "step", "skipped", "accum", "control",
+)
+
+# Slots of the host-side ``control`` tensor (float64 on the CPU; integers up to 2**53 are exact).
+CALLS = 0            # update attempts so far (the refresh clock, and the stochastic-rounding offset)
+PENDING = 1          # micro-batches accumulated since the last applied update
+DEFER = 2            # 1: accumulate R and update at optimizer.step(); 0: update inside backward
+REDUCE = 3           # under torch.distributed: 0 all-reduce R, 1 all-reduce G
+INTERVAL = 4         # current refresh interval
+LAST_REFRESH = 5     # attempt count of the last refresh, -1 before the first
+REFRESH_COUNT = 6
+LAST_SIMILARITY = 7  # -1 when there was nothing to compare with
+REFRESH_SECONDS = 8
+COMM_BYTES = 9       # bytes this layer all-reduced or broadcast
+QUEUE_LEN = 10
+QUEUE = 11           # the last ``queue_size`` similarities
+# Slots that are not training state: the bound optimizer's settings and this process's telemetry. They are saved as
+# 0 (two runs that computed the same thing have equal state dicts) and loading keeps the live values.
+NOT_SAVED = (DEFER, REDUCE, REFRESH_SECONDS, COMM_BYTES)
+CONTROL_FIELDS = ("calls", "pending", "defer", "reduce", "interval", "last_refresh", "refresh_count",
+                  "last_similarity", "refresh_seconds", "comm_bytes", "queue_len")
+
+HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
 
 def check_rank(rank: int, name: str, m: int, n: int) -> None:
@@ -45,285 +115,373 @@ def check_rank(rank: int, name: str, m: int, n: int) -> None:
         )
 
 
-class LowRankState:
-    """Everything one projected layer needs between steps.
+@dataclasses.dataclass(frozen=True)
+class UpdateSpec:
+    """The static settings of one layer's update; what the ops take as their ``spec`` string.
 
-    The optimizer reads ``group`` (its param group dict) at update time, so
-    learning-rate schedules apply to projected layers exactly as to the rest.
+    Everything here is fixed for the layer's life (the process group name is set once, when an
+    optimizer binds the layer), so under ``torch.compile`` it is a constant of the graph.
     """
 
-    def __init__(self, name: str, shape: tuple, config: QGaLoreConfig, index: int, device=None):
-        m, n = shape
-        check_rank(config.rank, name, m, n)
-        self.name = name
-        self.shape = (m, n)
-        self.config = config
-        self.rank = config.rank
-        self.side = proj.projection_side(m, n)
-        self.index = index
-        self.seed = config.seed * _SEED_STRIDE + index
-        lowrank_shape = (m, self.rank) if self.side == "right" else (self.rank, n)
-        self.lowrank_shape = lowrank_shape
-        self.adam = AdamState.zeros(lowrank_shape, bits=config.optim_bits, device=device)
-        self.policy = proj.LazyRefreshPolicy(
-            update_interval=config.update_interval,
-            cos_threshold=config.cos_threshold,
-            queue_size=config.queue_size,
-            adaptive=config.adaptive,
-        )
-        self.projection: Optional[object] = None  # QuantizedTensor or a bf16 Tensor
-        self.step = 0  # completed updates of this layer
-        self.accum: Optional[Tensor] = None  # summed R while an update is deferred
-        self.accum_count = 0
-        self.skipped_updates = 0
-        self.refresh_seconds = 0.0
-        self.group: Optional[dict] = None  # the optimizer's param group, set by qgalore_fx.optimizer()
-        self.defer = not config.fused
-        self.process_group = None  # set by qgalore_fx.optimizer() under torch.distributed
-        self.reduce = "lowrank"  # "lowrank": all-reduce R (r/min(m,n) of the bytes); "full": all-reduce G
-        self.comm_bytes = 0
-        self.layer_id = register_layer(self)
+    name: str
+    m: int
+    n: int
+    rank: int
+    block_size: int
+    proj_bits: int
+    proj_block_size: int
+    optim_bits: int
+    scale: float
+    stochastic_round: bool
+    proj_method: str
+    seed: int
+    update_interval: int
+    cos_threshold: float
+    queue_size: int
+    adaptive: bool
+    fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
+    group: str = ""  # torch.distributed process group name; "" = no data parallelism
 
-    # ------------------------------------------------------------------ projection storage
+    @classmethod
+    def from_config(cls, config, name: str, m: int, n: int, index: int) -> "UpdateSpec":
+        check_rank(config.rank, name, m, n)
+        return cls(
+            name=name, m=m, n=n, rank=config.rank, block_size=config.block_size, proj_bits=config.proj_bits,
+            proj_block_size=config.proj_block_size, optim_bits=config.optim_bits, scale=float(config.scale),
+            stochastic_round=config.stochastic_round, proj_method=config.proj_method,
+            seed=config.seed * _SEED_STRIDE + index, update_interval=config.update_interval,
+            cos_threshold=float(config.cos_threshold), queue_size=config.queue_size, adaptive=config.adaptive,
+            fused=config.fused,
+        )
+
+    @property
+    def side(self) -> str:
+        return proj.projection_side(self.m, self.n)
+
+    @property
+    def lowrank_shape(self) -> tuple:
+        """Shape of R and of Adam's moments: [m, r] (right projection) or [r, n] (left)."""
+        return (self.m, self.rank) if self.side == "right" else (self.rank, self.n)
+
     @property
     def projection_shape(self) -> tuple:
-        """Shape of P: [rank, n] for a right projection, [m, rank] for a left one."""
-        m, n = self.shape
-        return (self.rank, n) if self.side == "right" else (m, self.rank)
+        """Shape of P: [r, n] for a right projection, [m, r] for a left one."""
+        return (self.rank, self.n) if self.side == "right" else (self.m, self.rank)
 
-    def stored_projection(self, P: Tensor):
-        """The stored form of ``P`` (packed INT4/INT8 QuantizedTensor or bf16), without changing this state."""
-        bits = self.config.proj_bits
-        if bits == 16:
-            return P.to(torch.bfloat16)
-        return quantize_blockwise(P, bits=bits, block_size=self.config.proj_block_size, check_finite=False)
+    def encode(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
-    def _store_projection(self, P: Tensor) -> None:
-        self.projection = self.stored_projection(P)
 
-    def projection_matrix(self) -> Optional[Tensor]:
-        """The current P in fp32 (dequantized), or None before the first refresh."""
-        if self.projection is None:
-            return None
-        if isinstance(self.projection, QuantizedTensor):
-            return self.projection.dequantize(torch.float32)
-        return self.projection.float()
+@functools.lru_cache(maxsize=None)
+def decode_spec(text: str) -> UpdateSpec:
+    return UpdateSpec(**json.loads(text))
 
-    # ------------------------------------------------------------------ backward
-    def backward_hook(self, weight: Tensor, scales: Tensor, x: Tensor, grad_y: Tensor) -> None:
-        if self.group is None:
-            raise RuntimeError(
-                f"layer {self.name!r} was transformed by qgalore_fx but has no optimizer: "
-                "create one with qgalore_fx.optimizer(model, lr=...) before calling backward()"
-            )
-        m, n = self.shape
-        x2 = x.reshape(-1, n).float()
-        g2 = grad_y.reshape(-1, m).float()
-        refresh = self.accum_count == 0 and self.policy.should_refresh(self.step)
-        if refresh or self.reduce == "full":
-            G = self._all_reduce(g2.t() @ x2)
-            if not bool(torch.isfinite(G).all()):
-                self._skip()
+
+# ---------------------------------------------------------------------------------------------- state
+def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
+    """Fresh update-state tensors of a layer (see :data:`STATE_NAMES`); ``control`` is on the CPU."""
+    P0 = torch.zeros(spec.projection_shape, dtype=torch.float32, device=device)
+    if spec.proj_bits == 16:
+        proj_codes, proj_scales = P0.to(torch.bfloat16), torch.zeros(0, device=device)
+    else:
+        q = quantize_blockwise(P0, bits=spec.proj_bits, block_size=spec.proj_block_size, check_finite=False)
+        proj_codes, proj_scales = q.codes, q.scales
+    adam = AdamState.zeros(spec.lowrank_shape, bits=spec.optim_bits, device=device)
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
+    control = torch.zeros(QUEUE + spec.queue_size, dtype=torch.float64)
+    control[INTERVAL] = spec.update_interval
+    control[LAST_REFRESH] = -1
+    control[LAST_SIMILARITY] = -1
+    return {
+        "proj_codes": proj_codes, "proj_scales": proj_scales,
+        "exp_avg": adam.m, "exp_avg_sq": adam.v,
+        "exp_avg_absmax": adam.absmax_m if adam.bits == 8 else empty,
+        "exp_avg_sq_absmax": adam.absmax_v if adam.bits == 8 else empty.clone(),
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+        "skipped": torch.zeros((), dtype=torch.int64, device=device),
+        "accum": empty.clone(),
+        "control": control,
+    }
+
+
+def control_dict(control: Tensor) -> dict:
+    """The host control state as a dict of Python numbers (reads a CPU tensor: no device sync)."""
+    values = control.tolist()
+    out = dict(zip(CONTROL_FIELDS, values))
+    out["queue"] = values[QUEUE:QUEUE + int(values[QUEUE_LEN])]
+    return out
+
+
+def _policy(spec: UpdateSpec, c: dict) -> proj.LazyRefreshPolicy:
+    policy = proj.LazyRefreshPolicy(update_interval=spec.update_interval, cos_threshold=spec.cos_threshold,
+                                    queue_size=spec.queue_size, adaptive=spec.adaptive)
+    policy.interval = int(c["interval"])
+    policy.last_refresh_step = None if c["last_refresh"] < 0 else int(c["last_refresh"])
+    policy.refresh_count = int(c["refresh_count"])
+    policy.last_similarity = None if c["last_similarity"] < 0 else c["last_similarity"]
+    policy.queue = list(c["queue"])
+    return policy
+
+
+def _store_policy(control: Tensor, policy: proj.LazyRefreshPolicy) -> None:
+    control[INTERVAL] = policy.interval
+    control[LAST_REFRESH] = -1 if policy.last_refresh_step is None else policy.last_refresh_step
+    control[REFRESH_COUNT] = policy.refresh_count
+    control[LAST_SIMILARITY] = -1 if policy.last_similarity is None else policy.last_similarity
+    control[QUEUE_LEN] = len(policy.queue)
+    control[QUEUE:] = 0.0
+    if policy.queue:
+        control[QUEUE:QUEUE + len(policy.queue)] = torch.tensor(policy.queue, dtype=torch.float64)
+
+
+def check_control(control: Tensor, spec: UpdateSpec, where: str) -> None:
+    """Raise ValueError when a loaded ``control`` tensor cannot be this layer's."""
+    size = QUEUE + spec.queue_size
+    if not isinstance(control, Tensor) or control.dtype != torch.float64 or tuple(control.shape) != (size,):
+        got = f"{control.dtype} {tuple(control.shape)}" if isinstance(control, Tensor) else type(control).__name__
+        raise ValueError(f"{where}: the update control state must be a float64 tensor of shape ({size},), got {got}")
+    c = control_dict(control.cpu())
+    counters = ("calls", "pending", "refresh_count", "comm_bytes", "queue_len")
+    bad = [k for k in counters if not (math.isfinite(c[k]) and c[k] >= 0 and c[k] == int(c[k]))]
+    if not (math.isfinite(c["interval"]) and c["interval"] >= 1 and c["interval"] == int(c["interval"])):
+        bad.append("interval")
+    if not (c["last_refresh"] == int(c["last_refresh"]) and -1 <= c["last_refresh"] <= c["calls"]):
+        bad.append("last_refresh")
+    if c["defer"] not in (0.0, 1.0) or c["reduce"] not in (0.0, 1.0):
+        bad.append("defer/reduce")
+    if not (c["last_similarity"] == -1 or 0.0 <= c["last_similarity"] <= 1.0):
+        bad.append("last_similarity")
+    if c["queue_len"] > spec.queue_size or not all(0.0 <= s <= 1.0 for s in c["queue"]):
+        bad.append("queue")
+    if bad:
+        raise ValueError(f"{where}: the update control state has invalid {sorted(set(bad))}: {c}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def projection_matrix(proj_codes: Tensor, proj_scales: Tensor, spec: UpdateSpec) -> Tensor:
+    """The current P in fp32 (dequantized)."""
+    if spec.proj_bits == 16:
+        return proj_codes.float()
+    return torch.ops.qgalore_fx.dequantize(proj_codes, proj_scales, spec.proj_bits, spec.proj_block_size,
+                                           list(spec.projection_shape), torch.float32)
+
+
+def dequantize_weight(weight: Tensor, scales: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """The weight as a dense [out, in] matrix of ``dtype``."""
+    if weight.is_floating_point():
+        return weight.to(dtype)
+    return torch.ops.qgalore_fx.dequantize(weight, scales, 8, block_size, list(weight.shape), dtype)
+
+
+def _adam_direction(R: Tensor, state: Dict[str, Tensor], t: Tensor, beta1: Tensor, beta2: Tensor, eps: Tensor,
+                    ok: Tensor) -> Tensor:
+    """N = m̂/(sqrt(v̂)+eps) from R; the moments are written only where ``ok`` (a 0-d bool tensor).
+
+    The math is :mod:`qgalore_fx.kernels.adam8bit`'s, with the hyperparameters and the step as tensors.
+    """
+    m_codes, v_codes = state["exp_avg"], state["exp_avg_sq"]
+    eight_bit = m_codes.dtype == torch.uint8
+    block = ADAM_BLOCK_SIZE
+    if eight_bit:
+        m = dequantize_blockwise_dynamic(m_codes, state["exp_avg_absmax"], True, block)
+        v = dequantize_blockwise_dynamic(v_codes, state["exp_avg_sq_absmax"], False, block)
+    else:
+        m, v = m_codes.clone(), v_codes.clone()
+    m.mul_(beta1).add_(R * (1.0 - beta1))
+    v.mul_(beta2).addcmul_(R, R * (1.0 - beta2))
+    tf = t.to(torch.float64)
+    c1 = 1.0 - torch.pow(beta1, tf)
+    c2 = torch.sqrt(1.0 - torch.pow(beta2, tf))
+    N = (m * (1.0 / c1)).div_(v.sqrt().div_(c2).add_(eps))
+    if eight_bit:
+        for codes, absmax, x, signed in ((m_codes, state["exp_avg_absmax"], m, True),
+                                         (v_codes, state["exp_avg_sq_absmax"], v, False)):
+            new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, block)
+            codes.copy_(torch.where(ok, new_codes, codes))
+            absmax.copy_(torch.where(ok, new_absmax, absmax))
+    else:
+        m_codes.copy_(torch.where(ok, m, m_codes))
+        v_codes.copy_(torch.where(ok, v, v_codes))
+    return N.masked_fill_(~ok, 0.0)
+
+
+def sr_seed(spec: UpdateSpec, calls: int, numel: int, device) -> Optional[Tensor]:
+    """The (seed, offset) pair of this attempt's stochastic rounding (None: round to nearest)."""
+    if not spec.stochastic_round:
+        return None
+    return torch.tensor([spec.seed, calls * numel], dtype=torch.int64).to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------- the steady-state step
+@torch.no_grad()
+def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, hparams: Tensor,
+          seed: Optional[Tensor], spec: UpdateSpec) -> None:
+    """One update from the low-rank gradient ``R``, branch-free (no host synchronization).
+
+    Writes ``weight``/``scales`` and the moments, and counts ``step``/``skipped``; a non-finite
+    ``R`` or non-finite hyperparameters leave weight and moments exactly as they were.
+    """
+    lr, beta1, beta2, eps, wd = hparams.unbind()
+    ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
+    R = torch.where(ok, R.float(), 0.0)
+    N = _adam_direction(R, state, state["step"] + 1, beta1, beta2, eps, ok)
+    P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
+    delta = proj.project_back(N, P, spec.side)
+    lr = torch.where(ok, lr, 0.0)
+    W = dequantize_weight(weight, scales, spec.block_size, torch.float32)
+    W.mul_(1.0 - lr * torch.where(ok, wd, 0.0)).sub_(delta.mul_(lr * spec.scale))
+    if weight.is_floating_point():
+        weight.copy_(torch.where(ok, W.to(weight.dtype), weight))
+    else:
+        codes, new_scales = torch.ops.qgalore_fx.quantize(W, 8, spec.block_size, seed)
+        weight.copy_(torch.where(ok, codes, weight))
+        scales.copy_(torch.where(ok, new_scales, scales))
+    state["step"].add_(ok.to(torch.int64))
+    state["skipped"].add_((~ok).to(torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------- backward
+def _world_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def _process_group(spec: UpdateSpec):
+    if not spec.group:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(spec.group)
+
+
+def _all_reduce(t: Tensor, group, control: Tensor) -> Tensor:
+    """Average ``t`` over the data-parallel group (no-op without one); counts the bytes sent."""
+    if group is None:
+        return t
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    control[COMM_BYTES] += t.numel() * t.element_size()
+    return t.div_(_world_size(group))
+
+
+def _broadcast_projection(state: Dict[str, Tensor], group) -> None:
+    """Make every rank hold rank 0's projection bit for bit (SVDs may differ in the last bits)."""
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0)
+    for key in ("proj_codes", "proj_scales"):
+        t = state[key]
+        if t.numel():
+            dist.broadcast(t, src=src, group=group)
+            state["control"][COMM_BYTES] += t.numel() * t.element_size()
+
+
+def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, group) -> None:
+    """Recompute P from G, store it, and record the refresh in the schedule (synchronizes)."""
+    t0 = time.perf_counter()
+    prev = projection_matrix(state["proj_codes"], state["proj_scales"], spec) if c["refresh_count"] else None
+    policy = _policy(spec, c)
+    generator = torch.Generator(device=G.device).manual_seed(spec.seed + 7 * policy.refresh_count)
+    P = proj.compute_projection(G, spec.rank, spec.side, method=spec.proj_method, prev=prev, generator=generator)
+    if spec.proj_bits == 16:
+        state["proj_codes"].copy_(P.to(torch.bfloat16))
+    else:
+        q = quantize_blockwise(P, bits=spec.proj_bits, block_size=spec.proj_block_size, check_finite=False)
+        state["proj_codes"].copy_(q.codes)
+        state["proj_scales"].copy_(q.scales)
+    if group is not None:
+        _broadcast_projection(state, group)
+    # Chance-adjusted: two unrelated rank-r subspaces of a d-dim space overlap by r/d on average, which at
+    # rank 1024 of 2048 is above the 0.4 threshold; the adjusted score maps "unrelated" to 0, "same" to 1.
+    similarity = None if prev is None else proj.subspace_similarity(
+        projection_matrix(state["proj_codes"], state["proj_scales"], spec), prev, spec.side, chance_adjusted=True)
+    policy.record_refresh(int(c["calls"]), similarity)
+    control = state["control"]
+    _store_policy(control, policy)
+    control[REFRESH_SECONDS] += time.perf_counter() - t0
+
+
+def _poison(state: Dict[str, Tensor]) -> None:
+    """Mark a pending accumulated update as non-finite, so that optimizer.step() skips it whole."""
+    state["accum"].fill_(math.nan)
+
+
+@torch.no_grad()
+def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: Tensor, x: Tensor, grad_y: Tensor,
+            spec: UpdateSpec) -> None:
+    """The layer's update from its backward: refresh when due, project, then step or accumulate."""
+    if hparams.numel() != len(HPARAMS):
+        raise RuntimeError(
+            f"layer {spec.name!r} was transformed by qgalore_fx but has no optimizer: "
+            "create one with qgalore_fx.optimizer(model, lr=...) before calling backward()"
+        )
+    control = state["control"]
+    c = control_dict(control)
+    defer = bool(c["defer"])
+    if defer and state["accum"].numel() == 0:
+        raise RuntimeError(f"layer {spec.name!r} defers its update but has no accumulator; rebuild the optimizer")
+    group = _process_group(spec)
+    m, n = spec.m, spec.n
+    x2 = x.reshape(-1, n).float()
+    g2 = grad_y.reshape(-1, m).float()
+    first = c["pending"] == 0
+    refresh = first and _policy(spec, c).should_refresh(int(c["calls"]))
+    if refresh or (group is not None and c["reduce"] == 1):
+        G = _all_reduce(g2.t() @ x2, group, control)
+        if refresh:
+            if not bool(torch.isfinite(G).all()):  # the refresh path may synchronize; the SVD does anyway
+                if defer:
+                    _poison(state)
+                    control[PENDING] += 1
+                else:
+                    state["skipped"].add_(1)
+                    control[CALLS] += 1
                 return
-            if refresh:
-                self._refresh(G)
-            R = proj.project(G, self.projection_matrix(), self.side)
-            del G
-        else:
-            P = self.projection_matrix()
-            if self.side == "right":
-                R = g2.t() @ (x2 @ P.t())
-            else:
-                R = (g2 @ P).t() @ x2
-            R = self._all_reduce(R)
-            if not bool(torch.isfinite(R).all()):
-                self._skip()
-                return
-        if self.defer:
-            self.accum = R if self.accum is None else self.accum.add_(R)
-            self.accum_count += 1
-        else:
-            self.apply_update(weight, scales, R)
+            _refresh(state, G, c, spec, group)
+        R = proj.project(G, projection_matrix(state["proj_codes"], state["proj_scales"], spec), spec.side)
+        del G
+    elif c["refresh_count"] == 0:  # the refresh of this accumulated step was skipped: nothing to project on
+        _poison(state)
+        control[PENDING] += 1
+        return
+    else:
+        P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
+        R = g2.t() @ (x2 @ P.t()) if spec.side == "right" else (g2 @ P).t() @ x2
+        R = _all_reduce(R, group, control)
+    if defer:
+        state["accum"].add_(R)
+        control[PENDING] += 1
+        return
+    calls = int(c["calls"])
+    torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), R, hparams,
+                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.encode())
+    control[CALLS] = calls + 1
 
-    def _all_reduce(self, t: Tensor) -> Tensor:
-        """Average ``t`` over the data-parallel group (no-op without one); counts the bytes sent."""
-        if self.process_group is None:
-            return t
-        import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
-        self.comm_bytes += t.numel() * t.element_size()
-        return t.div_(dist.get_world_size(self.process_group))
+@torch.no_grad()
+def apply_pending_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: Tensor,
+                   spec: UpdateSpec) -> bool:
+    """Apply the accumulated low-rank gradient (deferred mode); True if there was one."""
+    control = state["control"]
+    c = control_dict(control)
+    if c["pending"] == 0:
+        return False
+    calls = int(c["calls"])
+    torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), state["accum"], hparams,
+                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.encode())
+    state["accum"].zero_()
+    control[PENDING] = 0
+    control[CALLS] = calls + 1
+    return True
 
-    def _broadcast_projection(self) -> None:
-        """Make every rank hold rank 0's projection bit for bit (SVDs may differ in the last bits)."""
-        import torch.distributed as dist
 
-        p = self.projection
-        tensors = [p.codes, p.scales] if isinstance(p, QuantizedTensor) else [p]
-        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
-        for t in tensors:
-            dist.broadcast(t, src=src, group=self.process_group)
-            self.comm_bytes += t.numel() * t.element_size()
+def _state_list(state: Dict[str, Tensor]) -> List[Tensor]:
+    return [state[k] for k in STATE_NAMES]
 
-    def _skip(self) -> None:
-        self.skipped_updates += 1
-        self.accum = None
-        self.accum_count = 0
 
-    def _refresh(self, G: Tensor) -> None:
-        import time
-
-        t0 = time.perf_counter()
-        prev = self.projection_matrix()
-        generator = torch.Generator(device=G.device).manual_seed(self.seed + 7 * self.policy.refresh_count)
-        P = proj.compute_projection(G, self.rank, self.side, method=self.config.proj_method, prev=prev, generator=generator)
-        self._store_projection(P)
-        if self.process_group is not None:
-            self._broadcast_projection()
-        # Chance-adjusted: two unrelated rank-r subspaces of a d-dim space overlap by r/d on average, which at
-        # rank 1024 of 2048 is above the 0.4 threshold; the adjusted score maps "unrelated" to 0, "same" to 1.
-        similarity = None if prev is None else proj.subspace_similarity(
-            self.projection_matrix(), prev, self.side, chance_adjusted=True)
-        self.policy.record_refresh(self.step, similarity)
-        self.refresh_seconds += time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ update
-    def apply_pending(self, weight: Tensor, scales: Tensor) -> bool:
-        """Apply the accumulated low-rank gradient (deferred mode); True if it ran."""
-        if self.accum is None:
-            return False
-        R, self.accum, self.accum_count = self.accum, None, 0
-        self.apply_update(weight, scales, R)
-        return True
-
-    @torch.no_grad()
-    def apply_update(self, weight: Tensor, scales: Tensor, R: Tensor) -> None:
-        group = self.group
-        beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
-        wd = float(group["weight_decay"])
-        N = adam_direction_(R, self.adam, self.step + 1, beta1=beta1, beta2=beta2, eps=group["eps"])
-        delta = proj.project_back(N, self.projection_matrix(), self.side)
-        W = dequantize_weight(weight, scales, self.config.block_size, torch.float32)
-        if wd:
-            W.mul_(1.0 - lr * wd)
-        W.add_(delta, alpha=-lr * self.config.scale)
-        self._write_weight(weight, scales, W)
-        self.step += 1
-
-    def _write_weight(self, weight: Tensor, scales: Tensor, W: Tensor) -> None:
-        if weight.is_floating_point():
-            weight.copy_(W.to(weight.dtype))
-            return
-        seed = None
-        if self.config.stochastic_round:
-            seed = torch.tensor([self.seed, self.step * W.numel()], dtype=torch.int64, device=W.device)
-        codes, new_scales = torch.ops.qgalore_fx.quantize(W, 8, self.config.block_size, seed)
-        weight.copy_(codes)
-        scales.copy_(new_scales)
-
-    # ------------------------------------------------------------------ accounting and state
-    def nbytes(self) -> dict:
-        """Exact bytes of the persistent optimizer-side tensors of this layer."""
-        p = self.projection
-        if p is None:
-            pbytes = 0
-        elif isinstance(p, QuantizedTensor):
-            pbytes = p.nbytes
-        else:
-            pbytes = p.numel() * p.element_size()
-        accum = 0 if self.accum is None else self.accum.numel() * self.accum.element_size()
-        return {"projection": pbytes, "optimizer_state": self.adam.nbytes, "accumulator": accum}
-
-    def stats(self) -> dict:
-        return {
-            "step": self.step,
-            "refresh_count": self.policy.refresh_count,
-            "interval": self.policy.interval,
-            "last_similarity": self.policy.last_similarity,
-            "skipped_updates": self.skipped_updates,
-            "refresh_seconds": self.refresh_seconds,
-        }
-
-    def state_dict(self) -> dict:
-        """Tensors and JSON-safe values; no pickled objects."""
-        out = {
-            "step": self.step,
-            "skipped_updates": self.skipped_updates,
-            "refresh_seconds": self.refresh_seconds,
-            "accum_count": self.accum_count,
-            "policy": self.policy.state_dict(),
-            "adam": self.adam.state_dict(),
-            "accum": self.accum,
-        }
-        p = self.projection
-        if isinstance(p, QuantizedTensor):
-            out["projection"] = {"codes": p.codes, "scales": p.scales, "bits": p.bits, "block_size": p.block_size,
-                                 "shape": list(p.shape)}
-        elif p is not None:
-            out["projection"] = {"dense": p}
-        else:
-            out["projection"] = None
-        return out
-
-    def check_state_dict(self, state: dict) -> None:
-        """Raise ValueError if ``state`` does not fit this layer (rank, shape, projection layout)."""
-        missing = [k for k in ("step", "skipped_updates", "refresh_seconds", "accum_count", "policy", "adam",
-                               "projection") if k not in state]
-        if missing:
-            raise ValueError(f"low-rank state of layer {self.name!r} lacks {missing}")
-        adam_shape = tuple(int(s) for s in state["adam"]["shape"].tolist())
-        if adam_shape != self.lowrank_shape:
-            raise ValueError(f"low-rank state of layer {self.name!r} has moments of shape {adam_shape}, this layer "
-                             f"needs {self.lowrank_shape} (rank {self.rank}, side {self.side}): saved with another "
-                             "rank or model?")
-        accum = state.get("accum")
-        if accum is not None and tuple(accum.shape) != self.lowrank_shape:
-            raise ValueError(f"low-rank accumulator of layer {self.name!r} has shape {tuple(accum.shape)}, "
-                             f"expected {self.lowrank_shape}")
-        p = state["projection"]
-        expected = self.projection_shape
-        if p is not None:
-            shape = tuple(p["dense"].shape) if "dense" in p else tuple(p["shape"])
-            if shape != expected:
-                raise ValueError(f"projection of layer {self.name!r} has shape {shape}, expected {expected}")
-
-    def load_state_dict(self, state: dict) -> None:
-        self.check_state_dict(state)
-        self.step = int(state["step"])
-        self.skipped_updates = int(state["skipped_updates"])
-        self.refresh_seconds = float(state["refresh_seconds"])
-        self.accum_count = int(state["accum_count"])
-        self.policy.load_state_dict(state["policy"])
-        self.adam = AdamState.from_state_dict(state["adam"])
-        accum = state.get("accum")
-        self.accum = None if accum is None else accum.clone()
-        p = state["projection"]
-        if p is None:
-            self.projection = None
-        elif "dense" in p:
-            self.projection = p["dense"].clone()
-        else:
-            self.projection = QuantizedTensor(
-                codes=p["codes"].clone(), scales=p["scales"].clone(), shape=torch.Size(p["shape"]),
-                dtype=torch.float32, bits=int(p["bits"]), block_size=int(p["block_size"]),
-            )
-
-    def clone(self) -> "LowRankState":
-        """An independent copy (own registry id, no optimizer attached)."""
-        new = LowRankState(self.name, self.shape, self.config, self.index, device=self.adam_device())
-        new.defer = self.defer
-        new.load_state_dict(self.state_dict())
-        return new
-
-    def adam_device(self) -> torch.device:
-        return next(iter(t for t in self.adam.state_dict().values() if isinstance(t, Tensor))).device
-
-    def to(self, device) -> "LowRankState":
-        self.adam = self.adam.to(device)
-        if self.projection is not None:
-            self.projection = self.projection.to(device)
-        if self.accum is not None:
-            self.accum = self.accum.to(device)
-        return self
+def state_from_list(tensors: List[Tensor]) -> Dict[str, Tensor]:
+    if len(tensors) != len(STATE_NAMES):
+        raise ValueError(f"a layer's update state has {len(STATE_NAMES)} tensors {STATE_NAMES}, got {len(tensors)}")
+    return dict(zip(STATE_NAMES, tensors))

@@ -12,16 +12,17 @@
     so far (since the process started or since the last
     ``torch.cuda.reset_peak_memory_stats()``), not a property of the model.
 
-    ``planned=True`` also counts the pieces that do not exist yet, as they will
-    be: a projection before the layer's first refresh, the AdamW moments before
-    the optimizer's first step (and, for layers that defer their update, the
-    fp32 low-rank accumulator that lives between backward and ``step()``).
-    They are built on the ``meta`` device by the same code that builds the
-    real ones (``LowRankState.stored_projection`` of a meta projection, i.e.
-    ``quantize_blockwise`` for INT4/INT8; ``AdamState.zeros(..., device="meta")``
-    with the optimizer's bits) and measured by the same ``nbytes``: there is
-    no separate formula to drift. So a planned report taken before the first
-    step equals the plain report taken after it (a test checks this).
+    A projected layer's projection and low-rank moments exist from the
+    transform on (they are the layer's buffers), so they are always counted as
+    stored. ``planned=True`` also counts the pieces that do not exist yet, as
+    they will be: the AdamW moments before the optimizer's first step (and, for
+    layers that defer their update but have no optimizer yet, the fp32
+    low-rank accumulator that lives between backward and ``step()``). They are
+    built on the ``meta`` device by the same code that builds the real ones
+    (``AdamState.zeros(..., device="meta")`` with the optimizer's bits) and
+    measured by the same ``nbytes``: there is no separate formula to drift. So
+    a planned report taken before the first step equals the plain report taken
+    after it (a test checks this).
 
 What a run *will* need per training method, for model shapes that need not fit
 in memory, is the application's memory planner (``qgalore-fx memory``,
@@ -40,7 +41,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from qgalore_fx.kernels.adam8bit import AdamState
-from qgalore_fx.kernels.quant import QuantizedTensor
 
 __all__ = [
     "MemoryReport",
@@ -154,23 +154,6 @@ _WEIGHT_KINDS = {8: "int8 codes", 16: "bf16", 32: "fp32"}
 _PROJ_KINDS = {4: "int4 codes + scales", 8: "int8 codes + scales", 16: "bf16"}
 
 
-def _planned_projection(state) -> object:
-    """The projection ``state`` will hold after its first refresh, built on ``meta``.
-
-    The stored form is made by the layer's own ``stored_projection`` (INT4/INT8 ``quantize_blockwise``
-    or a bf16 copy) from a meta fp32 matrix of the shape ``compute_projection`` returns.
-    """
-    return state.stored_projection(torch.empty(state.projection_shape, dtype=torch.float32, device="meta"))
-
-
-def _projection_nbytes(p) -> int:
-    if p is None:
-        return 0
-    if isinstance(p, QuantizedTensor):
-        return p.nbytes
-    return _nbytes(p)
-
-
 def _state_nbytes(value, seen: set) -> int:
     """Bytes of the tensors inside one optimizer state entry (tensors, AdamStates, nested containers)."""
     if isinstance(value, Tensor):
@@ -231,22 +214,21 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
         report.projected_weights += _nbytes(layer.weight_codes)
         report.weight_scales += _nbytes(layer.weight_scales)
         weight_kinds.add(_WEIGHT_KINDS.get(layer.weight_bits, str(layer.weight_codes.dtype)))
-        state = layer.lowrank
-        if state is None:
+        spec = layer.spec
+        if spec is None:
             continue
-        optim_bits = state.config.optim_bits
-        report.lowrank_optimizer_state += state.adam.nbytes
-        proj_kinds.add(_PROJ_KINDS.get(state.config.proj_bits, str(state.config.proj_bits)))
-        if state.projection is not None:
-            report.projections += _projection_nbytes(state.projection)
-        elif planned:
-            b = _projection_nbytes(_planned_projection(state))
-            report.projections += b
-            pending["projections"] = pending.get("projections", 0) + b
-        if state.accum is not None:
-            report.accumulators += _nbytes(state.accum)
-        elif planned and state.defer:
-            b = _nbytes(torch.empty(state.lowrank_shape, dtype=torch.float32, device="meta"))
+        # counted below as projections, low-rank moments and accumulators; the counters and hparams (a few
+        # bytes per layer) stay under other buffers
+        layer_tensors.update(id(getattr(layer, k)) for k in ("proj_codes", "proj_scales", "exp_avg", "exp_avg_sq",
+                                                              "exp_avg_absmax", "exp_avg_sq_absmax", "accum"))
+        optim_bits = spec.optim_bits
+        nbytes = layer.state_nbytes()
+        report.lowrank_optimizer_state += nbytes["optimizer_state"]
+        proj_kinds.add(_PROJ_KINDS.get(spec.proj_bits, str(spec.proj_bits)))
+        report.projections += nbytes["projection"]  # allocated at transform time, in its stored form
+        report.accumulators += nbytes["accumulator"]
+        if planned and not nbytes["accumulator"] and not spec.fused:
+            b = _nbytes(torch.empty(spec.lowrank_shape, dtype=torch.float32, device="meta"))
             report.accumulators += b
             pending["accumulators"] = pending.get("accumulators", 0) + b
 
@@ -280,7 +262,8 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
             if any(not optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
                 report.notes.append(f"states of {type(optimizer).__name__} not yet created are not planned "
                                     "(only qgalore_fx's optimizer is)")
-        b = sum(AdamState.zeros(p.shape, bits=bits, device="meta").nbytes
+        step_bytes = torch.empty((), dtype=torch.int64, device="meta").element_size()  # the step count tensor
+        b = sum(AdamState.zeros(p.shape, bits=bits, device="meta").nbytes + step_bytes
                 for p in todo if optimizer is None or not optimizer.state.get(p))
         if b:
             report.adamw_optimizer_state += b

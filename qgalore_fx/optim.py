@@ -4,33 +4,53 @@ Two param groups:
 
 ``"qgalore"``
     the ``anchor`` of every projected layer. Its ``lr``, ``betas``, ``eps`` and
-    ``weight_decay`` are read by each layer's update *when it runs* (inside
-    backward, or at ``step()`` in deferred mode), so any
-    ``torch.optim.lr_scheduler`` drives projected layers unchanged. The
-    update itself does not happen in ``step()`` unless it was deferred
-    (``fused=False`` or ``accumulation_steps > 1``): then ``step()`` applies the
-    summed low-rank gradient.
+    ``weight_decay`` are the truth for every projected layer's update; the
+    optimizer hands them to the layers as tensors (each layer's float64
+    ``hparams`` buffer) whenever they change — a scheduler or a user writing
+    ``group["lr"] = x`` writes through the group, a dict that mirrors those
+    four keys on assignment. So any ``torch.optim.lr_scheduler`` drives the
+    projected layers, without a host synchronization and without recompiling
+    a compiled model. The update itself runs inside backward, unless it was
+    deferred (``fused=False`` or ``accumulation_steps > 1``): then ``step()``
+    applies the summed low-rank gradient.
 ``"adamw"``
     every other trainable parameter (embeddings, norms, biases, the output
     head unless projected), updated in ``step()`` by AdamW with 8-bit
     block-wise moments (``optim_bits=32`` for fp32 moments).
 
-Non-finite gradients never reach the weights: a projected layer skips its
-update (see :mod:`qgalore_fx.lowrank`), and ``step()`` skips the AdamW group
-for that step when any of its gradients is non-finite. Both are counted in
-``skipped_updates``.
+One optimizer per model: building a second one for layers a live optimizer
+already drives raises. A deep copy (or an unpickled copy) of a model is not
+bound to any optimizer; it keeps the hyperparameters last handed to it until
+``qgalore_fx.optimizer(copy)`` binds it.
+
+Non-finite gradients never reach the weights, and nothing here synchronizes
+with the device to find out: a projected layer selects its old state with
+``torch.where`` (see :mod:`qgalore_fx.lowrank`), and ``step()`` masks the
+AdamW group's update the same way when any of its gradients is non-finite.
+Both are counted in ``skipped_updates`` (reading it synchronizes).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import weakref
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
-from qgalore_fx.kernels.adam8bit import AdamState, adamw_step_
-from qgalore_fx.layers import QGaLoreLinear
+from qgalore_fx import lowrank
+from qgalore_fx.kernels.adam8bit import (
+    AdamState,
+    dequantize_blockwise_dynamic,
+    quantize_blockwise_dynamic,
+)
+from qgalore_fx.layers import OptimizerLink, QGaLoreLinear
 from qgalore_fx.rewrite import config_of, projected_layers
+
+_MIRRORED = ("lr", "betas", "eps", "weight_decay")
 
 
 def _check_hparams(lr, betas, eps, weight_decay) -> None:
@@ -42,6 +62,36 @@ def _check_hparams(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     if not float(weight_decay) >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+class _LayerGroup(dict):
+    """The projected layers' param group: assigning lr/betas/eps/weight_decay hands them to the layers."""
+
+    def __init__(self, values: dict, optimizer: "QGaLoreOptimizer"):
+        super().__init__(values)
+        self._optimizer = weakref.ref(optimizer)  # no reference cycle: deleting the optimizer frees it at once
+
+    def _changed(self) -> None:
+        optimizer = self._optimizer()
+        if optimizer is not None:
+            optimizer._push_hparams()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key in _MIRRORED:
+            self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        value = super().setdefault(key, default)
+        self._changed()
+        return value
+
+    def __reduce__(self):  # copies and pickles are plain dicts: the mirror belongs to the live optimizer
+        return (dict, (dict(self),))
 
 
 class QGaLoreOptimizer(torch.optim.Optimizer):
@@ -59,9 +109,14 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self.reduce = reduce
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        layers = [(n, m) for n, m in projected_layers(model) if m.lowrank is not None]
+        layers = [(n, m) for n, m in projected_layers(model) if m.trainable]
         if not layers:
             raise ValueError("model has no projected layers: call qgalore_fx.transform(model, rank=...) first")
+        for name, layer in layers:
+            if layer.optimizer_link.get() is not None:
+                raise ValueError(
+                    f"layer {name!r} is already driven by another qgalore_fx optimizer: build one optimizer per "
+                    "model (delete the old one first to replace it; a copy.deepcopy of the model is unbound)")
         config = config_of(model)
         if optim_bits is None:
             optim_bits = config.optim_bits if config is not None else 8
@@ -79,31 +134,64 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             groups.append({"params": others, "name": "adamw", **({} if rest_lr is None else {"lr": rest_lr})})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
-        self.skipped_steps = 0
-        self._link_layers()
+        self._skipped = torch.zeros((), dtype=torch.int64, device=anchors[0].device)
+        self._bind_layers()
 
-    def _link_layers(self) -> None:
+    # ------------------------------------------------------------------ binding
+    def _bind_layers(self) -> None:
+        """Hand this optimizer's settings to its layers and mirror the projected group into their hparams."""
+        group_name = "" if self.process_group is None else self.process_group.group_name
+        defer = self.accumulation_steps > 1
+        for name, layer in self._layers:
+            layer.optimizer_link = OptimizerLink(self)
+            if layer.spec.group != group_name:
+                layer.set_spec(dataclasses.replace(layer.spec, group=group_name))
+            layer_defer = defer or not layer.spec.fused
+            layer.control[lowrank.DEFER] = float(layer_defer)
+            layer.control[lowrank.REDUCE] = float(self.reduce == "full")
+            shape = layer.spec.lowrank_shape if layer_defer else (0,)
+            if tuple(layer.accum.shape) != tuple(shape):
+                layer.accum = torch.zeros(shape, dtype=torch.float32, device=layer.weight_codes.device)
+            if layer.hparams.numel() != len(lowrank.HPARAMS):
+                layer.hparams = torch.zeros(len(lowrank.HPARAMS), dtype=torch.float64,
+                                            device=layer.weight_codes.device)
+        self.param_groups[0] = _LayerGroup(self.param_groups[0], self)
+        self._push_hparams()
+
+    def _push_hparams(self) -> None:
+        """Copy the projected group's hyperparameters into every layer's ``hparams`` (no host sync)."""
         group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        values = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
+        src = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values])
+        by_device: Dict[torch.device, List[Tensor]] = {}
         for _, layer in self._layers:
-            layer.lowrank.group = group
-            layer.lowrank.process_group = self.process_group
-            layer.lowrank.reduce = self.reduce
-            layer.lowrank.defer = (not layer.lowrank.config.fused) or self.accumulation_steps > 1
+            by_device.setdefault(layer.hparams.device, []).append(layer.hparams)
+        for device, targets in by_device.items():
+            on_device = src.to(device, non_blocking=True)
+            torch._foreach_copy_(targets, [on_device] * len(targets))
 
+    # ------------------------------------------------------------------ reading
     @property
     def skipped_updates(self) -> int:
-        """Updates skipped because of non-finite gradients: projected layers + AdamW steps."""
-        return self.skipped_steps + sum(layer.lowrank.skipped_updates for _, layer in self._layers)
+        """Updates skipped because of non-finite values: projected layers + AdamW steps (synchronizes)."""
+        return int(self._skipped) + sum(int(layer.skipped) for _, layer in self._layers)
+
+    @property
+    def skipped_steps(self) -> int:
+        """AdamW-group steps skipped because of non-finite gradients (synchronizes)."""
+        return int(self._skipped)
 
     @property
     def comm_bytes(self) -> int:
         """Bytes the projected layers all-reduced or broadcast so far (0 without a process group)."""
-        return sum(layer.lowrank.comm_bytes for _, layer in self._layers)
+        return sum(int(layer.control[lowrank.COMM_BYTES]) for _, layer in self._layers)
 
     def layer_stats(self) -> Dict[str, dict]:
         """Per projected layer: step, refresh count, current interval, last similarity, skips."""
-        return {name: layer.lowrank.stats() for name, layer in self._layers}
+        return {name: layer.stats() for name, layer in self._layers}
 
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -111,29 +199,32 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for _, layer in self._layers:
-            layer.lowrank.apply_pending(layer.weight_codes, layer.weight_scales)
+            layer.apply_pending()
         for group in self.param_groups[1:]:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
-            if not bool(finite):
-                self.skipped_steps += 1
-                continue
+            ok = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+            if not all(math.isfinite(float(group[k])) for k in ("lr", "eps", "weight_decay")):
+                ok = torch.zeros_like(ok)  # a non-finite hyperparameter skips the group's step, counted
             beta1, beta2 = group["betas"]
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
+                    state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
                     state["adam"] = AdamState.zeros(p.shape, bits=self.optim_bits, device=p.device)
-                state["step"] += 1
-                adamw_step_(p, p.grad, state["adam"], state["step"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                            eps=group["eps"], weight_decay=group["weight_decay"])
+                _masked_adamw_(p, p.grad, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
+                               beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            self._skipped.add_((~ok).to(torch.int64).to(self._skipped.device))
         return loss
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Plain tensors and JSON-safe values only (no pickled objects), loadable by load_state_dict."""
+        """Plain tensors and JSON-safe values only (no pickled objects), loadable by load_state_dict.
+
+        The projected layers' own state (projections, moments, schedules) is the model's: it is in
+        ``model.state_dict()``.
+        """
         index = {}
         groups = []
         for group in self.param_groups:
@@ -147,9 +238,8 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         for p, s in self.state.items():
             if s:
                 state[index[id(p)]] = {"step": s["step"], "adam": s["adam"].state_dict()}
-        layers = {name: layer.lowrank.state_dict() for name, layer in self._layers}
-        return {"state": state, "param_groups": groups, "qgalore_layers": layers,
-                "skipped_steps": self.skipped_steps, "accumulation_steps": self.accumulation_steps}
+        return {"state": state, "param_groups": groups, "skipped_steps": self._skipped,
+                "accumulation_steps": self.accumulation_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         groups = state_dict["param_groups"]
@@ -157,46 +247,88 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                 len(g["params"]) != len(s["params"]) for g, s in zip(groups, self.param_groups)):
             raise ValueError("optimizer state_dict has a different parameter layout than this optimizer "
                              "(different model or options)")
-        layers = state_dict["qgalore_layers"]
-        names = [n for n, _ in self._layers]
-        if sorted(layers) != sorted(names):
-            missing = sorted(set(names) - set(layers))[:3]
-            extra = sorted(set(layers) - set(names))[:3]
-            raise ValueError(f"optimizer state_dict's projected layers differ from the model's: missing {missing}, "
-                             f"unexpected {extra}")
-        for name, layer in self._layers:  # validate everything before changing anything
-            layer.lowrank.check_state_dict(layers[name])
+        if "qgalore_layers" in state_dict:
+            raise ValueError("optimizer state_dict holds per-layer state in the optimizer (an older layout); the "
+                             "projected layers' state now lives in model.state_dict()")
+        accumulation_steps = int(state_dict.get("accumulation_steps", self.accumulation_steps))
+        if accumulation_steps != self.accumulation_steps:
+            raise ValueError(f"optimizer state_dict was saved with accumulation_steps={accumulation_steps}, this "
+                             f"optimizer has {self.accumulation_steps}; build it with the same value")
         by_index = {}
         for group, saved in zip(self.param_groups, groups):
             for p, i in zip(group["params"], saved["params"]):
                 by_index[i] = p
-            for key, value in saved.items():
-                if key != "params":
-                    group[key] = tuple(value) if key == "betas" else value
-        self.state.clear()
+        new_state = {}
         for i, s in state_dict["state"].items():
             p = by_index[int(i)]
             adam = AdamState.from_state_dict(s["adam"]).to(p.device)
-            self.state[p] = {"step": int(s["step"]), "adam": adam}
-        for name, layer in self._layers:
-            layer.lowrank.load_state_dict(layers[name])
-            layer.lowrank.to(layer.weight_codes.device)
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.accumulation_steps = int(state_dict.get("accumulation_steps", self.accumulation_steps))
-        self._link_layers()
+            if adam.shape != p.shape:
+                raise ValueError(f"optimizer state of {self._param_names.get(id(p), i)!r} has shape "
+                                 f"{tuple(adam.shape)}, the parameter {tuple(p.shape)}")
+            step = torch.as_tensor(s["step"], dtype=torch.int64).to(p.device).reshape(()).clone()  # never aliases
+            new_state[p] = {"step": step, "adam": adam}
+        for group, saved in zip(self.param_groups, groups):
+            for key, value in saved.items():
+                if key != "params":
+                    dict.__setitem__(group, key, tuple(value) if key == "betas" else value)
+        self.state.clear()
+        self.state.update(new_state)
+        self._skipped = torch.as_tensor(state_dict.get("skipped_steps", 0), dtype=torch.int64).clone().to(
+            self._skipped.device).reshape(())
+        self._push_hparams()
 
     def state_nbytes(self) -> Dict[str, int]:
         """Bytes of optimizer-side tensors: projections, low-rank moments, AdamW moments, accumulators."""
         out = {"projections": 0, "lowrank_optimizer_state": 0, "adamw_optimizer_state": 0, "accumulators": 0}
         for _, layer in self._layers:
-            b = layer.lowrank.nbytes()
+            b = layer.state_nbytes()
             out["projections"] += b["projection"]
             out["lowrank_optimizer_state"] += b["optimizer_state"]
             out["accumulators"] += b["accumulator"]
         for s in self.state.values():
             if s:
-                out["adamw_optimizer_state"] += s["adam"].nbytes
+                out["adamw_optimizer_state"] += s["adam"].nbytes + s["step"].numel() * s["step"].element_size()
         return out
+
+
+@torch.no_grad()
+def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
+                   beta2: float, eps: float, weight_decay: float) -> None:
+    """AdamW on ``p`` that changes nothing where ``ok`` (a 0-d bool tensor) is False; no host sync.
+
+    The math is :func:`qgalore_fx.kernels.adam8bit.adamw_step_`'s (torch reference), with the step as a
+    tensor and the moments committed with ``torch.where``.
+    """
+    if p.numel() == 0:
+        return
+    g = torch.where(ok, grad.float(), 0.0)
+    if state.bits == 8:
+        m = dequantize_blockwise_dynamic(state.m, state.absmax_m, True, state.block_size)
+        v = dequantize_blockwise_dynamic(state.v, state.absmax_v, False, state.block_size)
+    else:
+        m, v = state.m.clone(), state.v.clone()
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    t = (step + ok.to(torch.int64)).to(torch.float64)
+    c1 = 1.0 - torch.pow(beta1, t)
+    c2 = torch.sqrt(1.0 - torch.pow(beta2, t))
+    n = (m * (1.0 / c1)).div_(v.sqrt().div_(c2).add_(eps)).masked_fill_(~ok, 0.0)
+    if state.bits == 8:
+        for codes, absmax, x, signed in ((state.m, state.absmax_m, m, True), (state.v, state.absmax_v, v, False)):
+            new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, state.block_size)
+            codes.copy_(torch.where(ok, new_codes, codes))
+            absmax.copy_(torch.where(ok, new_absmax, absmax))
+    else:
+        state.m.copy_(torch.where(ok, m, state.m))
+        state.v.copy_(torch.where(ok, v, state.v))
+    in_place = p.dtype == torch.float32 and p.is_contiguous()
+    p32 = p if in_place else p.float().contiguous()
+    if weight_decay:
+        p32.mul_(torch.where(ok, 1.0 - lr * weight_decay, 1.0))
+    p32.sub_(n.mul_(lr))
+    if not in_place:
+        p.copy_(p32)
+    step.add_(ok.to(torch.int64))
 
 
 def _resolve_process_group(process_group):

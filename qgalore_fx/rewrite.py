@@ -5,7 +5,7 @@
 1. ``select_linears``   which ``nn.Linear`` layers to project (config rules);
 2. ``capture_regions``  torch.fx regions around them (see passes/capture.py);
 3. pass 1 ``quantize_weights``  INT8 storage + ``qgalore_fx.linear`` nodes;
-4. pass 2 ``fuse_update``       low-rank update state attached to each node.
+4. pass 2 ``fuse_update``       each node wired to its layer's update-state tensors.
 
 The model is changed in place and returned (use the return value: a traced
 ``nn.Sequential`` root comes back as a ``GraphModule``). Transforming a model
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.layers import QGaLoreLinear
-from qgalore_fx.lowrank import check_rank
+from qgalore_fx.lowrank import STATE_NAMES, check_rank
 from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
 from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
 from qgalore_fx.passes.fuse_update import attach_update, fuse_update
@@ -87,9 +87,26 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
             index += 1
     if on_meta:
         materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
+    _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)
     return model
+
+
+def _exclude_state_from_ddp_sync(model: nn.Module) -> None:
+    """Keep DistributedDataParallel from broadcasting the update state every forward.
+
+    DDP broadcasts a module's buffers from rank 0 before each forward. The update state (projections,
+    moments, counters, hyperparameters) is identical on every rank by construction — each rank applies the
+    same update to the same all-reduced low-rank gradient, and rank 0's projection is broadcast at each
+    refresh — so re-sending it would cost its full size per step for nothing. The weights themselves stay
+    under DDP's sync.
+    """
+    names = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    for name, layer in projected_layers(model):
+        if layer.spec is not None:
+            names += [f"{name}.{k}" for k in STATE_NAMES if k != "control"] + [f"{name}.hparams"]
+    model._ddp_params_and_buffers_to_ignore = names
 
 
 def is_transformed(model: nn.Module) -> bool:
@@ -132,9 +149,9 @@ def explain(model: nn.Module) -> str:
         before = m * n * 4
         after = layer.weight_nbytes()
         rank = side = "-"
-        if layer.lowrank is not None:
-            rank, side = str(layer.lowrank.rank), layer.lowrank.side
-            after += sum(layer.lowrank.nbytes().values())
+        if layer.spec is not None:
+            rank, side = str(layer.spec.rank), layer.spec.side
+            after += sum(layer.state_nbytes().values())
         storage = {8: "int8", 16: "bf16", 32: "fp32"}[layer.weight_bits]
         lines.append(f"{name:<44} {f'{m}x{n}':>13} {storage:>8} {rank:>5} {side:>5} {before:>12,} {after:>11,}")
         total_before += before

@@ -57,7 +57,16 @@ def test_two_ranks_match_one_process_on_the_combined_batch(runs, name):
     ranks, _ = runs[name]
     assert single.keys() == ranks[0].keys()
     for k in single:
-        torch.testing.assert_close(ranks[0][k].float(), single[k].float(), atol=2e-5, rtol=1e-4, msg=k)
+        if k.endswith("._extra_state"):  # the refresh schedule: counters exactly, subspace similarities closely
+            from qgalore_fx.lowrank import LAST_SIMILARITY, QUEUE
+            ints = [i for i in range(single[k].numel()) if i != LAST_SIMILARITY and i < QUEUE]
+            assert torch.equal(ranks[0][k][ints], single[k][ints]), k
+            torch.testing.assert_close(ranks[0][k], single[k], atol=2e-4, rtol=0, msg=k)
+            continue
+        # projections are stored in bf16 here (proj_bits=16), entries of orthonormal vectors (|x| < 1): last-bit
+        # differences of G can move an entry by one bf16 ulp, at most 2**-8
+        atol, rtol = (2**-8, 0.0) if k.endswith(".proj_codes") else (2e-5, 1e-4)
+        torch.testing.assert_close(ranks[0][k].float(), single[k].float(), atol=atol, rtol=rtol, msg=k)
 
 
 def test_lowrank_all_reduce_sends_fewer_bytes(runs):

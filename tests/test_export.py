@@ -79,13 +79,14 @@ def test_hf_export_round_trips_through_save_pretrained(llama_run, tmp_path, dtyp
 def test_export_leaves_the_transformed_model_and_its_training_state_untouched(llama_run):
     model, opt, ids = llama_run
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    layers_before = {n: (l.lowrank.layer_id, l.lowrank.step) for n, l in qgalore_fx.projected_layers(model)}
+    # the layers' update state is in the state dict (compared below) and stays the very same tensors
+    layers_before = {n: [id(t) for t in l.update_state()] for n, l in qgalore_fx.projected_layers(model)}
     mlp_code = model.model.layers[0].mlp.code
     dense = export_dense(model, dtype=torch.float32)
 
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    assert {n: (l.lowrank.layer_id, l.lowrank.step) for n, l in qgalore_fx.projected_layers(model)} == layers_before
+    assert {n: [id(t) for t in l.update_state()] for n, l in qgalore_fx.projected_layers(model)} == layers_before
     assert model.model.layers[0].mlp.code == mlp_code and config_of(model) is not None
     assert all(p.data_ptr() != q.data_ptr() for p in dense.parameters() for q in model.parameters() if p.numel())
     # the original still trains, and the copy does not move with it

@@ -153,5 +153,8 @@ def test_module_api_survives(llama):
     model.half()  # float conversion must not touch codes or scales
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.weight_codes.dtype == torch.int8 and layer.weight_scales.dtype == torch.float32
+    assert layer.exp_avg_sq_absmax.dtype == torch.float32 and layer.hparams.dtype == torch.float64
     clone = copy.deepcopy(model.float())
-    assert clone.model.layers[0].self_attn.q_proj.layer_id != layer.layer_id
+    twin = clone.model.layers[0].self_attn.q_proj
+    for key, t in twin.state_tensors().items():  # the copy owns its own update state
+        assert t is not getattr(layer, key, layer.control) and torch.equal(t, layer.state_tensors()[key]), key

@@ -252,11 +252,9 @@ def plan(preset_or_config, rank: Optional[int] = None, batch_size: Optional[int]
                 if layer is None:
                     states += moments(p)
                     continue
-                lr = layer.lowrank
-                m, n = lr.shape
-                pshape = (lr.rank, n) if lr.side == "right" else (m, lr.rank)
-                projections += _nbytes(torch.empty(pshape, dtype=torch.bfloat16, device="meta"))
-                states += moments(torch.empty(lr.lowrank_shape, device="meta"))
+                spec = layer.spec
+                projections += _nbytes(torch.empty(spec.projection_shape, dtype=torch.bfloat16, device="meta"))
+                states += moments(torch.empty(spec.lowrank_shape, device="meta"))
             grad_peak = bf16_grads
         else:
             rep = memory_report(qmodel, planned=True)

@@ -134,7 +134,8 @@ def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Line
 class _RegionTracer(fx.Tracer):
     """Traces through modules that contain selected linears; everything else is a leaf."""
 
-    def __init__(self, keep_open: set):
+    def __init__(self, keep_open: frozenset = frozenset()):
+        # The default (every module a leaf) is what unpickling a GraphModule re-traces with.
         super().__init__()
         self.keep_open = keep_open
 

@@ -1,40 +1,42 @@
-"""Pass 2: give every INT8 linear its fused low-rank update in backward.
+"""Pass 2: wire every INT8 linear to its low-rank update state.
 
 Requires
     the output of pass 1: ``torch.ops.qgalore_fx.linear`` nodes whose weight
-    argument is a ``get_attr`` reaching a ``QGaLoreLinear`` (or a swapped
-    ``QGaLoreLinear`` module for untraced regions).
+    argument is a ``get_attr`` reaching a ``QGaLoreLinear``, with an empty
+    state list (a frozen quantized linear).
 Guarantees
-    each such layer owns a :class:`~qgalore_fx.lowrank.LowRankState` (rank,
-    projection storage, 8-bit Adam moments, lazy-refresh policy), registered so
-    that the node's ``layer_id`` argument — read through ``get_attr`` — is
-    non-negative. The op's backward then computes grad_x, projects the weight
-    gradient to rank r, takes the Adam step and writes the weight back, inside
-    that layer's backward (see :mod:`qgalore_fx.lowrank`). The graph's shape
-    does not change: the same node now carries a trainable layer.
+    each such layer owns its update state (:meth:`QGaLoreLinear.enable_update`:
+    projection codes and scales, Adam's moments, counters, accumulator, the
+    host-side control tensor, and its static ``spec``), and the node now reads
+    all of it: argument 5 becomes the list of ``get_attr`` nodes of
+    :data:`qgalore_fx.lowrank.STATE_NAMES` and argument 8 a ``get_attr`` of the
+    layer's ``spec_json``. The op's backward then runs the layer's update on
+    exactly those tensors, with no lookup outside the graph. Every other node
+    is unchanged; ``graph.lint()`` passes and the module is recompiled.
+
+Untraced regions (a ``QGaLoreLinear`` swapped in as a module) get the same
+wiring through :meth:`QGaLoreLinear.forward`, which passes the same tensors.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch.fx as fx
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.layers import QGaLoreLinear
-from qgalore_fx.lowrank import LowRankState
+from qgalore_fx.lowrank import STATE_NAMES
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
 
 
 def attach_update(layer: QGaLoreLinear, name: str, config: QGaLoreConfig, index: int) -> bool:
-    """Attach a LowRankState to one layer; False if it already had one."""
-    if layer.lowrank is not None:
-        return False
-    layer.lowrank = LowRankState(name, (layer.out_features, layer.in_features), config, index,
-                                 device=layer.weight_codes.device)
-    return True
+    """Give one layer its update state; False if it already had one."""
+    return layer.enable_update(config, name, index)
 
 
 def fuse_update(gm: fx.GraphModule, prefix: str, config: QGaLoreConfig, start_index: int) -> int:
-    """Attach updates to every pass-1 node of ``gm``; returns how many layers were attached."""
+    """Wire every pass-1 node of ``gm`` to its layer's update; returns how many layers were wired."""
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not LINEAR_OP:
@@ -42,12 +44,26 @@ def fuse_update(gm: fx.GraphModule, prefix: str, config: QGaLoreConfig, start_in
         weight = node.args[1]
         if weight.op != "get_attr":
             raise ValueError(f"node {node.name}: weight must come from get_attr, got {weight.op}")
+        if node.args[5]:
+            raise ValueError(f"node {node.name}: already wired to an update state")
         target = weight.target.rsplit(".", 1)[0]
         layer = gm.get_submodule(target)
         if not isinstance(layer, QGaLoreLinear):
             raise ValueError(f"node {node.name}: {target!r} is {type(layer).__name__}, expected QGaLoreLinear")
         name = f"{prefix}.{target}" if prefix else target
-        if attach_update(layer, name, config, start_index + count):
-            node.meta["qgalore_fx_rank"] = config.rank
-            count += 1
+        attach_update(layer, name, config, start_index + count)
+        with gm.graph.inserting_before(node), warnings.catch_warnings():
+            # ``control`` is a host tensor attribute and ``spec_json`` a string: FX warns that they are not
+            # parameters or buffers; both are read from the layer at run time.
+            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+            state = [gm.graph.get_attr(f"{target}.{k}") for k in STATE_NAMES]
+            spec = gm.graph.get_attr(f"{target}.spec_json")
+        args = list(node.args)
+        args[5], args[8] = state, spec
+        node.args = tuple(args)
+        node.meta["qgalore_fx_rank"] = config.rank
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
     return count

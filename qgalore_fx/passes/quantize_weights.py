@@ -5,13 +5,13 @@ Requires
     targeting plain ``nn.Linear`` submodules (``capture_regions`` guarantees it).
 Guarantees
     each such node is replaced by
-    ``call_function torch.ops.qgalore_fx.linear(x, codes, scales, bias, anchor, layer_id, block)``
+    ``call_function torch.ops.qgalore_fx.linear(x, codes, scales, bias, anchor, [], hparams, block, "")``
     whose tensor arguments are ``get_attr`` nodes reaching the buffers of a
     :class:`~qgalore_fx.layers.QGaLoreLinear` that took the ``nn.Linear``'s
-    place; the float weight is no longer referenced by the GraphModule;
-    ``layer_id`` is read from the module (-1 until pass 2 attaches an update,
-    i.e. a frozen quantized linear); ``node.meta`` of the new call keeps the
-    original node's metadata plus ``qgalore_fx_layer``.
+    place; the float weight is no longer referenced by the GraphModule. The
+    empty state list and spec make it a frozen quantized linear until pass 2
+    wires the update; ``node.meta`` of the new call keeps the original node's
+    metadata plus ``qgalore_fx_layer``. ``graph.lint()`` passes.
 
 ``quantize_module`` does the same for a linear that is its own region (module
 swap, used where the parent could not be traced).
@@ -19,7 +19,6 @@ swap, used where the parent could not be traced).
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -74,16 +73,16 @@ def quantize_weights(gm: fx.GraphModule, selected: set, config: QGaLoreConfig, p
             scales = gm.graph.get_attr(f"{node.target}.weight_scales")
             bias = gm.graph.get_attr(f"{node.target}.bias") if layer.bias is not None else None
             anchor = gm.graph.get_attr(f"{node.target}.anchor")
-            with warnings.catch_warnings():  # FX only knows tensor/module attributes; an int property is fine
-                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-                layer_id = gm.graph.get_attr(f"{node.target}.layer_id")
-            call = gm.graph.call_function(LINEAR_OP, (x, codes, scales, bias, anchor, layer_id, config.block_size))
+            hparams = gm.graph.get_attr(f"{node.target}.hparams")
+            call = gm.graph.call_function(LINEAR_OP, (x, codes, scales, bias, anchor, [], hparams,
+                                                      config.block_size, ""))
         call.meta.update(node.meta)
         call.meta["qgalore_fx_layer"] = node.target
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         changed = True
     if changed:
+        gm.graph.lint()
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
