@@ -68,12 +68,8 @@ from torch import Tensor
 
 from qgalore_fx import projection as proj
 from qgalore_fx.kernels import quantize_blockwise
-from qgalore_fx.kernels.adam8bit import (
-    BLOCK_SIZE as ADAM_BLOCK_SIZE,
-    AdamState,
-    dequantize_blockwise_dynamic,
-    quantize_blockwise_dynamic,
-)
+from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
+from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
 
 _SEED_STRIDE = 1_000_003
 
@@ -168,8 +164,13 @@ class UpdateSpec:
         """Shape of P: [r, n] for a right projection, [m, r] for a left one."""
         return (self.rank, self.n) if self.side == "right" else (self.m, self.rank)
 
-    def encode(self) -> str:
+    @functools.cached_property
+    def text(self) -> str:
+        """The JSON form the ops take (computed once per spec)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def encode(self) -> str:
+        return self.text
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,36 +274,12 @@ def dequantize_weight(weight: Tensor, scales: Tensor, block_size: int, dtype: to
     return torch.ops.qgalore_fx.dequantize(weight, scales, 8, block_size, list(weight.shape), dtype)
 
 
-def _adam_direction(R: Tensor, state: Dict[str, Tensor], t: Tensor, beta1: Tensor, beta2: Tensor, eps: Tensor,
-                    ok: Tensor) -> Tensor:
-    """N = m̂/(sqrt(v̂)+eps) from R; the moments are written only where ``ok`` (a 0-d bool tensor).
-
-    The math is :mod:`qgalore_fx.kernels.adam8bit`'s, with the hyperparameters and the step as tensors.
-    """
-    m_codes, v_codes = state["exp_avg"], state["exp_avg_sq"]
-    eight_bit = m_codes.dtype == torch.uint8
-    block = ADAM_BLOCK_SIZE
-    if eight_bit:
-        m = dequantize_blockwise_dynamic(m_codes, state["exp_avg_absmax"], True, block)
-        v = dequantize_blockwise_dynamic(v_codes, state["exp_avg_sq_absmax"], False, block)
-    else:
-        m, v = m_codes.clone(), v_codes.clone()
-    m.mul_(beta1).add_(R * (1.0 - beta1))
-    v.mul_(beta2).addcmul_(R, R * (1.0 - beta2))
-    tf = t.to(torch.float64)
-    c1 = 1.0 - torch.pow(beta1, tf)
-    c2 = torch.sqrt(1.0 - torch.pow(beta2, tf))
-    N = (m * (1.0 / c1)).div_(v.sqrt().div_(c2).add_(eps))
-    if eight_bit:
-        for codes, absmax, x, signed in ((m_codes, state["exp_avg_absmax"], m, True),
-                                         (v_codes, state["exp_avg_sq_absmax"], v, False)):
-            new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, block)
-            codes.copy_(torch.where(ok, new_codes, codes))
-            absmax.copy_(torch.where(ok, new_absmax, absmax))
-    else:
-        m_codes.copy_(torch.where(ok, m, m_codes))
-        v_codes.copy_(torch.where(ok, v, v_codes))
-    return N.masked_fill_(~ok, 0.0)
+def adam_state(state: Dict[str, Tensor]) -> AdamState:
+    """A view of the layer's moment tensors as an :class:`AdamState` (no copy)."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if m.dtype == torch.uint8:
+        return AdamState(m.shape, 8, ADAM_BLOCK_SIZE, m, v, state["exp_avg_absmax"], state["exp_avg_sq_absmax"])
+    return AdamState(m.shape, 32, ADAM_BLOCK_SIZE, m, v)
 
 
 def sr_seed(spec: UpdateSpec, calls: int, numel: int, device) -> Optional[Tensor]:
@@ -323,8 +300,7 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
-    R = torch.where(ok, R.float(), 0.0)
-    N = _adam_direction(R, state, state["step"] + 1, beta1, beta2, eps, ok)
+    N = adam_direction_masked_(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
     P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     delta = proj.project_back(N, P, spec.side)
     lr = torch.where(ok, lr, 0.0)
@@ -426,8 +402,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     m, n = spec.m, spec.n
     x2 = x.reshape(-1, n).float()
     g2 = grad_y.reshape(-1, m).float()
-    first = c["pending"] == 0
-    refresh = first and _policy(spec, c).should_refresh(int(c["calls"]))
+    refresh = c["pending"] == 0 and (c["last_refresh"] < 0 or c["calls"] - c["last_refresh"] >= c["interval"])
     if refresh or (group is not None and c["reduce"] == 1):
         G = _all_reduce(g2.t() @ x2, group, control)
         if refresh:

@@ -42,11 +42,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qgalore_fx import lowrank
-from qgalore_fx.kernels.adam8bit import (
-    AdamState,
-    dequantize_blockwise_dynamic,
-    quantize_blockwise_dynamic,
-)
+from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
 from qgalore_fx.layers import OptimizerLink, QGaLoreLinear
 from qgalore_fx.rewrite import config_of, projected_layers
 
@@ -296,31 +292,11 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
                    beta2: float, eps: float, weight_decay: float) -> None:
     """AdamW on ``p`` that changes nothing where ``ok`` (a 0-d bool tensor) is False; no host sync.
 
-    The math is :func:`qgalore_fx.kernels.adam8bit.adamw_step_`'s (torch reference), with the step as a
-    tensor and the moments committed with ``torch.where``.
+    :func:`qgalore_fx.kernels.adam8bit.adamw_step_`'s math (torch reference), with the step as a tensor.
     """
     if p.numel() == 0:
         return
-    g = torch.where(ok, grad.float(), 0.0)
-    if state.bits == 8:
-        m = dequantize_blockwise_dynamic(state.m, state.absmax_m, True, state.block_size)
-        v = dequantize_blockwise_dynamic(state.v, state.absmax_v, False, state.block_size)
-    else:
-        m, v = state.m.clone(), state.v.clone()
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    t = (step + ok.to(torch.int64)).to(torch.float64)
-    c1 = 1.0 - torch.pow(beta1, t)
-    c2 = torch.sqrt(1.0 - torch.pow(beta2, t))
-    n = (m * (1.0 / c1)).div_(v.sqrt().div_(c2).add_(eps)).masked_fill_(~ok, 0.0)
-    if state.bits == 8:
-        for codes, absmax, x, signed in ((state.m, state.absmax_m, m, True), (state.v, state.absmax_v, v, False)):
-            new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, state.block_size)
-            codes.copy_(torch.where(ok, new_codes, codes))
-            absmax.copy_(torch.where(ok, new_absmax, absmax))
-    else:
-        state.m.copy_(torch.where(ok, m, state.m))
-        state.v.copy_(torch.where(ok, v, state.v))
+    n = adam_direction_masked_(grad, state, step + 1, beta1, beta2, eps, ok)
     in_place = p.dtype == torch.float32 and p.is_contiguous()
     p32 = p if in_place else p.float().contiguous()
     if weight_decay:

@@ -116,6 +116,7 @@ __all__ = [
     "AdamState",
     "BACKENDS",
     "adam_direction_",
+    "adam_direction_masked_",
     "adamw_step_",
     "dequantize_blockwise_dynamic",
     "dynamic_map",
@@ -489,28 +490,62 @@ def _bias_corrections(beta1: float, beta2: float, step):
     return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
 
 
-def _adam_fp32_(m: Tensor, v: Tensor, g: Tensor, step, beta1: float, beta2: float, eps: float) -> Tensor:
-    """Update fp32 moments ``m``, ``v`` in place; return N = m̂ / (sqrt(v̂) + eps)."""
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+def _adam_fp32_(m: Tensor, v: Tensor, g: Tensor, step, beta1, beta2, eps) -> Tensor:
+    """Update fp32 moments ``m``, ``v`` in place; return N = m̂ / (sqrt(v̂) + eps).
+
+    ``beta1``, ``beta2``, ``eps`` are floats or 0-d tensors (then nothing reads them on the host).
+    """
+    if isinstance(beta1, Tensor) or isinstance(beta2, Tensor):
+        m.mul_(beta1).add_(g * (1.0 - beta1))
+        v.mul_(beta2).addcmul_(g, g * (1.0 - beta2))
+    else:
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     c1, c2 = _bias_corrections(beta1, beta2, step)
     denom = v.sqrt().div_(c2).add_(eps)
     return m.mul(1.0 / c1).div_(denom)
 
 
-def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps) -> Tensor:
-    g = grad.float()
+def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok: Optional[Tensor] = None) -> Tensor:
+    """N from ``grad``; the moments are written in place, or — with ``ok``, a 0-d bool tensor — only where it holds.
+
+    With ``ok`` the update is branch-free: a False ``ok`` keeps the moments bit for bit and returns N = 0, and a
+    non-finite ``grad`` never reaches the moments (it is replaced by 0 before use).
+    """
+    g = grad.float() if ok is None else torch.where(ok, grad.float(), 0.0)
     if state.bits == 32:
-        return _adam_fp32_(state.m, state.v, g, step, beta1, beta2, eps)
-    bs = state.block_size
-    m = dequantize_blockwise_dynamic(state.m, state.absmax_m, True, bs)
-    v = dequantize_blockwise_dynamic(state.v, state.absmax_v, False, bs)
+        if ok is None:
+            return _adam_fp32_(state.m, state.v, g, step, beta1, beta2, eps)
+        m, v = state.m.clone(), state.v.clone()
+    else:
+        m = dequantize_blockwise_dynamic(state.m, state.absmax_m, True, state.block_size)
+        v = dequantize_blockwise_dynamic(state.v, state.absmax_v, False, state.block_size)
     n = _adam_fp32_(m, v, g, step, beta1, beta2, eps)
+    if state.bits == 32:
+        state.m.copy_(torch.where(ok, m, state.m))
+        state.v.copy_(torch.where(ok, v, state.v))
+        return n.masked_fill_(~ok, 0.0)
     for codes, absmax, x, signed in ((state.m, state.absmax_m, m, True), (state.v, state.absmax_v, v, False)):
-        new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, bs)
-        codes.copy_(new_codes)
-        absmax.copy_(new_absmax)
-    return n
+        new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, state.block_size)
+        codes.copy_(new_codes if ok is None else torch.where(ok, new_codes, codes))
+        absmax.copy_(new_absmax if ok is None else torch.where(ok, new_absmax, absmax))
+    return n if ok is None else n.masked_fill_(~ok, 0.0)
+
+
+@torch.no_grad()
+def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, beta2, eps, ok: Tensor) -> Tensor:
+    """:func:`adam_direction_` (torch reference) for a compiled or asynchronous caller: no host synchronization.
+
+    ``step`` (the 1-based index of this update) is a 0-d integer tensor and ``beta1``, ``beta2``, ``eps`` floats
+    or 0-d tensors; the moments change only where the 0-d bool tensor ``ok`` holds, and N is 0 where it does not.
+    """
+    if not isinstance(ok, Tensor) or ok.dtype != torch.bool or ok.numel() != 1:
+        raise ValueError(f"ok must be a 0-d bool tensor, got {ok!r}")
+    if grad.shape != state.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} does not match the state shape {tuple(state.shape)}")
+    if state.shape.numel() == 0:
+        return torch.zeros(state.shape, dtype=torch.float32, device=state.device)
+    return _direction_torch(grad, state, step, beta1, beta2, eps, ok.reshape(()))
 
 
 # --------------------------------------------------------------------------- bitsandbytes
