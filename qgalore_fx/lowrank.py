@@ -92,12 +92,13 @@ LAST_SIMILARITY = 7  # -1 when there was nothing to compare with
 REFRESH_SECONDS = 8
 COMM_BYTES = 9       # bytes this layer all-reduced or broadcast
 QUEUE_LEN = 10
-QUEUE = 11           # the last ``queue_size`` similarities
+STEP_UPDATES = 11    # updates applied inside backward since the last optimizer.step() (0 or 1)
+QUEUE = 12           # the last ``queue_size`` similarities
 # Slots that are not training state: the bound optimizer's settings and this process's telemetry. They are saved as
 # 0 (two runs that computed the same thing have equal state dicts) and loading keeps the live values.
 NOT_SAVED = (DEFER, REDUCE, REFRESH_SECONDS, COMM_BYTES)
 CONTROL_FIELDS = ("calls", "pending", "defer", "reduce", "interval", "last_refresh", "refresh_count",
-                  "last_similarity", "refresh_seconds", "comm_bytes", "queue_len")
+                  "last_similarity", "refresh_seconds", "comm_bytes", "queue_len", "step_updates")
 
 HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
@@ -242,7 +243,7 @@ def check_control(control: Tensor, spec: UpdateSpec, where: str) -> None:
         got = f"{control.dtype} {tuple(control.shape)}" if isinstance(control, Tensor) else type(control).__name__
         raise ValueError(f"{where}: the update control state must be a float64 tensor of shape ({size},), got {got}")
     c = control_dict(control.cpu())
-    counters = ("calls", "pending", "refresh_count", "comm_bytes", "queue_len")
+    counters = ("calls", "pending", "refresh_count", "comm_bytes", "queue_len", "step_updates")
     bad = [k for k in counters if not (math.isfinite(c[k]) and c[k] >= 0 and c[k] == int(c[k]))]
     if not (math.isfinite(c["interval"]) and c["interval"] >= 1 and c["interval"] == int(c["interval"])):
         bad.append("interval")
@@ -398,6 +399,12 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     defer = bool(c["defer"])
     if defer and state["accum"].numel() == 0:
         raise RuntimeError(f"layer {spec.name!r} defers its update but has no accumulator; rebuild the optimizer")
+    if not defer and c["step_updates"]:
+        raise RuntimeError(
+            f"layer {spec.name!r} received a second backward() before optimizer.step(): its update runs inside "
+            "backward, so gradient accumulation would apply one update per micro-batch. Build the optimizer with "
+            "qgalore_fx.optimizer(model, accumulation_steps=k) for k micro-batches per step (HF Trainer: "
+            "accumulation_steps=args.gradient_accumulation_steps), or call optimizer.step() between backward() calls")
     group = _process_group(spec)
     m, n = spec.m, spec.n
     x2 = x.reshape(-1, n).float()
@@ -413,6 +420,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
                 else:
                     state["skipped"].add_(1)
                     control[CALLS] += 1
+                    control[STEP_UPDATES] = 1
                 return
             _refresh(state, G, c, spec, group)
         R = proj.project(G, projection_matrix(state["proj_codes"], state["proj_scales"], spec), spec.side)
@@ -433,14 +441,17 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), R, hparams,
                                        sr_seed(spec, calls, weight.numel(), weight.device), spec.encode())
     control[CALLS] = calls + 1
+    control[STEP_UPDATES] = 1
 
 
 @torch.no_grad()
 def apply_pending_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: Tensor,
                    spec: UpdateSpec) -> bool:
-    """Apply the accumulated low-rank gradient (deferred mode); True if there was one."""
+    """At ``optimizer.step()``: apply the accumulated low-rank gradient (deferred mode); True if there was one."""
     control = state["control"]
     c = control_dict(control)
+    if c["step_updates"]:
+        control[STEP_UPDATES] = 0
     if c["pending"] == 0:
         return False
     calls = int(c["calls"])

@@ -26,11 +26,14 @@
     Adam on R, project back, decay, stochastic-rounding write-back;
     branch-free, hyperparameters as tensors.
 
-``anchor`` is a zero-element Parameter owned by each layer. It makes autograd
-run the layer's backward even when nothing upstream requires grad (e.g. frozen
-embeddings), gets an empty gradient so DDP's reducer sees every parameter
-used, and is what the optimizer's projected param group holds, so learning
-rate schedulers drive projected layers like any other group.
+``anchor`` is a zero-element Parameter owned by each layer, the stand-in for
+its weight. It makes autograd run the layer's backward even when nothing
+upstream requires grad (e.g. frozen embeddings), gets an empty gradient so
+DDP's reducer sees every parameter used, and is what the optimizer's
+projected param group holds, so learning rate schedulers drive projected
+layers like any other group. Freezing it (``requires_grad_(False)``, e.g.
+through ``module.requires_grad_(False)``) freezes the layer: its update does
+not run.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def _backward(ctx, grad_y):
         grad_bias = g2d.sum(0).to(ctx.bias_dtype)
     if ctx.needs_input_grad[4]:
         grad_anchor = grad_y.new_zeros(ctx.anchor_shape)
-    if state:
+    if state and ctx.needs_input_grad[4]:  # a frozen anchor (requires_grad=False) freezes the layer's weight
         torch.ops.qgalore_fx.lowrank_update_(weight, scales, state, hparams, x, grad_y, ctx.spec)
     return grad_x, None, None, grad_bias, grad_anchor, [None] * ctx.n_state, None, None, None
 
