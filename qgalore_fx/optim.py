@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import weakref
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -49,15 +50,25 @@ from qgalore_fx.rewrite import config_of, projected_layers
 _MIRRORED = ("lr", "betas", "eps", "weight_decay")
 
 
-def _check_hparams(lr, betas, eps, weight_decay) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)) or not float(lr) >= 0:
-        raise ValueError(f"lr must be a non-negative float, got {lr!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+def _finite_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):  # read once, at construction
+        return value.numel() == 1 and not value.is_complex() and math.isfinite(float(value))
+    return isinstance(value, numbers.Real) and math.isfinite(float(value))
+
+
+def _check_hparams(lr, betas, eps, weight_decay, lr_name: str = "lr") -> None:
+    """Reject what would corrupt the weights at the first step; every message names the option."""
+    if not _finite_number(lr) or not float(lr) >= 0:
+        raise ValueError(f"{lr_name} must be a finite float >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_finite_number(b) and 0.0 <= float(b) < 1.0 for b in betas)):
         raise ValueError(f"betas must be a pair of floats in [0, 1), got {betas!r}")
-    if not float(eps) > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if not float(weight_decay) >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not _finite_number(eps) or not float(eps) > 0:
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    if not _finite_number(weight_decay) or not float(weight_decay) >= 0:
+        raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
 
 
 class _LayerGroup(dict):
@@ -97,7 +108,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                  rest_lr: Optional[float] = None):
         _check_hparams(lr, betas, eps, weight_decay)
         if rest_lr is not None:
-            _check_hparams(rest_lr, betas, eps, weight_decay)
+            _check_hparams(rest_lr, betas, eps, weight_decay, lr_name="rest_lr")
         if reduce not in ("lowrank", "full"):
             raise ValueError(f"reduce must be 'lowrank' (all-reduce the rank-r gradient) or 'full' (all-reduce the "
                              f"full weight gradient), got {reduce!r}")
@@ -200,10 +211,12 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            ok = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
-            if not all(math.isfinite(float(group[k])) for k in ("lr", "eps", "weight_decay")):
-                ok = torch.zeros_like(ok)  # a non-finite hyperparameter skips the group's step, counted
             beta1, beta2 = group["betas"]
+            if not all(_finite_number(group[k]) for k in ("lr", "eps", "weight_decay")) \
+                    or not (_finite_number(beta1) and _finite_number(beta2)):
+                self._skipped.add_(1)  # e.g. a scheduler wrote NaN: skip the group's step, counted like a bad grad
+                continue
+            ok = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
             for p in params:
                 state = self.state[p]
                 if not state:

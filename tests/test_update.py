@@ -312,3 +312,32 @@ def test_rest_lr_sets_the_adamw_group():
     assert lrs == {"qgalore": 1e-2, "adamw": 1e-3}
     with pytest.raises(ValueError, match="lr"):
         qgalore_fx.optimizer(model, rest_lr=-1.0)
+
+
+@pytest.mark.parametrize("option,value", [("lr", float("inf")), ("lr", float("nan")), ("eps", float("inf")),
+                                          ("weight_decay", float("inf")), ("rest_lr", float("inf")),
+                                          ("betas", (0.9, float("nan"))), ("lr", "0.1")])
+def test_non_finite_hyperparameters_are_rejected_naming_the_option(option, value):
+    model = one_linear()
+    with pytest.raises(ValueError, match=option):
+        qgalore_fx.optimizer(model, **{option: value})
+
+
+def test_non_finite_learning_rate_at_run_time_skips_every_update():
+    """A broken scheduler writing NaN: projected layers and the AdamW group skip, weights and states untouched."""
+    model = one_linear()
+    opt = qgalore_fx.optimizer(model, lr=1e-2)
+    layer = layer_of(model)
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for group in opt.param_groups:
+        group["lr"] = float("nan")
+    model(torch.randn(4, 32)).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert sorted(changed) == ["0._extra_state", "0.skipped"]  # the attempt and skip counters only
+    assert opt.skipped_updates == 2 and torch.isfinite(layer.dequantized_weight()).all()
