@@ -25,6 +25,8 @@ _EXPORTS = {
     "read_checkpoint": "qgalore_fx.checkpoint",
     "export_dense": "qgalore_fx.export",
     "memory_report": "qgalore_fx.memory",
+    "register_layer_handler": "qgalore_fx.handlers",
+    "LayerHandler": "qgalore_fx.handlers",
 }
 
 __all__ = sorted(_EXPORTS)

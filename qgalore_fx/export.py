@@ -8,13 +8,15 @@ The result is a deep copy; ``model`` and its training state are untouched.
 
 What changes in the copy
 ------------------------
-- every :class:`~qgalore_fx.layers.QGaLoreLinear` becomes an ordinary
-  ``nn.Linear`` whose weight is the layer's current dequantized weight
-  (computed in fp32, then cast to ``dtype``) and whose bias is a copy of the
-  layer's bias. The low-rank state (projection, moments) is not copied.
+- every :class:`~qgalore_fx.layers.QGaLoreLinear` becomes a layer of the type
+  it replaced (``layer.source_type``: ``nn.Linear``, GPT-2's ``Conv1D``, ...),
+  rebuilt by that type's handler (:mod:`qgalore_fx.handlers`): its weight is
+  the layer's current dequantized weight (computed in fp32, then cast to
+  ``dtype``; transposed back to [in, out] for a ``Conv1D``) and its bias a copy
+  of the layer's bias. The low-rank state (projection, moments) is not copied.
 - in every traced region (a ``GraphModule`` made by the transform), each
   ``torch.ops.qgalore_fx.linear`` node becomes a ``call_module`` node calling
-  that ``nn.Linear``, and the ``get_attr`` nodes that fed it (codes, scales,
+  that rebuilt layer, and the ``get_attr`` nodes that fed it (codes, scales,
   anchor, update state, spec) are removed. The region stays a ``GraphModule``.
 
   Why not rebuild the region's original class (e.g. ``LlamaMLP``)? A traced
@@ -43,6 +45,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from qgalore_fx.handlers import handler_for, handler_named
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
 from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, projected_layers
@@ -52,18 +55,13 @@ __all__ = ["export_dense"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@torch.no_grad()
-def _dense_linear(layer: QGaLoreLinear, dtype: torch.dtype) -> nn.Linear:
-    device = layer.weight_codes.device
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = nn.Parameter(layer.dequantized_weight(torch.float32).to(device=device, dtype=dtype))
-    if layer.bias is not None:
-        linear.bias = nn.Parameter(layer.bias.detach().to(dtype=dtype, copy=True))
-    return linear
+def _dense_layer(layer: QGaLoreLinear, dtype: torch.dtype) -> nn.Module:
+    """The layer of its original type (``source_type``), dense, in ``dtype``."""
+    return handler_named(layer.source_type).export(layer, dtype)
 
 
 def _rewrite_graph(gm: fx.GraphModule) -> bool:
-    """Turn ``qgalore_fx.linear`` nodes back into ``call_module`` nodes of the ``nn.Linear`` at the same path."""
+    """Turn ``qgalore_fx.linear`` nodes back into ``call_module`` nodes of the rebuilt layer at the same path."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not LINEAR_OP:
@@ -74,8 +72,9 @@ def _rewrite_graph(gm: fx.GraphModule) -> bool:
                              f"get_attr (got {codes!r}); cannot tell which layer it calls")
         target = codes.target.rsplit(".", 1)[0]
         module = gm.get_submodule(target)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"export_dense: {target!r} is a {type(module).__name__} after export, expected nn.Linear")
+        if isinstance(module, QGaLoreLinear) or handler_for(module) is None:
+            raise ValueError(f"export_dense: {target!r} is a {type(module).__name__} after export, expected a "
+                             "rebuilt layer of its original type")
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(target, (x,))
         call.meta.update({k: v for k, v in node.meta.items() if not k.startswith("qgalore_fx")})
@@ -117,15 +116,15 @@ def _cast_(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A plain copy of ``model`` with every projected layer as an ``nn.Linear`` in ``dtype`` (see module docstring)."""
+    """A plain copy of ``model``, each projected layer back to its original type in ``dtype`` (module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
     layers = projected_layers(model)
-    # Each QGaLoreLinear is copied as its dense nn.Linear (never as INT8 codes + low-rank state); the
+    # Each QGaLoreLinear is copied as its dense original layer (never as INT8 codes + low-rank state); the
     # transform's bookkeeping is not copied at all.
-    memo = {id(layer): _dense_linear(layer, dtype) for _, layer in layers}
+    memo = {id(layer): _dense_layer(layer, dtype) for _, layer in layers}
     for attr in (_REGIONS_ATTR, _CONFIG_ATTR):
         if attr in model.__dict__:
             memo[id(model.__dict__[attr])] = None

@@ -2,7 +2,8 @@
 
 Compiled graphs see weights as inputs; to change *what is stored* the storage
 has to be owned by a module before anything is captured or compiled. Each
-rewritten ``nn.Linear`` therefore becomes one of these, holding:
+rewritten layer (``nn.Linear``, GPT-2's ``Conv1D`` or any type with a handler in
+:mod:`qgalore_fx.handlers`) therefore becomes one of these, holding:
 
 - ``weight_codes``: INT8 codes [out, in] (``weight_bits=8``) — or, for the
   16/32-bit ablations, the weight itself in bf16/fp32;
@@ -17,7 +18,9 @@ rewritten ``nn.Linear`` therefore becomes one of these, holding:
   ``control`` tensor (kept on the CPU whatever ``.to()`` does to the rest,
   because the host reads it to decide when to refresh; it reaches
   ``state_dict`` as this module's extra state), ``hparams`` (a non-persistent
-  buffer the optimizer writes), and ``spec``, the static settings.
+  buffer the optimizer writes), and ``spec``, the static settings;
+- ``source_type``: the name of the handler of the layer it replaced (a str), so
+  :func:`qgalore_fx.export_dense` rebuilds that type.
 
 No full-precision copy of the weight is kept. In a traced region the graph
 reaches these tensors through ``get_attr`` nodes; where a region could not be
@@ -35,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx import lowrank, ops  # noqa: F401  (ops registers the custom ops)
+from qgalore_fx import handlers, lowrank, ops  # noqa: F401  (ops registers the custom ops)
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.kernels import quantize_blockwise
 
@@ -65,9 +68,12 @@ class OptimizerLink:
 
 
 class QGaLoreLinear(nn.Module):
+    source_type = handlers.LINEAR  # class default: layers pickled before source_type existed came from nn.Linear
+
     def __init__(self, in_features: int, out_features: int, bias: Optional[Tensor], weight_bits: int, block_size: int,
-                 device=None):
+                 device=None, source_type: str = handlers.LINEAR):
         super().__init__()
+        self.source_type = source_type  # the handler (qgalore_fx.handlers) of the layer this replaced
         self.in_features = in_features
         self.out_features = out_features
         self.weight_bits = weight_bits
@@ -90,16 +96,24 @@ class QGaLoreLinear(nn.Module):
         self.optimizer_link = OptimizerLink()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QGaLoreConfig, weight: Optional[Tensor] = None,
+    def from_module(cls, module: nn.Module, config: QGaLoreConfig, weight: Optional[Tensor] = None,
                     bias: Optional[nn.Parameter] = None) -> "QGaLoreLinear":
-        """Quantize ``linear.weight`` (nearest rounding) and drop the float weight.
+        """Quantize a handled layer's weight (nearest rounding), read as [out, in] through its handler.
 
-        ``weight``/``bias`` replace the linear's own tensors (used when it lives on the meta device).
+        ``module`` is any layer with a handler in :mod:`qgalore_fx.handlers` (``nn.Linear``, GPT-2's
+        ``Conv1D``, ...); the result remembers that handler's name in ``source_type``. ``weight`` ([out, in])
+        and ``bias`` replace the layer's own tensors (used when it lives on the meta device). The caller
+        releases the layer's float weight (``handler.release_weight``).
         """
-        weight = linear.weight.detach() if weight is None else weight
-        bias = linear.bias if bias is None else bias
-        new = cls(linear.in_features, linear.out_features, bias, config.weight_bits, config.block_size,
-                  device=weight.device)
+        handler = handlers.handler_for(module)
+        if handler is None:
+            raise ValueError(f"no layer handler for {type(module).__name__}; supported: "
+                             f"{', '.join(handlers.supported_types())} (qgalore_fx.register_layer_handler adds one)")
+        out_features, in_features = handler.shape(module)
+        weight = handler.dense_weight(module) if weight is None else weight
+        bias = handler.bias(module) if bias is None else bias
+        new = cls(in_features, out_features, bias, config.weight_bits, config.block_size, device=weight.device,
+                  source_type=handler.name)
         new.load_weight_(weight)
         return new
 
@@ -245,6 +259,8 @@ class QGaLoreLinear(nn.Module):
         storage = {8: f"int8 block={self.block_size}", 16: "bf16", 32: "fp32"}[self.weight_bits]
         text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"weight={storage}"
+        if self.source_type != handlers.LINEAR:
+            text += f", source={self.source_type}"
         if self.spec is not None:
             s = self.spec
             text += f", rank={s.rank}, side={s.side}, proj_bits={s.proj_bits}, optim_bits={s.optim_bits}"

@@ -4,11 +4,13 @@
         model = LlamaForCausalLM(config)
     model = qgalore_fx.transform(model, rank=1024, weights="path/to/safetensors-dir")   # or a state dict, or None
 
-A projected linear's float weight exists only while that one layer is being
+A projected layer's float weight exists only while that one layer is being
 quantized: it is read from ``weights`` (a state-dict mapping, a ``.safetensors``
 file or a directory of them; only the needed tensor is read from disk), or
-initialized as the model would initialize it (HF ``_init_weights``, else
-``reset_parameters``) when ``weights`` is None. So a 7B model never exists in
+initialized as the model would initialize it (HF ``_init_weights``, else the
+layer type's constructor) when ``weights`` is None. The layer's handler
+(:mod:`qgalore_fx.handlers`) says how: GPT-2's ``Conv1D`` keeps its weight as
+[in, out] under ``{name}.weight``, which is read and transposed. So a 7B model never exists in
 full precision in memory. Everything that is not projected (embeddings, norms,
 rotary buffers) is then materialized module by module, initialized, and
 overwritten from ``weights`` where it has the tensor. Parameters shared by
@@ -25,6 +27,8 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from qgalore_fx.handlers import handler_for
 
 WeightsArg = Union[None, str, os.PathLike, Mapping[str, Tensor]]
 
@@ -85,34 +89,45 @@ class WeightSource:
         return t
 
 
-def linear_weight_factory(model: nn.Module, source: WeightSource, device) -> Callable[[str, nn.Linear], Tensor]:
-    """Returns ``f(fqn, linear) -> fp32 weight on device`` for one layer (read or initialized)."""
+def linear_weight_factory(model: nn.Module, source: WeightSource, device) -> Callable[[str, nn.Module], Tensor]:
+    """Returns ``f(fqn, layer) -> fp32 [out, in] weight on device`` for one handled layer (read or initialized).
 
-    def make(fqn: str, linear: nn.Linear) -> Tensor:
-        shape = (linear.out_features, linear.in_features)
+    The layer's handler (:mod:`qgalore_fx.handlers`) says under which key and in which layout its weight is
+    stored: ``{fqn}.weight`` of shape [out, in] for ``nn.Linear``, [in, out] for GPT-2's ``Conv1D`` (read,
+    then transposed). Without ``weights``, a temporary of the layer's own type is built on ``device`` and
+    initialized as the model would (HF ``_init_weights``, else the type's constructor).
+    """
+    init = getattr(model, "_init_weights", None)
+    init = init if callable(init) else None
+
+    def make(fqn: str, layer: nn.Module) -> Tensor:
+        handler = handler_for(layer)
+        if handler is None:
+            raise ValueError(f"{fqn!r} is a {type(layer).__name__}, which has no layer handler")
         if not source.empty:
-            w = source.get(f"{fqn}.weight", shape)
+            key = f"{fqn}.{handler.weight_name}" if fqn else handler.weight_name
+            w = source.get(key, handler.stored_shape(*handler.shape(layer)))
             if w is None:
-                raise ValueError(f"weights has no tensor {fqn + '.weight'!r} for projected layer {fqn!r}")
-            return w.to(device=device, dtype=torch.float32)
-        tmp = nn.Linear(linear.in_features, linear.out_features, bias=False, device=device)
-        init = getattr(model, "_init_weights", None)
-        if callable(init):
-            init(tmp)
-        return tmp.weight.detach()
+                raise ValueError(f"weights has no tensor {key!r} for projected layer {fqn!r}")
+            return handler.to_dense(w).to(device=device, dtype=torch.float32)
+        return handler.initialized_weight(layer, device, init).detach()
 
     return make
 
 
-def materialize_bias(fqn: str, linear: nn.Linear, source: WeightSource, device) -> Optional[nn.Parameter]:
-    if linear.bias is None:
+def materialize_bias(fqn: str, layer: nn.Module, source: WeightSource, device) -> Optional[nn.Parameter]:
+    """The bias of a handled layer on the meta device: read from ``weights``, else zeros (None if it has none)."""
+    handler = handler_for(layer)
+    bias = handler.bias(layer)
+    if bias is None:
         return None
-    b = source.get(f"{fqn}.bias", linear.bias.shape) if not source.empty else None
+    key = f"{fqn}.{handler.bias_name}" if fqn else handler.bias_name
+    b = source.get(key, bias.shape) if not source.empty else None
     if b is None:
         if not source.empty:
-            raise ValueError(f"weights has no tensor {fqn + '.bias'!r}")
-        b = torch.zeros(linear.bias.shape)
-    return nn.Parameter(b.to(device=device, dtype=linear.bias.dtype), requires_grad=linear.bias.requires_grad)
+            raise ValueError(f"weights has no tensor {key!r}")
+        b = torch.zeros(bias.shape)
+    return nn.Parameter(b.to(device=device, dtype=bias.dtype), requires_grad=bias.requires_grad)
 
 
 @torch.no_grad()
@@ -125,27 +140,34 @@ def materialize_rest(model: nn.Module, source: WeightSource, device, skip: tuple
     for name, module in model.named_modules():
         if isinstance(module, skip):
             continue
-        touched = False
+        fresh = False
+        reused = []  # parameters shared with a module materialized earlier (tied weights): already set
         for pname, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
-            if id(p) not in shared:
+            if id(p) in shared:
+                reused.append(shared[id(p)])
+            else:
                 shared[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                fresh = True
             module._parameters[pname] = shared[id(p)]
-            touched = True
         for bname, b in list(module._buffers.items()):
             if b is not None and b.is_meta:
                 module._buffers[bname] = torch.empty_like(b, device=device)
-                touched = True
-        if not touched:
+                fresh = True
+        if not fresh and not reused:
             continue
-        if callable(init):
-            init(module)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        elif source.empty:
-            raise ValueError(f"cannot initialize {name!r} ({type(module).__name__}) from the meta device: it has no "
-                             "reset_parameters(); pass weights= with its tensors")
+        if fresh:
+            kept = [(t, t.detach().clone()) for t in reused]  # initializing this module must not reset them
+            if callable(init):
+                init(module)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            elif source.empty:
+                raise ValueError(f"cannot initialize {name!r} ({type(module).__name__}) from the meta device: it "
+                                 "has no reset_parameters(); pass weights= with its tensors")
+            for t, value in kept:
+                t.copy_(value)
         if source.empty:
             continue
         for pname, p in module.named_parameters(prefix=name, recurse=False):

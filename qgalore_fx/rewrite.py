@@ -2,7 +2,8 @@
 
     model = qgalore_fx.transform(model, rank=256)
 
-1. ``select_linears``   which ``nn.Linear`` layers to project (config rules);
+1. ``select_linears``   which layers to project (config rules; any type with a
+                        handler in :mod:`qgalore_fx.handlers`: ``nn.Linear``, GPT-2's ``Conv1D``);
 2. ``capture_regions``  torch.fx regions around them (see passes/capture.py);
 3. pass 1 ``quantize_weights``  INT8 storage + ``qgalore_fx.linear`` nodes;
 4. pass 2 ``fuse_update``       each node wired to its layer's update-state tensors.
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.handlers import handler_for
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import STATE_NAMES, check_rank
 from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
@@ -61,15 +63,15 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     target_device = torch.device("cpu" if device is None else device)
 
     selected = select_linears(model, config)
-    for name, linear in selected.items():  # before anything is rewritten
-        check_rank(config.rank, name, linear.out_features, linear.in_features)
+    for name, layer in selected.items():  # before anything is rewritten
+        check_rank(config.rank, name, *handler_for(layer).shape(layer))
 
     materialize = None
     if on_meta:
         make_weight = linear_weight_factory(model, source, target_device)
 
-        def materialize(fqn, linear):
-            return make_weight(fqn, linear), materialize_bias(fqn, linear, source, target_device)
+        def materialize(fqn, layer):
+            return make_weight(fqn, layer), materialize_bias(fqn, layer, source, target_device)
 
     model, regions = capture_regions(model, selected, trace=config.trace)
     index = 0

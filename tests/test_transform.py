@@ -113,7 +113,8 @@ def test_selection_rules():
         (dict(rank=4, stochastic_round="yes"), TypeError, "stochastic_round"),
         (dict(rank=4, learning_rate=1e-3), TypeError, "unknown option"),
         (dict(rank=4, filter_fn=lambda m, n: False), ValueError, "selected no layer"),
-        (dict(rank=4, filter_fn=lambda m, n: n.endswith("input_layernorm")), ValueError, "only nn.Linear"),
+        (dict(rank=4, filter_fn=lambda m, n: n.endswith("input_layernorm")), ValueError,
+         "input_layernorm.*no layer handler; supported types: torch.nn.Linear"),
         (dict(), TypeError, "rank"),
     ],
 )

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from qgalore_fx.handlers import handler_named
 from qgalore_fx.kernels.adam8bit import AdamState
 from qgalore_fx.memory import GB, MB, GiB, MiB, MemoryReport, _nbytes, memory_report
 
@@ -185,8 +186,9 @@ def plan(preset_or_config, rank: Optional[int] = None, batch_size: Optional[int]
                      meta first (``model.to(torch.bfloat16)``, which leaves codes and scales alone), as GPU
                      training keeps them, and get 8-bit AdamW moments.
 
-    The projected layers are the ones ``transform`` selects (every linear inside the decoder layers;
-    embeddings, norms and the head are not projected) for both GaLore and Q-GaLore.
+    The projected layers are the ones ``transform`` selects (every layer with a handler in
+    ``qgalore_fx.handlers`` inside the decoder layers: ``nn.Linear``, GPT-2's ``Conv1D``; embeddings, norms
+    and the head are not projected) for both GaLore and Q-GaLore.
 
     ``grad_peak`` is the transient weight-gradient memory: the full methods and GaLore (whose optimizer
     runs in ``step()``, as in Table 1) hold every parameter's bf16 gradient at once. Fused Q-GaLore holds
@@ -227,8 +229,8 @@ def plan(preset_or_config, rank: Optional[int] = None, batch_size: Optional[int]
     n_params = sum(p.numel() for _, p in dense_params)
     dense_weights = sum(_nbytes(p) for _, p in dense_params)
     bf16_grads = dense_weights  # one bf16 gradient per parameter
-    projected = {f"{n}.weight" for n in layers}
-    missing = projected - {n for n, _ in dense_params}
+    projected = {f"{n}.{handler_named(l.source_type).weight_name}": n for n, l in layers.items()}
+    missing = projected.keys() - {n for n, _ in dense_params}
     if missing:
         raise RuntimeError(f"projected layers not found in the dense model: {sorted(missing)[:3]}")
 
@@ -248,7 +250,7 @@ def plan(preset_or_config, rank: Optional[int] = None, batch_size: Optional[int]
         elif method == "galore":
             states = 0
             for pname, p in dense_params:
-                layer = layers.get(pname[: -len(".weight")]) if pname in projected else None
+                layer = layers[projected[pname]] if pname in projected else None
                 if layer is None:
                     states += moments(p)
                     continue

@@ -1,4 +1,7 @@
-"""Choose the linears to project and capture the regions around them as FX graphs.
+"""Choose the layers to project and capture the regions around them as FX graphs.
+
+A layer is projectable when its type has a handler (:mod:`qgalore_fx.handlers`);
+"linear" below means any such layer (``nn.Linear``, GPT-2's ``Conv1D``, ...).
 
 Why regions, not one whole-model graph (measured with torch 2.13 and
 transformers 5.23, DESIGN.md §5): ``torch.fx.symbolic_trace`` fails on
@@ -39,6 +42,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.handlers import handler_for, supported_types
 
 
 @dataclasses.dataclass
@@ -51,24 +55,28 @@ class Region:
     note: str = ""  # why a parent could not be traced, for explain()
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-
-
-def _tied_to_input_embeddings(model: nn.Module, linear: nn.Module) -> bool:
+def _tied_to_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
-    return emb is not None and getattr(emb, "weight", None) is linear.weight
+    handler = handler_for(layer)
+    weight = getattr(layer, handler.weight_name, None) if handler is not None else None
+    return emb is not None and weight is not None and getattr(emb, "weight", None) is weight
 
 
-def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Linear]:
-    """The fully-qualified names of the linears to project, in module order.
+def _supported() -> str:
+    return ", ".join(supported_types())
 
-    Default: every ``nn.Linear`` inside a transformer block (an element of an
-    ``nn.ModuleList``), or every ``nn.Linear`` when the model has no blocks.
-    ``target_modules`` (regexes searched in the name) and ``filter_fn(module,
-    fqn)`` replace the default; given together, a layer must pass both.
-    ``include_lm_head`` adds the output head.
+
+def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Module]:
+    """The fully-qualified names of the layers to project, in module order.
+
+    A layer can be projected when its type has a handler (:mod:`qgalore_fx.handlers`: ``nn.Linear``,
+    GPT-2's ``Conv1D``, or one added with ``qgalore_fx.register_layer_handler``).
+    Default: every such layer inside a transformer block (an element of an ``nn.ModuleList``), or every
+    such layer when the model has no blocks. ``target_modules`` (regexes searched in the name) and
+    ``filter_fn(module, fqn)`` replace the default; given together, a layer must pass both. A module
+    ``filter_fn`` selects must have a handler; modules ``target_modules`` alone matches without one
+    (containers such as ``mlp``) are skipped. ``include_lm_head`` adds the output head.
     """
     custom = config.target_modules is not None or config.filter_fn is not None
     in_blocks = set()
@@ -82,10 +90,11 @@ def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Line
     if callable(get_out):
         head = get_out()
 
-    chosen: Dict[str, nn.Linear] = {}
+    chosen: Dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not name:
             continue
+        handler = handler_for(module)
         if custom:
             wanted = True
             if config.target_modules is not None:
@@ -94,28 +103,30 @@ def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Line
                 wanted = bool(config.filter_fn(module, name))
             if not wanted:
                 continue
-            if not isinstance(module, nn.Linear):
+            if handler is None:
                 if config.filter_fn is not None:
                     raise ValueError(
-                        f"filter_fn selected {name!r} of type {type(module).__name__}; only nn.Linear layers can be "
-                        "projected — make filter_fn return True only for nn.Linear modules"
+                        f"filter_fn selected {name!r} of type {type(module).__name__}, which has no layer handler; "
+                        f"supported types: {_supported()}. Make filter_fn return True only for those, or add a "
+                        "handler with qgalore_fx.register_layer_handler"
                     )
-                continue  # a regex may match containers; only their linears count
+                continue  # a regex may match containers; only their handled layers count
         else:
-            if not isinstance(module, nn.Linear):
+            if handler is None:
                 continue
             if module is head and not config.include_lm_head:
                 continue
             if in_blocks and name not in in_blocks and module is not head:
                 continue
-        if not _is_plain_linear(module):
+        if not handler.is_plain(module):
             raise ValueError(
-                f"module {name!r} is a {type(module).__name__} with its own forward; qgalore_fx can only rewrite plain "
-                "nn.Linear layers. Exclude it with filter_fn/target_modules."
+                f"module {name!r} is a {type(module).__name__} with its own forward; qgalore_fx can only rewrite "
+                f"layers that run their handled type's forward ({handler.name}). Exclude it with "
+                "filter_fn/target_modules, or register a handler for its type."
             )
         chosen[name] = module
 
-    if config.include_lm_head and isinstance(head, nn.Linear):
+    if config.include_lm_head and head is not None and handler_for(head) is not None:
         head_name = next(n for n, m in model.named_modules() if m is head)
         chosen.setdefault(head_name, head)
 
@@ -126,8 +137,9 @@ def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Line
                 "codes; set include_lm_head=False or untie the weights (config.tie_word_embeddings=False)"
             )
     if not chosen:
-        how = "filter_fn/target_modules" if custom else "the default rule (nn.Linear inside transformer blocks)"
-        raise ValueError(f"{how} selected no layer of {type(model).__name__}; nothing to transform")
+        how = "filter_fn/target_modules" if custom else "the default rule (handled layers inside transformer blocks)"
+        raise ValueError(f"{how} selected no layer of {type(model).__name__}; nothing to transform "
+                         f"(projectable types: {_supported()})")
     return chosen
 
 

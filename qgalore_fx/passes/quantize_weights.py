@@ -1,19 +1,23 @@
-"""Pass 1: store each selected linear's weight as INT8 and call the dequant-matmul op.
+"""Pass 1: store each selected layer's weight as INT8 and call the dequant-matmul op.
 
 Requires
-    a GraphModule whose selected linears appear as ``call_module`` nodes
-    targeting plain ``nn.Linear`` submodules (``capture_regions`` guarantees it).
+    a GraphModule whose selected layers appear as ``call_module`` nodes
+    targeting plain submodules of a type with a layer handler (``nn.Linear``,
+    GPT-2's ``Conv1D``, see :mod:`qgalore_fx.handlers`; ``select_linears`` and
+    ``capture_regions`` guarantee it).
 Guarantees
     each such node is replaced by
     ``call_function torch.ops.qgalore_fx.linear(x, codes, scales, bias, anchor, [], hparams, block, "")``
     whose tensor arguments are ``get_attr`` nodes reaching the buffers of a
-    :class:`~qgalore_fx.layers.QGaLoreLinear` that took the ``nn.Linear``'s
-    place; the float weight is no longer referenced by the GraphModule. The
+    :class:`~qgalore_fx.layers.QGaLoreLinear` that took the layer's place
+    (its weight read as [out, in] through the handler, so a ``Conv1D``'s
+    [in, out] weight is stored transposed); the float weight is no longer
+    referenced by the GraphModule. The
     empty state list and spec make it a frozen quantized linear until pass 2
     wires the update; ``node.meta`` of the new call keeps the original node's
     metadata plus ``qgalore_fx_layer``. ``graph.lint()`` passes.
 
-``quantize_module`` does the same for a linear that is its own region (module
+``quantize_module`` does the same for a layer that is its own region (module
 swap, used where the parent could not be traced).
 """
 
@@ -26,27 +30,31 @@ import torch.fx as fx
 import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.handlers import handler_for
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.passes.capture import _set_submodule
 
 LINEAR_OP = torch.ops.qgalore_fx.linear.default
 
-Materializer = Callable[[str, nn.Linear], Tuple[torch.Tensor, Optional[nn.Parameter]]]
+Materializer = Callable[[str, nn.Module], Tuple[torch.Tensor, Optional[nn.Parameter]]]
 
 
-def quantize_module(linear: nn.Linear, config: QGaLoreConfig, fqn: str = "",
+def quantize_module(module: nn.Module, config: QGaLoreConfig, fqn: str = "",
                     materialize: Optional[Materializer] = None) -> QGaLoreLinear:
-    """Swap-in replacement for one ``nn.Linear``; its float weight is released.
+    """Swap-in replacement for one handled layer; its float weight is released.
 
-    ``materialize(fqn, linear) -> (weight, bias)`` supplies the tensors of a linear on the meta device.
+    ``materialize(fqn, module) -> (weight [out, in], bias)`` supplies the tensors of a layer on the meta device.
     """
+    handler = handler_for(module)
+    if handler is None:
+        raise ValueError(f"pass 1: {fqn!r} is a {type(module).__name__}, which has no layer handler")
     weight = bias = None
-    if linear.weight.is_meta:
+    if handler.dense_weight(module).is_meta:
         if materialize is None:
             raise ValueError(f"layer {fqn!r} is on the meta device and no weights/initializer was given")
-        weight, bias = materialize(fqn, linear)
-    new = QGaLoreLinear.from_linear(linear, config, weight=weight, bias=bias)
-    linear.weight = None  # drop the reference held by the old module
+        weight, bias = materialize(fqn, module)
+    new = QGaLoreLinear.from_module(module, config, weight=weight, bias=bias)
+    handler.release_weight(module)  # drop the reference held by the old module
     return new
 
 
@@ -60,13 +68,14 @@ def quantize_weights(gm: fx.GraphModule, selected: set, config: QGaLoreConfig, p
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or node.target not in selected:
             continue
-        linear = gm.get_submodule(node.target)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"pass 1 expected nn.Linear at {node.target!r}, found {type(linear).__name__}")
+        module = gm.get_submodule(node.target)
+        if handler_for(module) is None:
+            raise ValueError(f"pass 1 expected a layer with a handler at {node.target!r}, found "
+                             f"{type(module).__name__}")
         if len(node.args) + len(node.kwargs) != 1:
             raise ValueError(f"call of {node.target!r} must take exactly one input, got {node.args} {node.kwargs}")
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-        layer = quantize_module(linear, config, f"{prefix}.{node.target}" if prefix else node.target, materialize)
+        layer = quantize_module(module, config, f"{prefix}.{node.target}" if prefix else node.target, materialize)
         _set_submodule(gm, node.target, layer)
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(f"{node.target}.weight_codes")
