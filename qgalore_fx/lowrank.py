@@ -291,28 +291,57 @@ def sr_seed(spec: UpdateSpec, calls: int, numel: int, device) -> Optional[Tensor
 
 
 # ---------------------------------------------------------------------------------------------- the steady-state step
+#: Elements of the weight rewritten at a time by :func:`step_`: the fp32 temporaries of the write-back (the
+#: dequantized rows, their update, the quantizer's work) stay a few MiB instead of several m×n copies.
+WRITE_CHUNK = 1 << 20
+
+
+def _row_chunks(m: int, n: int, block_size: int):
+    """Row ranges of about WRITE_CHUNK elements whose element counts are whole quantization blocks."""
+    rows = max(1, WRITE_CHUNK // n)
+    unit = block_size // math.gcd(n, block_size)  # rows per whole number of blocks
+    rows = max(unit, rows // unit * unit)
+    for start in range(0, m, rows):
+        yield start, min(m, start + rows)
+
+
 @torch.no_grad()
 def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, hparams: Tensor,
           seed: Optional[Tensor], spec: UpdateSpec) -> None:
     """One update from the low-rank gradient ``R``, branch-free (no host synchronization).
 
     Writes ``weight``/``scales`` and the moments, and counts ``step``/``skipped``; a non-finite
-    ``R`` or non-finite hyperparameters leave weight and moments exactly as they were.
+    ``R`` or non-finite hyperparameters leave weight and moments exactly as they were. The weight is
+    rewritten in row chunks of whole quantization blocks (:data:`WRITE_CHUNK` elements); chunk ``k``'s
+    stochastic rounding draws from the stream ``(seed, offset + first element of the chunk)``.
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
     N = adam_direction_masked_(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
     P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
-    delta = proj.project_back(N, P, spec.side)
     lr = torch.where(ok, lr, 0.0)
-    W = dequantize_weight(weight, scales, spec.block_size, torch.float32)
-    W.mul_(1.0 - lr * torch.where(ok, wd, 0.0)).sub_(delta.mul_(lr * spec.scale))
-    if weight.is_floating_point():
-        weight.copy_(torch.where(ok, W.to(weight.dtype), weight))
-    else:
-        codes, new_scales = torch.ops.qgalore_fx.quantize(W, 8, spec.block_size, seed)
-        weight.copy_(torch.where(ok, codes, weight))
-        scales.copy_(torch.where(ok, new_scales, scales))
+    decay = 1.0 - lr * torch.where(ok, wd, 0.0)
+    step_size = lr * spec.scale
+    m, n = spec.m, spec.n
+    bs = spec.block_size
+    for start, stop in _row_chunks(m, n, bs):
+        rows = slice(start, stop)
+        # ΔW rows: N[rows] @ P (right projection) or P[rows] @ N (left)
+        delta = proj.project_back(N[rows], P, "right") if spec.side == "right" else \
+            proj.project_back(N, P[rows], "left")
+        if weight.is_floating_point():
+            W = weight[rows].float()
+            W.mul_(decay).sub_(delta.mul_(step_size))
+            weight[rows] = torch.where(ok, W.to(weight.dtype), weight[rows])
+            continue
+        first, last = start * n // bs, -(-stop * n // bs)  # the chunk starts on a block boundary
+        codes_now, scales_now = weight[rows], scales[first:last]
+        W = dequantize_weight(codes_now, scales_now, bs, torch.float32)
+        W.mul_(decay).sub_(delta.mul_(step_size))
+        chunk_seed = None if seed is None else seed + torch.tensor([0, start * n], dtype=seed.dtype).to(seed.device)
+        codes, new_scales = torch.ops.qgalore_fx.quantize(W, 8, bs, chunk_seed)
+        weight[rows] = torch.where(ok, codes, codes_now)
+        scales[first:last] = torch.where(ok, new_scales, scales_now)
     state["step"].add_(ok.to(torch.int64))
     state["skipped"].add_((~ok).to(torch.int64))
 

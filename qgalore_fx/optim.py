@@ -300,23 +300,43 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         return out
 
 
+#: Elements of an unprojected parameter updated at a time: the fp32 temporaries of 8-bit AdamW (dequantized
+#: moments, the gradient, the update) stay a few MiB instead of several copies of a 32000 x 4096 embedding.
+ADAMW_CHUNK = 1 << 20
+
+
 @torch.no_grad()
 def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
                    beta2: float, eps: float, weight_decay: float) -> None:
     """AdamW on ``p`` that changes nothing where ``ok`` (a 0-d bool tensor) is False; no host sync.
 
-    :func:`qgalore_fx.kernels.adam8bit.adamw_step_`'s math (torch reference), with the step as a tensor.
+    :func:`qgalore_fx.kernels.adam8bit.adamw_step_`'s math (torch reference) with the step as a tensor, run over
+    chunks of whole moment blocks (:data:`ADAMW_CHUNK` elements), each a view into the parameter and its state.
     """
     if p.numel() == 0:
         return
-    n = adam_direction_masked_(grad, state, step + 1, beta1, beta2, eps, ok)
     in_place = p.dtype == torch.float32 and p.is_contiguous()
-    p32 = p if in_place else p.float().contiguous()
-    if weight_decay:
-        p32.mul_(torch.where(ok, 1.0 - lr * weight_decay, 1.0))
-    p32.sub_(n.mul_(lr))
+    p32 = (p if in_place else p.float().contiguous()).view(-1)
+    g = grad.reshape(-1)
+    t = step + 1
+    decay = torch.where(ok, 1.0 - lr * weight_decay, 1.0) if weight_decay else None
+    bs = state.block_size
+    chunk = max(bs, ADAMW_CHUNK // bs * bs)
+    m, v = state.m.view(-1), state.v.view(-1)
+    for start in range(0, p32.numel(), chunk):
+        stop = min(p32.numel(), start + chunk)
+        if state.bits == 8:
+            blocks = slice(start // bs, -(-stop // bs))
+            part = AdamState((stop - start,), 8, bs, m[start:stop], v[start:stop], state.absmax_m[blocks],
+                             state.absmax_v[blocks])
+        else:
+            part = AdamState((stop - start,), 32, bs, m[start:stop], v[start:stop])
+        n = adam_direction_masked_(g[start:stop], part, t, beta1, beta2, eps, ok)
+        if decay is not None:
+            p32[start:stop].mul_(decay)
+        p32[start:stop].sub_(n.mul_(lr))
     if not in_place:
-        p.copy_(p32)
+        p.copy_(p32.view(p.shape))
     step.add_(ok.to(torch.int64))
 
 

@@ -341,3 +341,47 @@ def test_non_finite_learning_rate_at_run_time_skips_every_update():
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert sorted(changed) == ["0._extra_state", "0.skipped"]  # the attempt and skip counters only
     assert opt.skipped_updates == 2 and torch.isfinite(layer.dequantized_weight()).all()
+
+
+@pytest.mark.parametrize("m,n,block_size", [(48, 32, 256), (50, 33, 16), (30, 50, 16)])
+def test_chunked_write_back_equals_one_piece(monkeypatch, m, n, block_size):
+    """The weight is rewritten in row chunks of whole blocks; the result equals rewriting it at once."""
+    from qgalore_fx import lowrank
+
+    finals = {}
+    for chunk in (1 << 20, 64):
+        monkeypatch.setattr(lowrank, "WRITE_CHUNK", chunk)
+        model = one_linear(m=m, n=n, rank=4, stochastic_round=False, block_size=block_size)
+        opt = qgalore_fx.optimizer(model, lr=1e-2, weight_decay=0.1)
+        torch.manual_seed(5)
+        for _ in range(3):
+            model(torch.randn(8, n)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        finals[chunk] = (layer_of(model).weight_codes.clone(), layer_of(model).weight_scales.clone())
+    assert len(list(lowrank._row_chunks(m, n, block_size))) > 1  # the small chunk really split the rows
+    (codes_a, scales_a), (codes_b, scales_b) = finals.values()
+    torch.testing.assert_close(scales_b, scales_a, atol=0, rtol=1e-6)
+    assert (codes_a.int() - codes_b.int()).abs().max() <= 1 and (codes_a != codes_b).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("optim_bits", [8, 32])
+def test_chunked_adamw_of_the_rest_equals_one_piece(monkeypatch, llama, optim_bits):
+    """The AdamW group runs over chunks of whole moment blocks; the result is bit-identical to one piece."""
+    from qgalore_fx import optim as optim_module
+
+    base = qgalore_fx.transform(llama, rank=8, optim_bits=optim_bits)
+    base.train()
+    results = []
+    for chunk in (1 << 20, 768):  # 768 = 3 blocks: the 128 x 64 embedding (8192 elements) splits into 11 chunks
+        monkeypatch.setattr(optim_module, "ADAMW_CHUNK", chunk)
+        model = copy.deepcopy(base)
+        opt = qgalore_fx.optimizer(model, lr=1e-2, weight_decay=0.1)
+        for seed in range(3):
+            ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert {s["adam"].bits for s in opt.state.values()} == ({8, 32} if optim_bits == 8 else {32})
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
