@@ -51,7 +51,28 @@ and not before bias correction. The update N is computed from the fp32 moments
 ``quant`` takes the block's new absmax ``max|x|``, divides (blocks with
 absmax 0 are all zero and get the map's zero code), and picks the nearest map
 value by bucketing against the fp32 midpoints of neighbouring map values (a
-value exactly on a midpoint takes the lower code).
+value exactly on a midpoint takes the lower code) — with one exception for v,
+next.
+
+Second moments never round to zero
+----------------------------------
+The unsigned map's smallest positive value is 3.25e-7, so nearest rounding
+stores a positive ``v`` below 1.625e-7·absmax of its block as 0. Its first
+moment lives on another scale (the signed map reaches 5.5e-7·absmax_m, and
+``|m| ~ sqrt(v)`` while ``absmax_m ~ sqrt(absmax_v)``), so it survives: an
+element whose gradient is below about 4e-4 of its block's largest — a rare
+token's embedding row, a low-rank coordinate next to a dominant one — then
+gets ``N = m̂ / eps`` at the next step, a move of hundreds of lr (measured
+before this rule: 754·lr on gradients of 1e-5 and 1 in one block; fp32 Adam
+moves at most ~lr). Such a v therefore takes code 1 (3.25e-7·absmax)
+instead: positive stays positive, so the step it damps is at most
+``|m̂| / sqrt(3.25e-7·absmax_v)``, bounded by the block's scale instead of
+by eps. The element is over-damped where its true v was smaller (it moves
+less than fp32 Adam would, never more). The first moment keeps nearest
+rounding: a small m that rounds to the zero code gives N = 0 (no move), and
+nearest rounding never changes its sign. The ``bitsandbytes`` backend applies
+the same floor after bitsandbytes' kernel (its CUDA kernel can return code 0
+for such values; its CPU library floors them to code 7 itself).
 
 Agreement with bitsandbytes 0.50 ``optimizer_update_8bit_blockwise("adam")``
 ---------------------------------------------------------------------------
@@ -71,7 +92,9 @@ to bitsandbytes' and so is the new absmax. Where it differs:
   2^-15·absmax of the nearest one. The CUDA kernel searches the map
   with its own binary search and additionally never lets a negative m round to
   the zero code (it takes the smallest negative value instead). This
-  reference is exactly nearest.
+  reference is exactly nearest, except for the zero-code floor of positive v
+  above (code 1 where bitsandbytes' CPU library takes code 7: both are
+  above the nearest, 0; the reference's is the closer one).
 * Weight decay order. bitsandbytes' CPU backend applies ``p *= 1 - lr*wd``
   before the Adam step (as here and in torch.optim.AdamW); its CUDA kernel
   applies it after. The ``bitsandbytes`` backend here therefore applies weight
@@ -506,6 +529,16 @@ def _adam_fp32_(m: Tensor, v: Tensor, g: Tensor, step, beta1, beta2, eps) -> Ten
     return m.mul(1.0 / c1).div_(denom)
 
 
+def _floor_positive_codes(v_codes: Tensor, positive: Tensor) -> Tensor:
+    """Second-moment codes where no element of ``positive`` holds the zero code (it takes code 1 instead).
+
+    Code 0 of the unsigned map is 0.0 and code 1 its smallest positive value (3.25e-7; the midpoint between
+    them, below which a value rounds to 0, is 1.625e-7 of the block's absmax). See "Second moments never
+    round to zero" in the module docstring.
+    """
+    return torch.where(positive & (v_codes == _zero_code(False)), 1, v_codes).to(torch.uint8)
+
+
 def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok: Optional[Tensor] = None) -> Tensor:
     """N from ``grad``; the moments are written in place, or — with ``ok``, a 0-d bool tensor — only where it holds.
 
@@ -527,6 +560,8 @@ def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok
         return n.masked_fill_(~ok, 0.0)
     for codes, absmax, x, signed in ((state.m, state.absmax_m, m, True), (state.v, state.absmax_v, v, False)):
         new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, state.block_size)
+        if not signed:
+            new_codes = _floor_positive_codes(new_codes, x > 0)
         codes.copy_(new_codes if ok is None else torch.where(ok, new_codes, codes))
         absmax.copy_(new_absmax if ok is None else torch.where(ok, new_absmax, absmax))
     return n if ok is None else n.masked_fill_(~ok, 0.0)
@@ -567,6 +602,10 @@ def _update_bnb_(p32: Tensor, grad: Tensor, state: AdamState, step, lr: float, b
             absmax1=state.absmax_m, absmax2=state.absmax_v,
             weight_decay=0.0, gnorm_scale=1.0, skip_zeros=False,
         )
+        # bitsandbytes' CUDA kernel can store a positive v as code 0 (its CPU library floors such values to code 7
+        # itself, so this changes nothing there). The unquantized v is gone by now, but a first moment that is not
+        # the zero code means some past gradient of that element was non-zero, so its true v is positive.
+        state.v.copy_(_floor_positive_codes(state.v, state.m != _zero_code(True)))
     else:
         F.optimizer_update_32bit(
             optimizer_name="adam", g=g, p=p32,
