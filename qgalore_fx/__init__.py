@@ -25,6 +25,7 @@ _EXPORTS = {
     "read_checkpoint": "qgalore_fx.checkpoint",
     "export_dense": "qgalore_fx.export",
     "memory_report": "qgalore_fx.memory",
+    "from_pretrained": "qgalore_fx.hf",
     "register_layer_handler": "qgalore_fx.handlers",
     "LayerHandler": "qgalore_fx.handlers",
 }

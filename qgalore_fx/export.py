@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from qgalore_fx.handlers import handler_for, handler_named
+from qgalore_fx.hf import unmark_config
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
 from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, projected_layers
@@ -138,6 +139,7 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     if leftover:
         raise RuntimeError(f"export_dense left qgalore_fx pieces in the copy: {leftover[:5]}")
     _cast_(dense, dtype)
+    unmark_config(dense)  # a plain model again: from_pretrained of the original class loads it
     config = getattr(dense, "config", None)
     if config is not None and hasattr(config, "dtype"):
         config.dtype = dtype

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.handlers import handler_for
+from qgalore_fx.hf import mark_config
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import STATE_NAMES, check_rank
 from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
@@ -92,6 +93,7 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)
+    mark_config(model, config.to_dict())  # HF models: save_pretrained output is never loaded as random weights
     return model
 
 

@@ -1,0 +1,175 @@
+"""Peak memory of a real Q-GaLore training step, phase by phase: the LLaMA-7B headline on a CPU.
+
+    python benchmarks/bench_memory_timeline.py --preset 7b --steps 2 --threads 2
+    python benchmarks/bench_memory_timeline.py --preset 60m --steps 3          # a quick check of the script
+
+The model is built on the ``meta`` device from the preset's ``LlamaConfig`` and
+``qgalore_fx.transform(model, rank, proj_method=...)`` materializes every projected
+layer straight into INT8 (no weights file: initialized as the model would be);
+activation checkpointing is on; each step is one forward + backward + ``step`` +
+``zero_grad`` on ``batch x seq_len`` random tokens.
+
+Memory is the process's resident set: a sampler thread reads ``VmRSS`` from
+``/proc/self/status`` every ``--interval`` seconds and keeps the maximum per
+phase (build, transform + optimizer, then forward / backward / step of each
+step); ``ru_maxrss`` (the kernel's own peak) is reported beside the sampled
+overall peak. ``memory_report`` gives the persistent bytes (weights, scales,
+projections, moments) counted from the tensors themselves, so the transient
+part of each phase is its peak minus what was resident before it. The JSON
+written to ``--out`` holds every figure and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+GiB = 2**30
+
+
+class RssSampler:
+    """Maximum resident set size per named phase, sampled from /proc/self/status."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.phase = "start"
+        self.peaks: dict[str, int] = {}
+        self.order: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc/self/status")
+
+    def _record(self) -> None:
+        rss = self.rss()
+        if rss > self.peaks.get(self.phase, 0):
+            self.peaks[self.phase] = rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._record()
+            time.sleep(self.interval)
+
+    def enter(self, phase: str) -> int:
+        """Start ``phase``; returns the RSS at its start."""
+        self._record()
+        self.phase = phase
+        self.order.append(phase)
+        start = self.rss()
+        self.peaks[phase] = start
+        return start
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._record()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="7b")
+    ap.add_argument("--rank", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--proj-method", default="randomized")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--interval", type=float, default=0.02)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON file for the figures")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    import qgalore_fx
+    from qgalore_fx.app.presets import get_preset, llama_config
+
+    preset = get_preset(args.preset)
+    rank = args.rank or preset.rank
+    config = llama_config(preset.name)
+    rows = []
+    t_all = time.perf_counter()
+    with RssSampler(args.interval) as sampler:
+        rss_imports = sampler.enter("build on meta + transform + optimizer")  # torch, transformers imported
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+        model = qgalore_fx.transform(model, rank=rank, proj_method=args.proj_method)
+        if not args.no_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        opt = qgalore_fx.optimizer(model, lr=1e-3)
+        rows.append(("build on meta + transform + optimizer", time.perf_counter() - t0))
+        g = torch.Generator().manual_seed(0)
+        for step in range(args.steps):
+            ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=g)
+            sampler.enter(f"step {step} forward")
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            rows.append((f"step {step} forward", time.perf_counter() - t0))
+            sampler.enter(f"step {step} backward (projected layers update here)")
+            t0 = time.perf_counter()
+            loss.backward()
+            rows.append((f"step {step} backward (projected layers update here)", time.perf_counter() - t0))
+            sampler.enter(f"step {step} opt.step + zero_grad")
+            t0 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rows.append((f"step {step} opt.step + zero_grad", time.perf_counter() - t0))
+            print(f"step {step}: loss {loss.item():.4f}, peak so far {max(sampler.peaks.values()) / GiB:.2f} GiB",
+                  flush=True)
+            del loss
+        sampler.enter("end")
+    report = qgalore_fx.memory_report(model, opt)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = dict(rows)
+    phases = [p for p in sampler.order if p in times]
+    result = {
+        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (argv or sys.argv[1:])),
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "threads": args.threads},
+        "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
+        "seq_len": args.seq_len, "checkpointing": not args.no_checkpointing,
+        "phases": [{"phase": p, "seconds": round(times[p], 2), "peak_rss_bytes": sampler.peaks[p]} for p in phases],
+        "rss_after_imports_bytes": rss_imports,
+        "peak_rss_sampled_bytes": max(sampler.peaks.values()),
+        "ru_maxrss_bytes": maxrss,
+        "persistent_bytes": report.weights_and_states,
+        "report": report.to_dict(),
+        "wall_seconds": round(time.perf_counter() - t_all, 1),
+    }
+    print(f"\n{preset.name}, rank {rank}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s)")
+    print("| phase | time s | peak RSS GiB |\n|---|---:|---:|")
+    for row in result["phases"]:
+        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / GiB:.2f} |")
+    print(f"peak RSS (ru_maxrss) {maxrss / GiB:.2f} GiB; RSS after imports {rss_imports / GiB:.2f} GiB; "
+          f"weights + states (memory_report) {report.weights_and_states / GiB:.2f} GiB")
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
