@@ -1,6 +1,6 @@
 """Steady-state step time of two revisions of qgalore_fx, measured in the same run.
 
-    python benchmarks/bench_commits.py BEFORE [AFTER] [--repeats 3] [--threads 1]
+    python benchmarks/bench_commits.py BEFORE [AFTER] [--repeats 3] [--threads 1] [--timer time.process_time]
 
 Each revision is checked out into a temporary ``git worktree`` and its own
 ``benchmarks/bench_step.py`` (one training step: forward, backward, ``step``,
@@ -40,10 +40,10 @@ _UNHOOK = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
            "if not getattr(f, '__module__', '').startswith('__editable__')]; ")
 
 
-def _session(tree: Path, threads: int, out: Path) -> dict:
+def _session(tree: Path, threads: int, out: Path, timer: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "TRITON_INTERPRET": "1"}
     args = ["-q", "-p", "no:cacheprovider", "-p", "no:logging", str(tree / "benchmarks" / "bench_step.py"),
-            "--benchmark-enable", f"--benchmark-json={out}", "-o", "addopts="]
+            "--benchmark-enable", f"--benchmark-json={out}", "-o", "addopts=", f"--benchmark-timer={timer}"]
     cmd = [sys.executable, "-c", _UNHOOK + f"import pytest; sys.exit(pytest.main({args!r}))"]
     probe = subprocess.run([sys.executable, "-c", _UNHOOK + "import qgalore_fx; print(qgalore_fx.__file__)"],
                            env=env, cwd=tree, capture_output=True, text=True, check=True).stdout.strip()
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("after", nargs="?", default="HEAD")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timer", default="time.perf_counter",
+                    help="pytest-benchmark timer: time.perf_counter (wall) or time.process_time (CPU time of the "
+                         "process, far less sensitive to other jobs on a shared machine)")
     args = ap.parse_args(argv)
     revs = {}
     for rev in (args.before, args.after):
@@ -72,14 +75,14 @@ def main(argv=None) -> int:
             medians = {rev: {} for rev in trees}
             for i in range(args.repeats):
                 for rev, tree in trees.items():
-                    for method, median in _session(tree, args.threads, tmp / f"{revs[rev]}-{i}.json").items():
+                    for method, median in _session(tree, args.threads, tmp / f"{revs[rev]}-{i}.json", args.timer).items():
                         medians[rev].setdefault(method, []).append(median)
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
                                capture_output=True)
     before, after = (medians[r] for r in (args.before, args.after))
-    print(f"step time, median of {args.repeats} alternating sessions (each the median of 20 steps), "
+    print(f"step time ({args.timer}), median of {args.repeats} alternating sessions (each the median of 20 steps), "
           f"{args.threads} thread(s)")
     print(f"| method | {revs[args.before]} ms | {revs[args.after]} ms | after / before |")
     print("|---|---:|---:|---:|")

@@ -159,3 +159,37 @@ def test_module_api_survives(llama):
     twin = clone.model.layers[0].self_attn.q_proj
     for key, t in twin.state_tensors().items():  # the copy owns its own update state
         assert t is not getattr(layer, key, layer.control) and torch.equal(t, layer.state_tensors()[key]), key
+
+
+def _snapshot(model):
+    return [(n, type(m), {k: (v if v is None else v.detach().clone()) for k, v in m._parameters.items()})
+            for n, m in model.named_modules(remove_duplicate=False)]
+
+
+def _unchanged(model, snapshot):
+    now = _snapshot(model)
+    return len(now) == len(snapshot) and all(
+        a[0] == b[0] and a[1] is b[1] and a[2].keys() == b[2].keys()
+        and all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                for x, y in zip(a[2].values(), b[2].values()))
+        for a, b in zip(now, snapshot))
+
+
+def test_linears_sharing_a_weight_are_refused_before_anything_changes():
+    a, b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    b.weight = a.weight  # tied
+    model = torch.nn.Sequential(a, torch.nn.ReLU(), b)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="shares its weight with 2.weight"):
+        qgalore_fx.transform(model, rank=4)
+    assert _unchanged(model, before) and model[0].weight is model[2].weight
+
+
+def test_a_linear_reachable_from_two_places_is_refused_before_anything_changes():
+    shared = torch.nn.Linear(16, 16)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="reachable from 2 places"):
+        qgalore_fx.transform(model, rank=4)
+    assert _unchanged(model, before) and isinstance(model[0].weight, torch.nn.Parameter)
+    assert torch.equal(model(torch.ones(2, 16)), shared(torch.relu(shared(torch.ones(2, 16)))))

@@ -136,11 +136,43 @@ def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Modu
                 f"{name!r} shares its weight with the input embedding (tied weights) and cannot be stored as INT8 "
                 "codes; set include_lm_head=False or untie the weights (config.tie_word_embeddings=False)"
             )
+    _check_not_shared(model, chosen)
     if not chosen:
         how = "filter_fn/target_modules" if custom else "the default rule (handled layers inside transformer blocks)"
         raise ValueError(f"{how} selected no layer of {type(model).__name__}; nothing to transform "
                          f"(projectable types: {_supported()})")
     return chosen
+
+
+def _check_not_shared(model: nn.Module, chosen: Dict[str, nn.Module]) -> None:
+    """Refuse, before anything changes, selected layers that are shared.
+
+    A layer reachable under two names, or whose weight another module also holds, would be rewritten
+    once and then either fail at its second place or silently lose the tie (each copy updating on its
+    own): qgalore_fx stores each projected weight once, with its own update, so it asks for an untied model.
+    """
+    paths: Dict[int, List[str]] = {}
+    owners: Dict[int, List[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(mod_name)
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{mod_name}.{pname}" if mod_name else pname)
+    for name, module in chosen.items():
+        where = sorted(set(paths.get(id(module), [])))
+        if len(where) > 1:
+            raise ValueError(
+                f"layer {name!r} is reachable from {len(where)} places ({', '.join(where[:4])}); a shared layer "
+                "cannot be rewritten in one place only. Give each place its own layer, or exclude it with "
+                "filter_fn/target_modules")
+        handler = handler_for(module)
+        weight = getattr(module, handler.weight_name)
+        sharers = sorted({o for o in owners.get(id(weight), []) if not o.startswith(f"{name}.")})
+        if sharers:
+            raise ValueError(
+                f"{name!r} shares its weight with {', '.join(sharers[:3])} (tied weights); a projected weight is "
+                "stored once as INT8 codes with its own update, so the tie would be lost. Untie the weights, or "
+                "exclude the layer with filter_fn/target_modules")
 
 
 class _RegionTracer(fx.Tracer):
