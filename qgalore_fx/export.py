@@ -49,7 +49,7 @@ from qgalore_fx.handlers import handler_for, handler_named
 from qgalore_fx.hf import unmark_config
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
-from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, projected_layers
+from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, _SKIPPED_ATTR, projected_layers
 
 __all__ = ["export_dense"]
 
@@ -126,11 +126,11 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     # Each QGaLoreLinear is copied as its dense original layer (never as INT8 codes + low-rank state); the
     # transform's bookkeeping is not copied at all.
     memo = {id(layer): _dense_layer(layer, dtype) for _, layer in layers}
-    for attr in (_REGIONS_ATTR, _CONFIG_ATTR):
+    for attr in (_REGIONS_ATTR, _CONFIG_ATTR, _SKIPPED_ATTR):
         if attr in model.__dict__:
             memo[id(model.__dict__[attr])] = None
     dense = copy.deepcopy(model, memo)
-    for attr in (_REGIONS_ATTR, _CONFIG_ATTR):
+    for attr in (_REGIONS_ATTR, _CONFIG_ATTR, _SKIPPED_ATTR):
         dense.__dict__.pop(attr, None)
     for module in dense.modules():
         if isinstance(module, fx.GraphModule):

@@ -32,6 +32,7 @@ from qgalore_fx.passes.quantize_weights import quantize_module, quantize_weights
 
 _REGIONS_ATTR = "_qgalore_fx_regions"
 _CONFIG_ATTR = "_qgalore_fx_config"
+_SKIPPED_ATTR = "_qgalore_fx_not_projected"
 
 
 def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[QGaLoreConfig] = None,
@@ -64,8 +65,16 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     target_device = torch.device("cpu" if device is None else device)
 
     selected = select_linears(model, config)
-    for name, layer in selected.items():  # before anything is rewritten
-        check_rank(config.rank, name, *handler_for(layer).shape(layer))
+    # Before anything is rewritten. The default rule leaves out layers smaller than the rank (e.g. a 1 x 128
+    # MoE gate) and lists them in explain(); a layer chosen explicitly (target_modules/filter_fn) must fit.
+    too_small = {name: handler_for(layer).shape(layer) for name, layer in selected.items()
+                 if min(handler_for(layer).shape(layer)) < config.rank}
+    explicit = config.target_modules is not None or config.filter_fn is not None
+    if too_small and (explicit or len(too_small) == len(selected)):
+        name, (m, n) = next(iter(too_small.items()))
+        check_rank(config.rank, name, m, n)
+    for name in too_small:
+        del selected[name]
 
     materialize = None
     if on_meta:
@@ -93,6 +102,8 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)
+    object.__setattr__(model, _SKIPPED_ATTR, [(name, shape, f"smaller than rank {config.rank}")
+                                              for name, shape in too_small.items()])
     mark_config(model, config.to_dict())  # HF models: save_pretrained output is never loaded as random weights
     return model
 
@@ -144,6 +155,8 @@ def explain(model: nn.Module) -> str:
         notes = sorted({r.note for r in swapped if r.note})
         for note in notes[:5]:
             lines.append(f"  not traceable: {note}")
+    for name, (m, n), why in getattr(model, _SKIPPED_ATTR, []):
+        lines.append(f"  not projected: {name} [{m}x{n}] ({why}; trained by the AdamW group)")
     header = f"{'layer':<44} {'shape':>13} {'weight':>8} {'rank':>5} {'side':>5} {'bytes fp32':>12} {'bytes now':>11}"
     lines.append(header)
     lines.append("-" * len(header))

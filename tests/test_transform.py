@@ -193,3 +193,33 @@ def test_a_linear_reachable_from_two_places_is_refused_before_anything_changes()
         qgalore_fx.transform(model, rank=4)
     assert _unchanged(model, before) and isinstance(model[0].weight, torch.nn.Parameter)
     assert torch.equal(model(torch.ones(2, 16)), shared(torch.relu(shared(torch.ones(2, 16)))))
+
+
+class _GatedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 64)
+        self.gate = torch.nn.Linear(32, 1)  # like Qwen2-MoE's shared_expert_gate: smaller than any useful rank
+
+    def forward(self, x):
+        return self.up(x) * torch.sigmoid(self.gate(x))
+
+
+def test_default_rule_leaves_layers_smaller_than_the_rank_and_explains_why():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_GatedBlock(), _GatedBlock()])
+
+        def forward(self, x):
+            return sum(b(x) for b in self.blocks)
+
+    net = qgalore_fx.transform(Net(), rank=8)
+    assert sorted(n for n, _ in qgalore_fx.projected_layers(net)) == ["blocks.0.up", "blocks.1.up"]
+    assert isinstance(net.blocks[0].gate, torch.nn.Linear)  # left as it was, trained by the AdamW group
+    text = qgalore_fx.explain(net)
+    assert "not projected: blocks.0.gate [1x32] (smaller than rank 8" in text
+    opt = qgalore_fx.optimizer(net, lr=1e-2)
+    assert any(p is net.blocks[0].gate.weight for p in opt.param_groups[1]["params"])
+    with pytest.raises(ValueError, match="rank=8 is larger than min"):  # chosen explicitly: it must fit
+        qgalore_fx.transform(Net(), rank=8, target_modules=[r"gate"])
