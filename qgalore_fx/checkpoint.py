@@ -54,16 +54,26 @@ checkpoint.
 
 Validation before anything changes
 ----------------------------------
-``load_checkpoint`` reads and checks the whole checkpoint before it touches
-the model, optimizer or scheduler: the metadata must parse and hash to its own
-``self_sha256``, the format version must be known, both tensor files must have
-the recorded size and sha256 and parse as safetensors, the qgalore_fx config
-must equal the model's field by field, the model's state-dict keys, shapes and
-dtypes must match, and the optimizer's parameter layout and projected layers
-(names and low-rank shapes) must match. Errors are :class:`CheckpointError`
-subclasses (``ValueError``) naming the file, field or first few parameters
-that differ. The checkpoint on disk is only ever read. The optimizer is then
-loaded first and rolled back to its previous state if the model load fails.
+``load_checkpoint`` reads and checks every entry of the checkpoint before the
+first write to the model, optimizer, scheduler or RNG states; only then does
+it apply them. Integrity: the metadata must parse (standard JSON, nested at
+most 64 levels) and hash to its own ``self_sha256``, the format version must be
+known, both tensor files must be regular files (never symlinks) with the
+recorded size and sha256 that parse as safetensors. Fit: the qgalore_fx config
+must equal the model's field by field; the model's state-dict keys, shapes and
+dtypes must match; the optimizer's parameter layout, setting names and
+per-parameter state (AdamW shapes, bits, block size) must be this optimizer's;
+``accumulation_steps`` must equal the optimizer's; the scheduler must be of the
+same class with the same entries. Values: every entry has the type of the live
+value it replaces (no ``"abc"`` learning rate, no list where a tuple was);
+parameters and projected layers' tensors are finite and no model entry holds
+NaN; INT8/INT4 codes, quantization scales, second moments and counters (layer
+and AdamW steps, skips, ``last_epoch``: integers in [0, 2**53)) are in range;
+``lr``, ``eps``, ``weight_decay``, ``betas``, ``base_lrs`` are finite and in
+range; each RNG state is loaded into a scratch generator first. Every failure
+is a :class:`CheckpointError` subclass (``ValueError``) naming the entry, e.g.
+``optimizer.param_groups.0.lr`` or ``model entry 'blocks.0.0.weight_scales'``.
+The checkpoint on disk is only ever read.
 """
 
 from __future__ import annotations
@@ -86,7 +96,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
+from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
+from qgalore_fx.kernels.adam8bit import MIN_8BIT_SIZE as ADAM_MIN_8BIT_SIZE
+from qgalore_fx.kernels.adam8bit import AdamState
+from qgalore_fx.kernels.quant import MAX_SCALE
 from qgalore_fx.lowrank import check_control
+from qgalore_fx.optim import QGaLoreOptimizer, _check_hparams
 from qgalore_fx.rewrite import config_of, projected_layers
 
 __all__ = [
@@ -177,22 +192,35 @@ class _Encoder:
                         "numbers, strings, bools, None, lists, tuples and dicts are stored (nothing is pickled)")
 
 
-def _decode(desc: Any, tensors: Dict[str, torch.Tensor], where: str) -> Any:
+_MAX_DEPTH = 64  # nesting a description may have; deeper is damage (and would exhaust the stack)
+
+
+def _decode(desc: Any, tensors: Dict[str, torch.Tensor], where: str, depth: int = 0) -> Any:
+    """Rebuild what :meth:`_Encoder.encode` described; ``where`` names the entry in errors (``optimizer.state.6``)."""
+    if depth > _MAX_DEPTH:
+        raise CheckpointCorruptError(f"{where}: nested more than {_MAX_DEPTH} levels deep in {METADATA}")
     if desc is None or isinstance(desc, (bool, str, int, float)):
         return desc
     if isinstance(desc, dict) and len(desc) == 1:
         ((tag, value),) = desc.items()
-        if tag == "tensor":
+        if tag == "tensor" and isinstance(value, str):
             if value not in tensors:
                 raise CheckpointCorruptError(f"{where}: tensor {value!r} is missing from {STATE_FILE}")
             return tensors[value]
         if tag == "float" and value in ("nan", "inf", "-inf"):
             return float(value)
         if tag in ("list", "tuple") and isinstance(value, list):
-            items = [_decode(v, tensors, where) for v in value]
+            items = [_decode(v, tensors, f"{where}.{i}", depth + 1) for i, v in enumerate(value)]
             return items if tag == "list" else tuple(items)
-        if tag == "dict" and isinstance(value, list) and all(isinstance(i, list) and len(i) == 2 for i in value):
-            return {k: _decode(v, tensors, where) for k, v in value}
+        if tag == "dict" and isinstance(value, list) and all(
+                isinstance(i, list) and len(i) == 2 and (i[0] is None or isinstance(i[0], (str, int, float)))
+                for i in value):
+            out = {}
+            for k, v in value:
+                if k in out:
+                    raise CheckpointCorruptError(f"{where}: key {k!r} appears twice in {METADATA}")
+                out[k] = _decode(v, tensors, f"{where}.{k}", depth + 1)
+            return out
     raise CheckpointCorruptError(f"{where}: unrecognized structure description {str(desc)[:80]!r} in {METADATA}")
 
 
@@ -245,12 +273,63 @@ def _rng_state(enc: _Encoder) -> dict:
 
 
 def _decode_rng(rng: Any, tensors: dict) -> dict:
-    if not isinstance(rng, dict) or "torch_cpu" not in rng:
-        raise CheckpointCorruptError(f"{METADATA}: the 'rng' entry is missing or malformed")
-    out = {k: _decode(rng.get(k), tensors, f"rng.{k}") for k in ("torch_cpu", "cuda", "python", "numpy")}
-    if not isinstance(out["torch_cpu"], torch.Tensor) or out["torch_cpu"].dtype != torch.uint8:
-        raise CheckpointCorruptError(f"{METADATA}: rng.torch_cpu is not a uint8 tensor")
+    """The saved RNG states, each checked by loading it into a scratch generator (the global ones stay untouched)."""
+    if not isinstance(rng, dict) or set(rng) != {"torch_cpu", "cuda", "python", "numpy"}:
+        raise CheckpointCorruptError(f"{METADATA}: the 'rng' entry is missing or malformed (it must hold torch_cpu, "
+                                     "cuda, python and numpy)")
+    out = {k: _decode(rng[k], tensors, f"rng.{k}") for k in ("torch_cpu", "cuda", "python", "numpy")}
+    t = out["torch_cpu"]
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise _invalid("rng.torch_cpu", "a 1-D uint8 tensor (torch.get_rng_state())", t)
+    try:
+        torch.Generator().set_state(t)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise _invalid("rng.torch_cpu", f"a CPU generator state ({_first_line(e)})", t) from None
+    if out["cuda"] is not None:
+        states = out["cuda"]
+        if not isinstance(states, list) or not all(
+                isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in states):
+            raise _invalid("rng.cuda", "a list of 1-D uint8 tensors (torch.cuda.get_rng_state_all())", states)
+        if torch.cuda.is_available():
+            for i, s in enumerate(states[:torch.cuda.device_count()]):
+                try:
+                    torch.Generator(device=f"cuda:{i}").set_state(s)
+                except (RuntimeError, ValueError, TypeError) as e:
+                    raise _invalid(f"rng.cuda.{i}", f"a CUDA generator state ({_first_line(e)})", s) from None
+    py = out["python"]
+    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0]) and isinstance(py[1], tuple)
+            and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
+            and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2])))):
+        raise _invalid("rng.python", "(3, 625 ints, None or a finite float), the state of Python's random module", py)
+    try:
+        random.Random().setstate(out["python"])
+    except (TypeError, ValueError, OverflowError) as e:
+        raise _invalid("rng.python", f"the state of Python's random module ({_first_line(e)})",
+                       out["python"]) from None
+    if out["numpy"] is not None:
+        out["numpy"] = _check_numpy_rng(out["numpy"])
     return out
+
+
+def _check_numpy_rng(state: Any) -> Any:
+    """numpy's legacy ``[name, keys, pos, has_gauss, cached]``, range-checked and tried on a scratch RandomState."""
+    ok = (isinstance(state, list) and len(state) == 5 and state[0] == "MT19937"
+          and isinstance(state[1], list) and len(state[1]) == 624
+          and all(_is_int(k) and 0 <= k < 2**32 for k in state[1])
+          and _is_int(state[2]) and 0 <= state[2] <= 624 and state[3] in (0, 1) and _is_int(state[3])
+          and _is_real(state[4]) and math.isfinite(state[4]))
+    if not ok:
+        raise _invalid("rng.numpy", "['MT19937', 624 ints in [0, 2**32), pos in [0, 624], has_gauss 0 or 1, "
+                       "a finite cached gaussian]", state)
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional: nothing to restore it into
+        return state
+    try:
+        np.random.RandomState().set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
+    except (TypeError, ValueError, OverflowError) as e:
+        raise _invalid("rng.numpy", f"a numpy RandomState state ({_first_line(e)})", state) from None
+    return state
 
 
 def _set_rng_state(rng: dict) -> None:
@@ -262,8 +341,7 @@ def _set_rng_state(rng: dict) -> None:
                           f"restoring the first {min(len(states), count)}")
         for i, s in enumerate(states[:count]):
             torch.cuda.set_rng_state(s, i)
-    if rng["python"] is not None:
-        random.setstate(rng["python"])
+    random.setstate(rng["python"])
     if rng["numpy"] is not None:
         try:
             import numpy as np
@@ -343,6 +421,10 @@ def _write_metadata(path: str, meta: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not standard JSON (non-finite floats are stored as {{'float': ...}})")
+
+
 def _read_metadata(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, METADATA)
     if not os.path.isfile(path):
@@ -351,8 +433,8 @@ def _read_metadata(ckpt_dir: str) -> dict:
             "so a save that did not finish leaves none)")
     try:
         with open(path, "rb") as f:
-            meta = json.loads(f.read().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = json.loads(f.read().decode(), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointCorruptError(f"{path} is not valid JSON ({e}); the checkpoint metadata is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointCorruptError(f"{path} is not qgalore_fx checkpoint metadata (format {FORMAT!r} expected)")
@@ -516,7 +598,8 @@ def _find_checkpoint(path: str) -> str:
             meta = _read_metadata(old)
         except CheckpointError:
             continue
-        candidates.append((meta.get("created_unix_ns", 0), old))
+        created = meta.get("created_unix_ns")
+        candidates.append((created if _is_int(created) else 0, old))
     if candidates:
         old = max(candidates)[1]
         warnings.warn(f"{path} is missing: a save was interrupted between its two renames; loading the previous "
@@ -527,20 +610,56 @@ def _find_checkpoint(path: str) -> str:
     raise CheckpointNotFoundError(f"no checkpoint at {path}{hint}")
 
 
+def _check_layout(meta: dict, ckpt_dir: str) -> None:
+    """The parts of ``checkpoint.json`` that are read before decoding have the shapes this module writes."""
+    where = f"{ckpt_dir}/{METADATA}"
+    for key in ("files", "model", "config", "optimizer", "scheduler", "extra", "rng"):
+        if key not in meta:
+            raise CheckpointCorruptError(f"{where} has no {key!r} entry")
+    files = meta["files"]
+    if not isinstance(files, dict):
+        raise _invalid("files", "a dict of file records", files, where)
+    for name in (MODEL_FILE, STATE_FILE):
+        record = files.get(name)
+        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and _is_int(record.get("bytes"))
+                and record["bytes"] >= 0):
+            raise CheckpointCorruptError(f"{where} has no valid checksum record for {name} (files.{name})")
+    model = meta["model"]
+    if not (isinstance(model, dict) and isinstance(model.get("tensors"), dict)
+            and isinstance(model.get("aliases"), dict)):
+        raise _invalid("model", "{'tensors': {...}, 'aliases': {...}}", model, where)
+    for key, info in model["tensors"].items():
+        if not (isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(info.get("shape"), list)
+                and all(_is_int(d) and d >= 0 for d in info["shape"])):
+            raise _invalid(f"model.tensors.{key}", "{'dtype': a torch dtype name, 'shape': [non-negative ints]}",
+                           info, where)
+    for key, target in model["aliases"].items():
+        if not isinstance(target, str) or target not in model["tensors"]:
+            raise CheckpointCorruptError(f"{where}: alias {key!r} points at {target!r}, which is not stored")
+    if meta["config"] is not None and not (isinstance(meta["config"], dict) and _is_int(meta["config"].get("rank"))):
+        raise _invalid("config", "None or a qgalore_fx config dict", meta["config"], where)
+    for key in ("optimizer", "scheduler"):
+        value = meta[key]
+        if value is not None and not (isinstance(value, dict) and isinstance(value.get("class"), str)
+                                      and "state" in value):
+            raise _invalid(key, "None or {'class': str, 'state': ...}", value, where)
+    skipped = (meta["scheduler"] or {}).get("skipped", [])
+    if not (isinstance(skipped, list) and all(isinstance(k, str) for k in skipped)):
+        raise _invalid("scheduler.skipped", "a list of scheduler entry names", skipped, where)
+
+
 def read_checkpoint(path) -> dict:
     """Read and verify a checkpoint without a model: a dict with ``path`` (the directory read),
     ``model`` (the full state dict), ``optimizer`` / ``scheduler`` (state dicts or None),
     ``extra``, ``config`` (the qgalore_fx config as a dict, or None), ``rng`` (the saved RNG states)
     and ``metadata`` (the parsed ``checkpoint.json``).
-    Raises :class:`CheckpointError` subclasses for missing, damaged or unknown-version checkpoints.
+    Raises :class:`CheckpointError` subclasses for missing, damaged, malformed or unknown-version checkpoints.
     """
     ckpt_dir = _find_checkpoint(os.path.abspath(os.fspath(path)))
     meta = _read_metadata(ckpt_dir)
-    for key in ("files", "model", "config", "optimizer", "scheduler", "extra", "rng"):
-        if key not in meta:
-            raise CheckpointCorruptError(f"{ckpt_dir}/{METADATA} has no {key!r} entry")
-    model_tensors = _read_tensors(ckpt_dir, MODEL_FILE, meta["files"].get(MODEL_FILE))
-    state_tensors = _read_tensors(ckpt_dir, STATE_FILE, meta["files"].get(STATE_FILE))
+    _check_layout(meta, ckpt_dir)
+    model_tensors = _read_tensors(ckpt_dir, MODEL_FILE, meta["files"][MODEL_FILE])
+    state_tensors = _read_tensors(ckpt_dir, STATE_FILE, meta["files"][STATE_FILE])
 
     listed = meta["model"]["tensors"]
     if set(listed) != set(model_tensors):
@@ -550,10 +669,8 @@ def read_checkpoint(path) -> dict:
         if list(t.shape) != info["shape"] or _dtype_name(t.dtype) != info["dtype"]:
             raise CheckpointCorruptError(f"{ckpt_dir}/{MODEL_FILE}: {key!r} is {_dtype_name(t.dtype)}"
                                          f"{list(t.shape)}, its metadata says {info['dtype']}{info['shape']}")
-    model_state = {}
     aliases = meta["model"]["aliases"]
-    for key in _model_keys(meta):
-        model_state[key] = model_tensors[aliases.get(key, key)]
+    model_state = {key: model_tensors[aliases.get(key, key)] for key in _model_keys(meta)}
 
     out = {"path": ckpt_dir, "metadata": meta, "config": meta["config"], "model": model_state,
            "optimizer": None, "scheduler": None}
@@ -561,18 +678,18 @@ def read_checkpoint(path) -> dict:
         out["optimizer"] = _decode(meta["optimizer"]["state"], state_tensors, "optimizer")
     if meta["scheduler"] is not None:
         out["scheduler"] = _decode(meta["scheduler"]["state"], state_tensors, "scheduler")
+        if not isinstance(out["scheduler"], dict) or not all(isinstance(k, str) for k in out["scheduler"]):
+            raise _invalid("scheduler", "a state dict with str keys", out["scheduler"], ckpt_dir)
     out["extra"] = _decode(meta["extra"], state_tensors, "extra")
+    if not isinstance(out["extra"], dict):
+        raise _invalid("extra", "a dict", out["extra"], ckpt_dir)
     out["rng"] = _decode_rng(meta["rng"], state_tensors)
     return out
 
 
 def _model_keys(meta: dict) -> List[str]:
     """Model state-dict keys in saved order (stored tensors, then aliases)."""
-    aliases = meta["model"]["aliases"]
-    for key, target in aliases.items():
-        if target not in meta["model"]["tensors"]:
-            raise CheckpointCorruptError(f"{METADATA}: alias {key!r} points at {target!r}, which is not stored")
-    return list(meta["model"]["tensors"]) + list(aliases)
+    return list(meta["model"]["tensors"]) + list(meta["model"]["aliases"])
 
 
 def _names(items) -> str:
@@ -581,6 +698,108 @@ def _names(items) -> str:
     return text + (f" and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
+# --------------------------------------------------------------------------- value checks
+_EXACT = 2**53  # counters are stored in float64 control slots too: beyond this they are not exact
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _show(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {_dtype_name(value.dtype)} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _invalid(entry: str, what: str, value, where: str = "checkpoint") -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"{where}: {entry} must be {what}, got {_show(value)}")
+
+
+def _check_count(value, entry: str, where: str, low: int = 0, tensor: bool = False) -> None:
+    """An int in [low, 2**53); with ``tensor``, a 0-d int64 tensor holding one."""
+    if isinstance(value, torch.Tensor) or tensor:
+        if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype != torch.int64:
+            raise _invalid(entry, "a 0-d int64 tensor", value, where)
+        number = int(value)
+    elif _is_int(value):
+        number = value
+    else:
+        raise _invalid(entry, f"an integer in [{low}, 2**53)", value, where)
+    if not low <= number < _EXACT:
+        raise _invalid(entry, f"an integer in [{low}, 2**53)", number, where)
+
+
+def _check_finite(t: torch.Tensor, entry: str, where: str, low: Optional[float] = None,
+                  high: Optional[float] = None) -> None:
+    """Every element finite (and within [low, high] where given)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointCorruptError(f"{where}: {entry} holds non-finite values ({_show(t)})")
+    if low is not None and bool((t < low).any()):
+        raise CheckpointCorruptError(f"{where}: {entry} holds values below {low} (min {float(t.min())!r})")
+    if high is not None and bool((t > high).any()):
+        raise CheckpointCorruptError(f"{where}: {entry} holds values above {high} (max {float(t.max())!r})")
+
+
+def _check_like(saved, live, entry: str, where: str) -> None:
+    """``saved`` has the kind of the live value it replaces: same scalar type, container type and length, dict
+    keys, tensor dtype and shape; no NaN, and no inf where the live value is finite."""
+    if isinstance(live, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or saved.dtype != live.dtype or saved.shape != live.shape:
+            raise _invalid(entry, _show(live), saved, where)
+        if saved.is_floating_point() and bool(torch.isnan(saved).any()):
+            raise CheckpointCorruptError(f"{where}: {entry} holds NaN")
+        return
+    if isinstance(live, bool) or live is None or isinstance(live, str):
+        if type(saved) is not type(live):
+            raise _invalid(entry, "None" if live is None else f"a {type(live).__name__}", saved, where)
+        return
+    if isinstance(live, int):
+        if not _is_int(saved):
+            raise _invalid(entry, "an int", saved, where)
+        return
+    if isinstance(live, float):
+        if not _is_real(saved) or math.isnan(saved) or (math.isinf(saved) and math.isfinite(live)):
+            raise _invalid(entry, "a finite number", saved, where)
+        return
+    if isinstance(live, (list, tuple)):
+        if type(saved) is not type(live) or len(saved) != len(live):
+            raise _invalid(entry, f"a {type(live).__name__} of {len(live)} entries", saved, where)
+        for i, (s, v) in enumerate(zip(saved, live)):
+            _check_like(s, v, f"{entry}.{i}", where)
+        return
+    if isinstance(live, dict):
+        if not isinstance(saved, dict):
+            raise _invalid(entry, "a dict", saved, where)
+        _check_keys(saved, live, entry, where)
+        for k in live:
+            _check_like(saved[k], live[k], f"{entry}.{k}", where)
+        return
+    if type(saved) is not type(live):
+        raise _invalid(entry, f"a {type(live).__name__}", saved, where)
+
+
+def _check_keys(saved: dict, expected, entry: str, where: str) -> None:
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        parts = ([f"lacks {_names(map(repr, missing))}"] if missing else []) + \
+                ([f"has unknown {_names(map(repr, unexpected))}"] if unexpected else [])
+        raise CheckpointCorruptError(f"{where}: {entry} " + " and ".join(parts))
+
+
+# --------------------------------------------------------------------------- config and model
 def _check_config(saved: Optional[dict], model: nn.Module, where: str) -> None:
     config = config_of(model)
     current = None if config is None else config.to_dict()
@@ -594,7 +813,7 @@ def _check_config(saved: Optional[dict], model: nn.Module, where: str) -> None:
         raise CheckpointMismatchError(f"{where} was saved from a model not transformed by qgalore_fx, but this "
                                       f"model is (rank={current['rank']}); load it into the untransformed model")
     diff = [f"{k}: checkpoint {saved.get(k)!r}, model {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+            for k in sorted(set(saved) | set(current), key=str) if saved.get(k) != current.get(k)]
     if diff:
         raise CheckpointMismatchError(f"{where} was saved with a different qgalore_fx config: {_names(diff)}")
 
@@ -621,43 +840,279 @@ def _check_model_state(saved: Dict[str, torch.Tensor], model: nn.Module, where: 
         for name, layer in projected_layers(model):
             if layer.spec is not None:
                 try:
-                    check_control(saved[f"{name}._extra_state"], layer.spec, name)
+                    check_control(saved[_join(name, "_extra_state")], layer.spec, name)
                 except ValueError as e:
                     problems.append(str(e))
     if problems:
         raise CheckpointMismatchError(f"{where} does not fit this model's parameters and buffers — "
                                       + "; ".join(problems))
+    _check_model_values(saved, model, where)
 
 
-def _check_optimizer_state(saved_meta: Optional[dict], state: Optional[dict], optimizer, where: str) -> None:
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_model_values(saved: Dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    """Values a model entry can hold: parameters and projected layers' tensors finite, no NaN anywhere,
+    quantization codes in range, scales and second moments >= 0, counters in [0, 2**53)."""
+    must_be_finite = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name, layer in projected_layers(model):
+        must_be_finite.update(_join(name, k) for k, t in layer.state_dict().items() if isinstance(t, torch.Tensor))
+    for key, t in saved.items():
+        if not t.is_floating_point():
+            continue
+        if key in must_be_finite:
+            _check_finite(t, f"model entry {key!r}", where)
+        elif bool(torch.isnan(t).any()):
+            raise CheckpointCorruptError(f"{where}: model entry {key!r} holds NaN")
+    for name, layer in projected_layers(model):
+        def entry(k):
+            return _join(name, k)
+
+        if layer.weight_bits == 8:
+            _check_int8_codes(saved[entry("weight_codes")], entry("weight_codes"), where)
+            _check_finite(saved[entry("weight_scales")], f"model entry {entry('weight_scales')!r}", where, 0.0,
+                          float(MAX_SCALE[8]))
+        spec = layer.spec
+        if spec is None:
+            continue
+        codes, scales = saved[entry("proj_codes")], saved[entry("proj_scales")]
+        if spec.proj_bits == 4:
+            _check_int4_codes(codes, math.prod(spec.projection_shape), entry("proj_codes"), where)
+        elif spec.proj_bits == 8:
+            _check_int8_codes(codes, entry("proj_codes"), where)
+        if spec.proj_bits in MAX_SCALE:
+            _check_finite(scales, f"model entry {entry('proj_scales')!r}", where, 0.0, float(MAX_SCALE[spec.proj_bits]))
+        if saved[entry("exp_avg")].dtype == torch.uint8:
+            for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                _check_finite(saved[entry(k)], f"model entry {entry(k)!r}", where, 0.0)
+        else:
+            _check_finite(saved[entry("exp_avg_sq")], f"model entry {entry('exp_avg_sq')!r}", where, 0.0)
+        for k in ("step", "skipped"):
+            _check_count(saved[entry(k)], f"model entry {entry(k)!r}", where, tensor=True)
+
+
+def _check_int8_codes(t: torch.Tensor, entry: str, where: str) -> None:
+    if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
+        raise CheckpointCorruptError(f"{where}: model entry {entry!r} holds the code -128; INT8 codes lie in "
+                                     "[-127, 127]")
+
+
+def _check_int4_codes(t: torch.Tensor, numel: int, entry: str, where: str) -> None:
+    """Packed INT4: every real code's nibble in [1, 15] (code + 8), the padding nibble of an odd count 0."""
+    if t.dtype != torch.uint8 or t.numel() != (numel + 1) // 2:
+        raise _invalid(f"model entry {entry!r}", f"uint8[{(numel + 1) // 2}] (INT4 codes of {numel} values)", t,
+                       where)
+    nibbles = torch.stack([t & 0x0F, t >> 4], dim=1).reshape(-1).to(torch.int16)
+    real, pad = nibbles[:numel], nibbles[numel:]
+    if bool((real == 0).any()) or bool((pad != 0).any()):
+        raise CheckpointCorruptError(f"{where}: model entry {entry!r} holds INT4 codes outside [-7, 7]")
+
+
+# --------------------------------------------------------------------------- optimizer
+# torch.optim classes whose per-parameter state tensors are 0-d (step) or shaped like the parameter.
+_PARAM_SHAPED_STATE = {"Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop"}
+# Hyperparameters that must be finite and >= 0 wherever an optimizer has them.
+_NON_NEGATIVE = ("lr", "initial_lr", "weight_decay", "eps", "momentum", "dampening", "lr_decay", "alpha")
+
+
+def _check_optimizer_state(saved_meta: Optional[dict], state: Any, optimizer, where: str) -> None:
     if saved_meta is None:
         raise CheckpointMismatchError(f"{where} has no optimizer state (it was saved with optimizer=None); "
                                       "call load_checkpoint without optimizer= or save one")
     if saved_meta["class"] != type(optimizer).__name__:
         raise CheckpointMismatchError(f"{where} holds the state of a {saved_meta['class']}, not of a "
                                       f"{type(optimizer).__name__}")
-    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
-        raise CheckpointCorruptError(f"{where}: the optimizer state has no param_groups")
-    saved_sizes = [len(g.get("params", [])) for g in state["param_groups"]]
-    sizes = [len(g["params"]) for g in optimizer.param_groups]
-    if saved_sizes != sizes:
-        raise CheckpointMismatchError(f"{where}: optimizer parameter groups differ — checkpoint has groups of "
-                                      f"{saved_sizes} parameters, this optimizer {sizes}")
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list) \
+            or not isinstance(state.get("state"), dict):
+        raise _invalid("optimizer", "a state dict with 'state' and 'param_groups'", state, where)
     if "qgalore_layers" in state:
         raise CheckpointMismatchError(f"{where} keeps the projected layers' state in the optimizer (an older "
                                       "layout); this version keeps it in the model's state dict")
+    live = optimizer.state_dict()
+    qgalore = isinstance(optimizer, QGaLoreOptimizer)
+    _check_keys(state, live, "optimizer", where)
+    if qgalore:
+        _check_count(state["skipped_steps"], "optimizer.skipped_steps", where, tensor=True)
+        accumulation = state["accumulation_steps"]
+        if not _is_int(accumulation) or accumulation < 1:
+            raise _invalid("optimizer.accumulation_steps", "an int >= 1", accumulation, where)
+        if accumulation != optimizer.accumulation_steps:
+            raise CheckpointMismatchError(
+                f"{where} was saved with accumulation_steps={accumulation}, this optimizer has "
+                f"{optimizer.accumulation_steps}: build the optimizer with accumulation_steps={accumulation} to "
+                "resume this run")
+    saved_sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+                   for g in state["param_groups"]]
+    sizes = [len(g["params"]) for g in live["param_groups"]]
+    if saved_sizes != sizes:
+        raise CheckpointMismatchError(f"{where}: optimizer parameter groups differ — checkpoint has groups of "
+                                      f"{saved_sizes} parameters, this optimizer {sizes}")
+    for i, (saved_group, live_group) in enumerate(zip(state["param_groups"], live["param_groups"])):
+        _check_group(saved_group, live_group, f"optimizer.param_groups.{i}", where, qgalore)
+
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    bad = []
-    for index, s in (state.get("state") or {}).items():
-        if not isinstance(index, int) or not 0 <= index < len(params):
-            raise CheckpointMismatchError(f"{where}: optimizer state refers to parameter {index!r}, "
-                                          f"the optimizer has {len(params)}")
-        shape = s.get("adam", {}).get("shape") if isinstance(s, dict) else None
-        if isinstance(shape, torch.Tensor) and tuple(int(x) for x in shape.tolist()) != tuple(params[index].shape):
-            bad.append(f"{getattr(optimizer, '_param_names', {}).get(id(params[index]), index)} (checkpoint "
-                       f"{shape.tolist()}, model {list(params[index].shape)})")
-    if bad:
-        raise CheckpointMismatchError(f"{where}: AdamW state shapes differ: {_names(bad)}")
+    names = getattr(optimizer, "_param_names", {})
+    first_adamw = len(optimizer.param_groups[0]["params"]) if qgalore else 0
+    bad_shapes = []
+    for index, s in state["state"].items():
+        entry = f"optimizer.state.{index}"
+        if not _is_int(index) or not first_adamw <= index < len(params):
+            raise _invalid("an optimizer.state key", f"a parameter index in [{first_adamw}, {len(params)})", index,
+                           where)
+        p = params[index]
+        if not isinstance(s, dict):
+            raise _invalid(entry, "a dict", s, where)
+        if qgalore:
+            shape = _check_adamw_state(s, p, optimizer.optim_bits, entry, where)
+        else:
+            shape = _check_torch_state(s, p, live["state"].get(index), next(iter(state["state"].values())),
+                                       type(optimizer).__name__, entry, where)
+        if shape is not None:
+            bad_shapes.append(f"{names.get(id(p), index)} (checkpoint {shape}, model {list(p.shape)})")
+    if bad_shapes:
+        raise CheckpointMismatchError(f"{where}: optimizer state shapes differ: {_names(bad_shapes)}")
+
+
+def _check_group(saved: Any, live: dict, entry: str, where: str, qgalore: bool) -> None:
+    if not isinstance(saved, dict):
+        raise _invalid(entry, "a dict", saved, where)
+    params = saved.get("params")
+    if not (type(params) is list and all(_is_int(i) for i in params) and params == live["params"]):
+        raise _invalid(f"{entry}.params", f"{_show(live['params'])} (this optimizer's layout)", params, where)
+    if qgalore:
+        _check_keys(saved, live, entry, where)
+    else:  # torch.optim fills in the flags an older version did not save; not the hyperparameters
+        _check_keys(saved, [k for k in live if k in saved or k in _NON_NEGATIVE + ("betas",)], entry, where)
+    for key, value in saved.items():
+        if key != "params":
+            _check_like(value, live[key], f"{entry}.{key}", where)
+    for key in _NON_NEGATIVE:
+        if key in saved:
+            value = saved[key]
+            values = value.flatten().tolist() if isinstance(value, torch.Tensor) else [value]
+            if not all(_is_real(v) and math.isfinite(v) and v >= 0 for v in values):
+                raise _invalid(f"{entry}.{key}", "a finite number >= 0", value, where)
+    if "betas" in saved:
+        betas = saved["betas"]
+        values = [float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in betas]
+        if not all(_is_real(b) and 0.0 <= b < 1.0 for b in values):
+            raise _invalid(f"{entry}.betas", "a pair of numbers in [0, 1)", betas, where)
+    if qgalore:
+        if saved["name"] != live["name"]:
+            raise _invalid(f"{entry}.name", repr(live["name"]), saved["name"], where)
+        try:
+            _check_hparams(saved["lr"], saved["betas"], saved["eps"], saved["weight_decay"])
+        except ValueError as e:
+            raise CheckpointCorruptError(f"{where}: {entry}: {e}") from None
+
+
+def _check_adamw_state(s: dict, p: torch.Tensor, optim_bits: int, entry: str, where: str) -> Optional[list]:
+    """One parameter's state in the QGaLoreOptimizer's AdamW group; returns its shape when it is another one."""
+    _check_keys(s, ("step", "adam"), entry, where)
+    _check_count(s["step"], f"{entry}.step", where, tensor=True)
+    adam = s["adam"]
+    if not isinstance(adam, dict):
+        raise _invalid(f"{entry}.adam", "a dict", adam, where)
+    for k in ("shape", "bits", "block_size"):
+        t = adam.get(k)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != (1 if k == "shape" else 0):
+            raise _invalid(f"{entry}.adam.{k}", f"a {'1-D' if k == 'shape' else '0-d'} int64 tensor", t, where)
+    shape = adam["shape"].tolist()
+    if shape != list(p.shape):
+        return shape
+    bits = 32 if optim_bits == 8 and p.numel() < ADAM_MIN_8BIT_SIZE else optim_bits  # AdamState.zeros' rule
+    if int(adam["bits"]) != bits:
+        raise _invalid(f"{entry}.adam.bits", f"{bits} (this optimizer's moments for {list(p.shape)})",
+                       int(adam["bits"]), where)
+    if int(adam["block_size"]) != ADAM_BLOCK_SIZE:
+        raise _invalid(f"{entry}.adam.block_size", str(ADAM_BLOCK_SIZE), int(adam["block_size"]), where)
+    _check_keys(adam, ("m", "v", "shape", "bits", "block_size") + (("absmax_m", "absmax_v") if bits == 8 else ()),
+                f"{entry}.adam", where)
+    try:  # dtypes and shapes of the moments, without copying them
+        AdamState(shape=p.shape, bits=bits, block_size=ADAM_BLOCK_SIZE, m=adam["m"], v=adam["v"],
+                  absmax_m=adam.get("absmax_m"), absmax_v=adam.get("absmax_v"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointCorruptError(f"{where}: {entry}.adam: {e}") from None
+    if bits == 8:
+        for k in ("absmax_m", "absmax_v"):
+            _check_finite(adam[k], f"{entry}.adam.{k}", where, 0.0)
+    else:
+        _check_finite(adam["m"], f"{entry}.adam.m", where)
+        _check_finite(adam["v"], f"{entry}.adam.v", where, 0.0)
+    return None
+
+
+def _check_torch_state(s: dict, p: torch.Tensor, live: Optional[dict], first: dict, cls: str, entry: str,
+                       where: str) -> Optional[list]:
+    """One parameter's state of another optimizer; returns its shape when it is another parameter's.
+
+    Its entries have the kinds of the live state of that parameter where there is one (same keys, types, tensor
+    dtypes and shapes), else those of the first saved state (same keys, types and tensor dtypes); tensors are
+    finite, ``step`` is a count, and the classes of ``_PARAM_SHAPED_STATE`` keep moments of the parameter's shape
+    and dtype.
+    """
+    if live:
+        if isinstance(p, torch.Tensor) and cls in _PARAM_SHAPED_STATE:
+            for key, value in s.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    return list(value.shape)
+        _check_like(s, live, entry, where)
+    else:
+        _check_keys(s, first, entry, where)
+        for key, value in s.items():
+            ref = first[key]
+            if isinstance(ref, torch.Tensor):
+                same = isinstance(value, torch.Tensor) and value.dtype == ref.dtype \
+                    and (value.dim() == 0) == (ref.dim() == 0)
+            else:
+                same = type(value) is type(ref)
+            if not same:
+                raise _invalid(f"{entry}.{key}", f"like {_show(ref)} (the other parameters' {key!r})", value, where)
+    for key, value in s.items():
+        name = f"{entry}.{key}"
+        if key == "step":
+            number = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            if not (_is_real(number) and math.isfinite(number) and number == int(number) and 0 <= number < _EXACT):
+                raise _invalid(name, "an integer count in [0, 2**53)", value, where)
+            continue
+        if isinstance(value, torch.Tensor):
+            _check_finite(value, name, where)
+            if cls in _PARAM_SHAPED_STATE and value.dim():
+                if value.shape != p.shape:
+                    return list(value.shape)
+                if value.dtype != p.dtype:
+                    raise _invalid(name, f"a {_dtype_name(p.dtype)} tensor (the parameter's dtype)", value, where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _invalid(name, "a finite number", value, where)
+    return None
+
+
+# --------------------------------------------------------------------------- scheduler
+def _check_scheduler_state(meta: Optional[dict], saved: Any, scheduler, where: str) -> dict:
+    """The scheduler's state after loading: the live state dict updated with the checked saved entries."""
+    if meta is None:
+        raise CheckpointMismatchError(f"{where} has no scheduler state (it was saved with scheduler=None)")
+    if meta["class"] != type(scheduler).__name__:
+        raise CheckpointMismatchError(f"{where} holds the state of a {meta['class']}, not of a "
+                                      f"{type(scheduler).__name__}")
+    live = scheduler.state_dict()
+    skipped = meta.get("skipped", [])
+    _check_keys(saved, [k for k in live if k not in skipped], "scheduler", where)
+    for key, value in saved.items():
+        _check_like(value, live[key], f"scheduler.{key}", where)
+    if "last_epoch" in saved:
+        _check_count(saved["last_epoch"], "scheduler.last_epoch", where, low=-1)
+    if "_step_count" in saved:
+        _check_count(saved["_step_count"], "scheduler._step_count", where)
+    for key in ("base_lrs", "_last_lr"):
+        for i, lr in enumerate(saved.get(key, ())):
+            if not (_is_real(lr) and math.isfinite(lr) and lr >= 0):
+                raise _invalid(f"scheduler.{key}.{i}", "a finite number >= 0", lr, where)
+    state = dict(live)
+    state.update(saved)
+    return state
 
 
 # =========================================================================== load
@@ -665,7 +1120,7 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
                     scheduler: Optional[Any] = None) -> dict:
     """Restore ``model`` (and ``optimizer``, ``scheduler``, RNG states) from ``path``; returns the ``extra`` dict.
 
-    Everything is verified before anything is modified; see the module docstring. ``model`` must be
+    Every entry is verified before anything is modified; see the module docstring. ``model`` must be
     built and transformed exactly as when saving; ``optimizer``/``scheduler`` created the same way.
     """
     if not isinstance(model, nn.Module):
@@ -673,51 +1128,42 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     ckpt = read_checkpoint(path)
     where = f"checkpoint {ckpt['path']}"
     meta = ckpt["metadata"]
+    # ---- validate everything
     _check_config(ckpt["config"], model, where)
     _check_model_state(ckpt["model"], model, where)
     if optimizer is not None:
         _check_optimizer_state(meta["optimizer"], ckpt["optimizer"], optimizer, where)
     scheduler_state = None
     if scheduler is not None:
-        if meta["scheduler"] is None:
-            raise CheckpointMismatchError(f"{where} has no scheduler state (it was saved with scheduler=None)")
-        if meta["scheduler"]["class"] != type(scheduler).__name__:
-            raise CheckpointMismatchError(f"{where} holds the state of a {meta['scheduler']['class']}, not of a "
-                                          f"{type(scheduler).__name__}")
-        scheduler_state = scheduler.state_dict()
-        scheduler_state.update(ckpt["scheduler"])
+        scheduler_state = _check_scheduler_state(meta["scheduler"], ckpt["scheduler"], scheduler, where)
 
-    # ---- apply: optimizer first (it can be rolled back), then model, scheduler, RNG
-    previous = None
-    if optimizer is not None:
-        previous = optimizer.state_dict()  # load_state_dict replaces state objects, so these stay the old values
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except Exception as e:
-            _rollback(optimizer, previous)
-            raise CheckpointMismatchError(f"{where}: the optimizer state does not load: {e}") from e
+    # ---- then apply. Nothing below is expected to fail: an error here is a bug of the checks above.
+    step = "the model"
     try:
         model.load_state_dict(ckpt["model"], strict=True)
-    except Exception as e:
         if optimizer is not None:
-            _rollback(optimizer, previous)
-        raise CheckpointMismatchError(f"{where}: the model state does not load: {e}") from e
-    if scheduler is not None:
-        scheduler.load_state_dict(scheduler_state)
-    _set_rng_state(ckpt["rng"])
+            step = "the optimizer"
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            step = "the scheduler"
+            scheduler.load_state_dict(scheduler_state)
+        step = "the RNG states"
+        _set_rng_state(ckpt["rng"])
+    except Exception as e:
+        raise CheckpointError(f"{where} passed validation but {step} failed to load ({type(e).__name__}: {e}); "
+                              "the live state may be partially overwritten: rebuild it before retrying") from e
     return dict(ckpt["extra"])
-
-
-def _rollback(optimizer, previous: dict) -> None:
-    try:
-        optimizer.load_state_dict(previous)
-    except Exception as e:  # pragma: no cover - restoring its own state dict should not fail
-        warnings.warn(f"could not restore the optimizer's previous state after a failed load: {e}")
 
 
 # =========================================================================== helpers
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+_DTYPE_NAMES = {_dtype_name(d) for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, getattr(torch, "float8_e4m3fn", torch.float32), getattr(torch, "float8_e5m2",
+                                                                                       torch.float32))}
 
 
 def _version() -> str:
