@@ -14,7 +14,7 @@ cos_threshold          0 <= t <= 1     similarity that counts as "stable"
 queue_size             int >= 1        stable refreshes needed to double interval
 adaptive               bool            layer-adaptive lazy refresh on/off
 weight_bits            8, 16, 32       INT8 codes, bf16 or fp32 weight storage
-proj_bits              4, 8, 16        INT4 (packed), INT8 or bf16 projections
+proj_bits              4, 8, 16, 32    INT4 (packed), INT8, bf16 or fp32 proj.
 stochastic_round       bool            SR on the INT8 write-back
 optim_bits             8, 32           8-bit block-wise or fp32 Adam moments
 fused                  bool            update inside backward (else at step())
@@ -77,8 +77,8 @@ class QGaLoreConfig:
     weight_bits: int = dataclasses.field(default=8, metadata={
         "help": "storage of projected weights: INT8 codes, bf16 or fp32", "cli": True, "choices": (8, 16, 32)})
     proj_bits: int = dataclasses.field(default=4, metadata={
-        "help": "storage of projection matrices: INT4 (packed), INT8 or bf16", "cli": True,
-        "choices": (4, 8, 16)})
+        "help": "storage of projection matrices: INT4 (packed), INT8, bf16 or fp32", "cli": True,
+        "choices": (4, 8, 16, 32)})
     stochastic_round: bool = dataclasses.field(default=True, metadata={
         "help": "stochastic rounding of the INT8 weight write-back", "cli": True,
         "negated": "round the INT8 write-back to nearest instead of stochastically"})
@@ -112,7 +112,7 @@ class QGaLoreConfig:
         _check_int("update_interval", self.update_interval, 1)
         _check_int("queue_size", self.queue_size, 1)
         _check_int("weight_bits", self.weight_bits, 0, (8, 16, 32))
-        _check_int("proj_bits", self.proj_bits, 0, (4, 8, 16))
+        _check_int("proj_bits", self.proj_bits, 0, (4, 8, 16, 32))
         _check_int("optim_bits", self.optim_bits, 0, (8, 32))
         _check_int("seed", self.seed, 0)
         for name in ("block_size", "proj_block_size"):

@@ -102,6 +102,9 @@ CONTROL_FIELDS = ("calls", "pending", "defer", "reduce", "interval", "last_refre
 
 HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
+# Projections stored as floats (``proj_bits``: dtype); the other widths are block-quantized codes + scales.
+_FLOAT_PROJ = {16: torch.bfloat16, 32: torch.float32}
+
 
 def check_rank(rank: int, name: str, m: int, n: int) -> None:
     """Raise ValueError when ``rank`` does not fit a [m, n] layer."""
@@ -183,8 +186,8 @@ def decode_spec(text: str) -> UpdateSpec:
 def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
     """Fresh update-state tensors of a layer (see :data:`STATE_NAMES`); ``control`` is on the CPU."""
     P0 = torch.zeros(spec.projection_shape, dtype=torch.float32, device=device)
-    if spec.proj_bits == 16:
-        proj_codes, proj_scales = P0.to(torch.bfloat16), torch.zeros(0, device=device)
+    if spec.proj_bits in _FLOAT_PROJ:
+        proj_codes, proj_scales = P0.to(_FLOAT_PROJ[spec.proj_bits]), torch.zeros(0, device=device)
     else:
         q = quantize_blockwise(P0, bits=spec.proj_bits, block_size=spec.proj_block_size, check_finite=False)
         proj_codes, proj_scales = q.codes, q.scales
@@ -262,8 +265,8 @@ def check_control(control: Tensor, spec: UpdateSpec, where: str) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 def projection_matrix(proj_codes: Tensor, proj_scales: Tensor, spec: UpdateSpec) -> Tensor:
     """The current P in fp32 (dequantized)."""
-    if spec.proj_bits == 16:
-        return proj_codes.float()
+    if spec.proj_bits in _FLOAT_PROJ:
+        return proj_codes.float()  # proj_bits=32: the stored tensor itself, not a copy
     return torch.ops.qgalore_fx.dequantize(proj_codes, proj_scales, spec.proj_bits, spec.proj_block_size,
                                            list(spec.projection_shape), torch.float32)
 
@@ -387,12 +390,17 @@ def _broadcast_projection(state: Dict[str, Tensor], group) -> None:
 def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, group) -> None:
     """Recompute P from G, store it, and record the refresh in the schedule (synchronizes)."""
     t0 = time.perf_counter()
-    prev = projection_matrix(state["proj_codes"], state["proj_scales"], spec) if c["refresh_count"] else None
+    prev = None
+    if c["refresh_count"]:  # a copy: with proj_bits=32 projection_matrix is the stored tensor, overwritten below
+        prev = projection_matrix(state["proj_codes"], state["proj_scales"], spec).clone()
     policy = _policy(spec, c)
     generator = torch.Generator(device=G.device).manual_seed(spec.seed + 7 * policy.refresh_count)
     P = proj.compute_projection(G, spec.rank, spec.side, method=spec.proj_method, prev=prev, generator=generator)
-    if spec.proj_bits == 16:
-        state["proj_codes"].copy_(P.to(torch.bfloat16))
+    # The moments stay in the old projection's coordinates: rotate the new basis onto the old one (Procrustes), so
+    # a refresh onto the same subspace changes nothing and a moved subspace keeps the closest coordinates.
+    P = proj.align_projection(P, prev, spec.side)
+    if spec.proj_bits in _FLOAT_PROJ:
+        state["proj_codes"].copy_(P)
     else:
         q = quantize_blockwise(P, bits=spec.proj_bits, block_size=spec.proj_block_size, check_finite=False)
         state["proj_codes"].copy_(q.codes)

@@ -94,7 +94,7 @@ def test_a_command_is_required(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--proj-bits", "3"], "argument --proj-bits: invalid choice: 3 (choose from 4, 8, 16)"),
+        (["--proj-bits", "3"], "argument --proj-bits: invalid choice: 3 (choose from 4, 8, 16, 32)"),
         (["--weight-bits", "4"], "argument --weight-bits: invalid choice: 4"),
         (["--optim-bits", "16"], "argument --optim-bits: invalid choice: 16"),
         (["--baseline", "sgd"], "argument --baseline: invalid choice: 'sgd'"),

@@ -11,6 +11,7 @@ import torch
 from qgalore_fx.projection import (
     METHODS,
     LazyRefreshPolicy,
+    align_projection,
     captured_energy,
     compute_projection,
     project,
@@ -329,6 +330,62 @@ def test_compute_projection_rejects_bad_gradients():
     bad[1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"^G contains NaN or Inf"):
         compute_projection(bad, 2, "right")
+
+
+# ---------------------------------------------------------------------------------------
+# align_projection
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_align_recovers_the_old_basis_of_an_unchanged_subspace(side):
+    """Any orthonormal basis of the same subspace (signs flipped, rotated, reordered) aligns back to P_old."""
+    d, r = 48, 6
+    P_old = _basis(d, r, side, seed=40)
+    rot = torch.linalg.qr(torch.randn(r, r, generator=gen(41))).Q
+    other = rot @ P_old if side == "right" else P_old @ rot
+    assert (other - P_old).abs().max() > 0.3  # a genuinely different basis
+    aligned = align_projection(other, P_old, side)
+    assert aligned.dtype == torch.float32
+    torch.testing.assert_close(aligned, P_old, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_align_keeps_the_new_subspace_and_is_the_closest_basis(side):
+    """Same span as P_new, orthonormal, and closer to P_old than P_new and than the per-vector sign fix."""
+    d, r = 48, 6
+    P_old = _basis(d, r, side, seed=42)
+    noise = 0.3 * torch.randn(P_old.shape, generator=gen(43))
+    moved = compute_projection(basis_columns(P_old + noise, side) @ torch.diag(torch.linspace(3, 1, r))
+                               @ torch.randn(r, 20, generator=gen(44)), r, "left", method="full")
+    P_new = moved.T.contiguous() if side == "right" else moved
+    aligned = align_projection(P_new, P_old, side)
+    assert_orthonormal(aligned, side)
+    assert subspace_similarity(aligned, P_new, side) == pytest.approx(1.0, abs=1e-6)
+    Bn, Bo, Ba = (basis_columns(P, side) for P in (P_new, P_old, aligned))
+    signs = torch.sign((Bn * Bo).sum(0))
+    dist = {name: float((B - Bo).norm()) for name, B in (("new", Bn), ("sign", Bn * signs), ("aligned", Ba))}
+    assert dist["aligned"] <= dist["sign"] + 1e-6 and dist["sign"] < dist["new"] + 1e-6
+    assert dist["aligned"] < 0.8 * dist["new"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_align_uses_only_the_polar_factor_of_a_dequantized_prev(side):
+    d, r = 48, 6
+    P_old = _basis(d, r, side, seed=45)
+    rot = torch.linalg.qr(torch.randn(r, r, generator=gen(46))).Q
+    other = rot @ P_old if side == "right" else P_old @ rot
+    torch.testing.assert_close(align_projection(other, 3.0 * P_old, side), P_old, atol=2e-6, rtol=0)
+    noisy = P_old + 1e-3 * torch.randn(P_old.shape, generator=gen(47))  # like INT4/bf16 rounding
+    assert float((align_projection(other, noisy, side) - P_old).abs().max()) < 3e-3
+
+
+def test_align_without_a_usable_prev_returns_P_new():
+    P = _basis(48, 6, "right", seed=48)
+    for prev in (None, torch.zeros(5, 48), torch.full((6, 48), float("nan"))):
+        assert align_projection(P, prev, "right") is P
+    with pytest.raises(ValueError, match="side"):
+        align_projection(P, P, "up")
 
 
 # ---------------------------------------------------------------------------------------
