@@ -310,7 +310,7 @@ def _row_chunks(m: int, n: int, block_size: int):
 
 @torch.no_grad()
 def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, hparams: Tensor,
-          seed: Optional[Tensor], spec: UpdateSpec) -> None:
+          seed: Optional[Tensor], spec: UpdateSpec, P: Optional[Tensor] = None) -> None:
     """One update from the low-rank gradient ``R``, branch-free (no host synchronization).
 
     Writes ``weight``/``scales`` and the moments, and counts ``step``/``skipped``; a non-finite
@@ -321,7 +321,8 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
     N = adam_direction_masked_(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
-    P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
+    if P is None:  # the caller may pass the dequantized projection it already holds
+        P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     lr = torch.where(ok, lr, 0.0)
     decay = 1.0 - lr * torch.where(ok, wd, 0.0)
     step_size = lr * spec.scale
@@ -460,7 +461,8 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
                     control[STEP_UPDATES] = 1
                 return
             _refresh(state, G, c, spec, group)
-        R = proj.project(G, projection_matrix(state["proj_codes"], state["proj_scales"], spec), spec.side)
+        P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
+        R = proj.project(G, P, spec.side)
         del G
     elif c["refresh_count"] == 0:  # the refresh of this accumulated step was skipped: nothing to project on
         _poison(state)
@@ -476,7 +478,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         return
     calls = int(c["calls"])
     torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), R, hparams,
-                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.encode())
+                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.encode(), P)
     control[CALLS] = calls + 1
     control[STEP_UPDATES] = 1
 

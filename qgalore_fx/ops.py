@@ -21,10 +21,11 @@
     ``torch.compile`` orders it after every read of the old weight; opaque to
     the compiler, because the refresh is data-dependent.
 
-``torch.ops.qgalore_fx.lowrank_step_(weight!, scales!, state!, R, hparams, seed, spec)``
+``torch.ops.qgalore_fx.lowrank_step_(weight!, scales!, state!, R, hparams, seed, spec, P=None)``
     The steady-state update over tensors (:func:`qgalore_fx.lowrank.step_`):
     Adam on R, project back, decay, stochastic-rounding write-back;
-    branch-free, hyperparameters as tensors.
+    branch-free, hyperparameters as tensors. ``P`` is the dequantized
+    projection when the caller already holds it (else read from the state).
 
 ``anchor`` is a zero-element Parameter owned by each layer, the stand-in for
 its weight. It makes autograd run the layer's backward even when nothing
@@ -143,10 +144,10 @@ def _(weight, scales, state, hparams, x, grad_y, spec):
 
 @torch.library.custom_op("qgalore_fx::lowrank_step_", mutates_args=("weight", "scales", "state"))
 def lowrank_step_(weight: Tensor, scales: Tensor, state: List[Tensor], R: Tensor, hparams: Tensor,
-                  seed: Optional[Tensor], spec: str) -> None:
-    lowrank.step_(weight, scales, lowrank.state_from_list(state), R, hparams, seed, lowrank.decode_spec(spec))
+                  seed: Optional[Tensor], spec: str, P: Optional[Tensor] = None) -> None:
+    lowrank.step_(weight, scales, lowrank.state_from_list(state), R, hparams, seed, lowrank.decode_spec(spec), P)
 
 
 @lowrank_step_.register_fake
-def _(weight, scales, state, R, hparams, seed, spec):
+def _(weight, scales, state, R, hparams, seed, spec, P=None):
     return None
