@@ -39,18 +39,31 @@ Layout (format version 1)
 
 Atomic replacement
 ------------------
-``save_checkpoint(path, ...)`` writes everything into ``<path>.tmp-<pid>``
-next to the target (same parent, so renames never cross a file system),
-fsyncs every file and the directory, then swaps: ``path -> <path>.old-<pid>``,
-``<path>.tmp-<pid> -> path``, fsync of the parent, removal of the old copy.
-A crash (power loss, SIGKILL) at any point therefore leaves either the
-previous complete checkpoint at ``path`` or the new one — or, in the instant
-between the two renames, no ``path`` but a complete ``<path>.old-<pid>``,
-which ``load_checkpoint`` finds and loads (with a warning). Leftover
-``.tmp-*``/``.old-*`` siblings are removed by the next successful save. One
-writer per path at a time is assumed (e.g. rank 0 only under DDP).
+``save_checkpoint(path, ...)`` writes everything into ``<path>.tmp-<id>`` next
+to the target (same parent, so renames never cross a file system), where
+``<id>`` is ``<pid>-<random hex>``: first a marker file ``qgalore_fx.marker``
+holding ``<id>``, then the tensors, then the metadata, fsyncing every file and
+the directory. It then swaps: ``path -> <path>.old-<id of path>``,
+``<path>.tmp-<id> -> path``, fsync of the parent, removal of the old copy. A
+crash (power loss, SIGKILL) at any point therefore leaves either the previous
+complete checkpoint at ``path`` or the new one — or, in the instant between the
+two renames, no ``path`` but a complete ``<path>.old-<id>``, which
+``load_checkpoint`` finds and loads (with a warning). One writer per path at a
+time is assumed (e.g. rank 0 only under DDP).
+
+Only what the library created is ever removed or loaded in place of ``path``:
+a sibling ``<path>.tmp-<id>`` / ``<path>.old-<id>`` counts as its own when it is
+a real directory whose marker holds that ``<id>`` (or an empty ``.tmp-<id>``).
+The next save removes its own unfinished ``.tmp-`` copies before writing (so
+repeated crashes do not pile up full-size copies) and its own ``.old-`` copies
+after its swap; a user's ``run.old-1`` backup is never touched. A checkpoint
+written before markers existed gets one just before it is retired.
 ``save_checkpoint`` refuses to replace a directory that is not a qgalore_fx
-checkpoint.
+checkpoint. Errors of the file system (disk full, no permission) raise
+:class:`CheckpointWriteError` (a ``CheckpointError`` and an ``OSError`` with the
+errno) naming the checkpoint; the partial copy is removed and the previous
+checkpoint stays as it was. Loading reads regular files only: a symbolic link
+inside a checkpoint is an error, never followed.
 
 Validation before anything changes
 ----------------------------------
@@ -78,6 +91,7 @@ The checkpoint on disk is only ever read.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -85,7 +99,9 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
+import stat
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -111,6 +127,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointVersionError",
+    "CheckpointWriteError",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
@@ -121,8 +138,11 @@ FORMAT_VERSION = 1
 METADATA = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
-_OWN_FILES = {METADATA, MODEL_FILE, STATE_FILE}
-_SIBLING_RE = re.compile(r"\.(tmp|old)-\d+$")
+MARKER = "qgalore_fx.marker"  # written first into every directory save_checkpoint creates
+_OWN_FILES = {METADATA, MODEL_FILE, STATE_FILE, MARKER}
+_ID = r"\d+-[0-9a-f]{16}"  # <pid>-<random>: the identity of one saved directory, in its marker and its siblings' names
+_SIBLING_RE = re.compile(rf"\.(tmp|old)-({_ID})")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _SHOW = 5  # how many mismatching names an error lists
 
 
@@ -144,6 +164,20 @@ class CheckpointVersionError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint of a different model, config, optimizer or scheduler."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A save that failed (disk full, no permission, ...): its partial copy is removed, the previous checkpoint kept.
+
+    An ``OSError`` too, with the ``errno`` of the failure (``errno.ENOSPC``, ``errno.EACCES``, ...).
+    """
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno, self.strerror = code, message
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 # =========================================================================== nested structure <-> JSON + tensors
@@ -376,7 +410,7 @@ def _fsync_file(path: str) -> None:
 def _sha256(path: str) -> Tuple[str, int]:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with os.fdopen(_open_regular(path), "rb") as f:
         while True:
             chunk = f.read(1 << 23)
             if not chunk:
@@ -408,6 +442,22 @@ def _write_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> dict:
     return {"sha256": digest, "bytes": size}
 
 
+def _open_regular(path: str) -> int:
+    """A read-only fd of ``path``, which must be a regular file, not a symlink: nothing outside a checkpoint is read."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise CheckpointCorruptError(f"{path} is a symbolic link; a checkpoint holds regular files only (links "
+                                         "out of a checkpoint are never followed)")
+        if not stat.S_ISREG(mode):
+            raise CheckpointCorruptError(f"{path} is not a regular file")
+        return os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{path} is missing") from None
+    except OSError as e:
+        raise CheckpointCorruptError(f"{path} cannot be read: {e.strerror or e}") from None
+
+
 def _canonical(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
@@ -427,12 +477,12 @@ def _reject_constant(name: str):
 
 def _read_metadata(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, METADATA)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointCorruptError(
             f"{path} is missing: {ckpt_dir} is not a complete qgalore_fx checkpoint ({METADATA} is written last, "
             "so a save that did not finish leaves none)")
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             meta = json.loads(f.read().decode(), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointCorruptError(f"{path} is not valid JSON ({e}); the checkpoint metadata is damaged") from None
@@ -454,13 +504,10 @@ def _read_tensors(ckpt_dir: str, name: str, record: Any) -> Dict[str, torch.Tens
     path = os.path.join(ckpt_dir, name)
     if not isinstance(record, dict) or "sha256" not in record or "bytes" not in record:
         raise CheckpointCorruptError(f"{ckpt_dir}/{METADATA} has no checksum record for {name}")
-    if not os.path.isfile(path):
-        raise CheckpointCorruptError(f"{path} is missing")
-    size = os.path.getsize(path)
+    digest, size = _sha256(path)  # a regular file (not a link), read once
     if size != record["bytes"]:
         how = "truncated" if size < record["bytes"] else "longer than written"
         raise CheckpointCorruptError(f"{path} is {how}: {size} bytes, the checkpoint recorded {record['bytes']}")
-    digest, _ = _sha256(path)
     if digest != record["sha256"]:
         raise CheckpointCorruptError(f"{path} is damaged: sha256 {digest[:16]}… does not match the recorded "
                                      f"{record['sha256'][:16]}…")
@@ -470,16 +517,57 @@ def _read_tensors(ckpt_dir: str, name: str, record: Any) -> Dict[str, torch.Tens
         raise CheckpointCorruptError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+def _new_id() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
 
 
-def _siblings(path: str) -> List[str]:
-    """``<path>.tmp-<pid>`` and ``<path>.old-<pid>`` entries next to ``path``."""
-    return [p for p in glob.glob(glob.escape(path) + ".*-*") if _SIBLING_RE.search(p[len(path):])]
+def _read_marker(directory: str) -> Optional[str]:
+    """The identity recorded in ``directory``'s marker; None if there is no valid marker (or it is a link)."""
+    try:
+        fd = os.open(os.path.join(directory, MARKER), os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(4096).decode())
+    except (OSError, ValueError):
+        return None
+    ident = data.get("id") if isinstance(data, dict) and data.get("format") == FORMAT else None
+    return ident if isinstance(ident, str) and re.fullmatch(_ID, ident) else None
+
+
+def _write_marker(directory: str, ident: str) -> None:
+    path = os.path.join(directory, MARKER)
+    if os.path.lexists(path):
+        os.remove(path)  # a damaged marker, or a link: replaced, never followed
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(json.dumps({"format": FORMAT, "id": ident,
+                            "note": "written by qgalore_fx.save_checkpoint, which removes a copy named "
+                                    "<checkpoint>.tmp-<id> or .old-<id> next to the checkpoint"}).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _own_siblings(path: str) -> List[Tuple[str, str]]:
+    """``(kind, sibling)`` for each ``<path>.tmp-<id>`` / ``<path>.old-<id>`` that save_checkpoint created.
+
+    A sibling is ours if it is a real directory (not a link) whose marker holds the ``<id>`` of its name, or an
+    empty ``.tmp-<id>`` (a save that died right after creating it). Anything else next to ``path`` — a user's
+    ``run.old-1`` backup, a copy of a checkpoint under another name — is never loaded or deleted.
+    """
+    out = []
+    for sibling in sorted(glob.glob(glob.escape(path) + ".*-*")):
+        m = _SIBLING_RE.fullmatch(sibling[len(path):])
+        if not m or os.path.islink(sibling) or not os.path.isdir(sibling):
+            continue
+        try:
+            empty = not os.listdir(sibling)
+        except OSError:
+            continue
+        if _read_marker(sibling) == m.group(2) or (m.group(1) == "tmp" and empty):
+            out.append((m.group(1), sibling))
+    return out
 
 
 def _check_replaceable(path: str) -> None:
@@ -492,6 +580,18 @@ def _check_replaceable(path: str) -> None:
         raise CheckpointError(
             f"refusing to replace {path}: it is not a qgalore_fx checkpoint directory (it holds "
             f"{sorted(entries - _OWN_FILES)[:_SHOW] or sorted(entries)[:_SHOW]}); choose another path")
+
+
+def _write_error(path: str, e: BaseException, existed: bool) -> CheckpointWriteError:
+    """``e`` (an OSError, or safetensors' error wrapping one) as a CheckpointWriteError naming the checkpoint."""
+    code = getattr(e, "errno", None)
+    if code is None:  # safetensors: "... IoError(Os { code: 28, kind: StorageFull, ... })"
+        m = re.search(r"code: (\d+)", str(e))
+        code = int(m.group(1)) if m else errno.EIO
+    reason = getattr(e, "strerror", None) or str(e)
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    kept = f"the previous checkpoint at {path} is intact" if existed else "nothing was left behind"
+    return CheckpointWriteError(code, f"could not save the checkpoint {path}: {reason}{where}; {kept}")
 
 
 # =========================================================================== save
@@ -549,38 +649,57 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
         raise TypeError(f"save_checkpoint extra values must be JSON-safe or tensors: {e}") from None
     meta["rng"] = _rng_state(enc)
 
-    # ---- write into <path>.tmp-<pid>, metadata last, everything fsynced
+    # ---- write into <path>.tmp-<id> (marker first, metadata last, everything fsynced)
+    existed = os.path.isdir(path)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    pid = os.getpid()
-    tmp = f"{path}.tmp-{pid}"
-    _remove(tmp)
-    os.mkdir(tmp)
+    ident = _new_id()
+    tmp = f"{path}.tmp-{ident}"
     try:
+        os.makedirs(parent, exist_ok=True)
+        # earlier saves' unfinished copies go first, to free their space; their .old- siblings stay until the
+        # swap below succeeds (after a crash between the two renames, one of them is the last checkpoint)
+        for kind, stale in _own_siblings(path):
+            if kind == "tmp":
+                shutil.rmtree(stale, ignore_errors=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise _write_error(path, e, existed) from e
+    try:
+        _write_marker(tmp, ident)
         meta["files"] = {
             MODEL_FILE: _write_tensors(os.path.join(tmp, MODEL_FILE), model_tensors),
             STATE_FILE: _write_tensors(os.path.join(tmp, STATE_FILE), enc.tensors),
         }
         _write_metadata(os.path.join(tmp, METADATA), meta)
         _fsync_dir(tmp)
-    except Exception:  # an error (not a crash): leave nothing behind. A crash leaves tmp for the next save to remove.
+        # ---- swap: path -> <path>.old-<its id>, tmp -> path
+        old = None
+        if os.path.isdir(path):
+            old_id = _read_marker(path)
+            if old_id is None:  # saved before markers existed: give it one, so its .old- copy is recognized
+                old_id = _new_id()
+                _write_marker(path, old_id)
+                _fsync_dir(path)
+            old = f"{path}.old-{old_id}"
+            if os.path.lexists(old):
+                if ("old", old) not in _own_siblings(path):
+                    raise CheckpointError(f"cannot retire {path} to {old}: something else is there")
+                shutil.rmtree(old)  # a stale copy of this very checkpoint
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except Exception:
+            if old is not None:
+                os.rename(old, path)
+            raise
+    except Exception as e:  # an error (not a crash): leave nothing behind. A crash leaves tmp for the next save.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    # ---- swap: path -> old, tmp -> path, drop old
-    old = None
-    if os.path.isdir(path):
-        old = f"{path}.old-{pid}"
-        _remove(old)
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except Exception:
-        if old is not None:
-            os.rename(old, path)
+        if isinstance(e, (OSError, SafetensorError)) and not isinstance(e, CheckpointError):
+            raise _write_error(path, e, existed) from e
         raise
     _fsync_dir(parent)
-    for stale in ([old] if old else []) + _siblings(path):
+    # ---- the new checkpoint is in place: every copy of ours next to it is stale
+    for _, stale in ([("old", old)] if old else []) + _own_siblings(path):
         shutil.rmtree(stale, ignore_errors=True)
     _fsync_dir(parent)
     return path
@@ -592,8 +711,11 @@ def _find_checkpoint(path: str) -> str:
         return path
     if os.path.lexists(path):
         raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
+    ours = _own_siblings(path)
     candidates = []
-    for old in (p for p in _siblings(path) if ".old-" in p[len(path):]):
+    for kind, old in ours:
+        if kind != "old":
+            continue
         try:
             meta = _read_metadata(old)
         except CheckpointError:
@@ -605,8 +727,13 @@ def _find_checkpoint(path: str) -> str:
         warnings.warn(f"{path} is missing: a save was interrupted between its two renames; loading the previous "
                       f"complete checkpoint {old} (the next save_checkpoint({path!r}, ...) cleans it up)")
         return old
-    pending = [p for p in _siblings(path) if ".tmp-" in p[len(path):]]
+    pending = [p for kind, p in ours if kind == "tmp"]
     hint = f" ({len(pending)} unfinished save(s) such as {pending[0]} never completed)" if pending else ""
+    others = sorted(set(glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".old-*"))
+                    - {p for _, p in ours})
+    if others:
+        hint += (f"; {_names(others)} next to it were not written by save_checkpoint for this path and are never "
+                 f"loaded or removed automatically (rename one to {path} to load it)")
     raise CheckpointNotFoundError(f"no checkpoint at {path}{hint}")
 
 
@@ -831,6 +958,9 @@ def _check_model_state(saved: Dict[str, torch.Tensor], model: nn.Module, where: 
               for k in current if k in saved and saved[k].shape != current[k].shape]
     if shapes:
         problems.append(f"shape mismatch: {_names(shapes)}")
+        if all(k.endswith(".accum") for k in current if k in saved and saved[k].shape != current[k].shape):
+            problems.append("(only the projected layers' accumulators differ: the checkpoint was saved with another "
+                            "accumulation_steps or fused setting; build the optimizer as the saved run did)")
     dtypes = [f"{k} (checkpoint {_dtype_name(saved[k].dtype)}, model {_dtype_name(current[k].dtype)})"
               for k in current if k in saved and saved[k].shape == current[k].shape
               and saved[k].dtype != current[k].dtype]
@@ -935,14 +1065,7 @@ def _check_optimizer_state(saved_meta: Optional[dict], state: Any, optimizer, wh
     _check_keys(state, live, "optimizer", where)
     if qgalore:
         _check_count(state["skipped_steps"], "optimizer.skipped_steps", where, tensor=True)
-        accumulation = state["accumulation_steps"]
-        if not _is_int(accumulation) or accumulation < 1:
-            raise _invalid("optimizer.accumulation_steps", "an int >= 1", accumulation, where)
-        if accumulation != optimizer.accumulation_steps:
-            raise CheckpointMismatchError(
-                f"{where} was saved with accumulation_steps={accumulation}, this optimizer has "
-                f"{optimizer.accumulation_steps}: build the optimizer with accumulation_steps={accumulation} to "
-                "resume this run")
+        _check_accumulation(state, optimizer, where)
     saved_sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
                    for g in state["param_groups"]]
     sizes = [len(g["params"]) for g in live["param_groups"]]
@@ -973,6 +1096,20 @@ def _check_optimizer_state(saved_meta: Optional[dict], state: Any, optimizer, wh
             bad_shapes.append(f"{names.get(id(p), index)} (checkpoint {shape}, model {list(p.shape)})")
     if bad_shapes:
         raise CheckpointMismatchError(f"{where}: optimizer state shapes differ: {_names(bad_shapes)}")
+
+
+def _check_accumulation(state: Any, optimizer, where: str) -> None:
+    """A QGaLoreOptimizer's ``accumulation_steps`` must be the saved run's (loading never changes it)."""
+    if not isinstance(optimizer, QGaLoreOptimizer) or not isinstance(state, dict) or "accumulation_steps" not in state:
+        return  # a missing entry is reported with the rest of the optimizer state
+    accumulation = state["accumulation_steps"]
+    if not _is_int(accumulation) or accumulation < 1:
+        raise _invalid("optimizer.accumulation_steps", "an int >= 1", accumulation, where)
+    if accumulation != optimizer.accumulation_steps:
+        raise CheckpointMismatchError(
+            f"{where} was saved with accumulation_steps={accumulation}, this optimizer has "
+            f"{optimizer.accumulation_steps}: build the optimizer with accumulation_steps={accumulation} to resume "
+            "this run")
 
 
 def _check_group(saved: Any, live: dict, entry: str, where: str, qgalore: bool) -> None:
@@ -1130,6 +1267,8 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     meta = ckpt["metadata"]
     # ---- validate everything
     _check_config(ckpt["config"], model, where)
+    if optimizer is not None:  # first: it also decides the shape of the layers' accumulators in the model
+        _check_accumulation(ckpt["optimizer"], optimizer, where)
     _check_model_state(ckpt["model"], model, where)
     if optimizer is not None:
         _check_optimizer_state(meta["optimizer"], ckpt["optimizer"], optimizer, where)

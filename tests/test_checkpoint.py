@@ -22,6 +22,7 @@ from resume_worker import Blocks, blocks_step, build_blocks, build_llama, llama_
 
 import qgalore_fx
 from qgalore_fx.checkpoint import (
+    MARKER,
     METADATA,
     MODEL_FILE,
     STATE_FILE,
@@ -30,6 +31,7 @@ from qgalore_fx.checkpoint import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointVersionError,
+    CheckpointWriteError,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -152,7 +154,7 @@ def test_round_trip_restores_model_optimizer_scheduler_rng_and_extra(tmp_path):
 def test_layout_is_safetensors_and_json_only(tmp_path):
     model, opt, sched = trained_blocks(steps=1)
     path = save_checkpoint(tmp_path / "ckpt", model, opt, sched, step=1)
-    assert sorted(os.listdir(path)) == sorted([METADATA, MODEL_FILE, STATE_FILE])
+    assert sorted(os.listdir(path)) == sorted([METADATA, MODEL_FILE, STATE_FILE, MARKER])
     assert siblings(path) == []
     from safetensors.torch import load_file
 
@@ -295,8 +297,9 @@ class SimulatedCrash(BaseException):
 
 
 @contextlib.contextmanager
-def crash_at(k):
-    """Count file-system steps of a save (mkdir, fsync, rename, rmtree, remove); die at step k."""
+def crash_at(k, only=None):
+    """Count file-system steps of a save (mkdir, fsync, rename, rmtree, remove); die at step k (of those named
+    ``only``, if given)."""
     targets = [(os, "mkdir"), (os, "fsync"), (os, "rename"), (os, "remove"), (shutil, "rmtree")]
     originals = {(mod, name): getattr(mod, name) for mod, name in targets}
     calls = []
@@ -304,7 +307,7 @@ def crash_at(k):
     def wrap(mod, name):
         def op(*args, **kwargs):
             calls.append(name)
-            if len(calls) - 1 == k:
+            if (len(calls) if only is None else calls.count(only)) - 1 == k and name == (only or name):
                 raise SimulatedCrash(name)
             return originals[(mod, name)](*args, **kwargs)
         return op
@@ -560,3 +563,176 @@ def test_untransformed_model_and_missing_optimizer_state_are_rejected(saved, tmp
     save_checkpoint(tmp_path / "weights_only", *trained_blocks(steps=1)[:1])
     _assert_load_fails_cleanly(tmp_path / "weights_only", (model, opt, sched), CheckpointMismatchError,
                                "has no optimizer state")
+
+
+def test_accumulation_steps_that_differ_are_refused_naming_them(saved):
+    path, _ = saved
+    torch.manual_seed(0)
+    model = qgalore_fx.transform(Blocks(), rank=8, update_interval=3)
+    opt = qgalore_fx.optimizer(model, lr=1e-2, accumulation_steps=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _assert_load_fails_cleanly(path, (model, opt, sched), CheckpointMismatchError,
+                               r"saved with accumulation_steps=1, this optimizer has 2")
+    assert opt.accumulation_steps == 2
+
+
+# ----------------------------------------------------------------------------- directory hygiene
+def test_only_marked_siblings_are_removed_or_loaded(tmp_path):
+    """A user's backups named like the library's temporaries are never deleted, nor loaded in place of the path."""
+    model, opt, sched = trained_blocks(steps=1)
+    path = tmp_path / "run"
+    save_checkpoint(path, model, opt, sched, step=1)
+    backup = tmp_path / "run.old-1"
+    shutil.copytree(path, backup)  # a copy of a real checkpoint, under a name the old code treated as its own
+    notes = tmp_path / "run.tmp-2"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    forged = tmp_path / f"run.old-{os.getpid()}-0123456789abcdef"  # our name pattern, but no marker with that id
+    shutil.copytree(path, forged)
+    before = {p.name: tree_digest(p) for p in (backup, notes, forged)}
+
+    save_checkpoint(path, model, opt, sched, step=2)
+    assert {p.name: tree_digest(p) for p in (backup, notes, forged)} == before
+    shutil.rmtree(path)
+    with pytest.raises(CheckpointNotFoundError, match=r"never loaded or removed automatically") as info:
+        load_checkpoint(path, *build_blocks())
+    assert "run.old-1" in str(info.value)
+    assert {p.name: tree_digest(p) for p in (backup, notes, forged)} == before
+
+
+def test_stale_temporaries_are_removed_before_the_next_copy_is_written(tmp_path):
+    model, opt, sched = trained_blocks(steps=1)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, opt, sched, step=1)
+    for _ in range(3):  # three saves that die after writing their model file
+        with crash_at(2, only="fsync"), pytest.raises(SimulatedCrash):  # marker, model file, state file
+            save_checkpoint(path, model, opt, sched, step=2)
+        stale = glob.glob(str(path) + ".tmp-*")
+        assert len(stale) == 1 and os.path.isfile(os.path.join(stale[0], MODEL_FILE))  # they do not pile up
+    empty = f"{path}.tmp-{os.getpid()}-{'0' * 16}"  # a save that died right after creating its directory
+    os.mkdir(empty)
+
+    seen_at_mkdir = []
+    real_mkdir = os.mkdir
+
+    def mkdir(p, *args, **kwargs):
+        if ".tmp-" in os.fspath(p):
+            seen_at_mkdir.append(sorted(glob.glob(str(path) + ".tmp-*")))
+        return real_mkdir(p, *args, **kwargs)
+
+    os.mkdir = mkdir
+    try:
+        save_checkpoint(path, model, opt, sched, step=2)
+    finally:
+        os.mkdir = real_mkdir
+    assert seen_at_mkdir == [[]]  # the crashed copies were gone before the new one was created
+    assert siblings(path) == [] and read_checkpoint(path)["extra"]["step"] == 2
+
+
+def test_a_checkpoint_from_before_markers_is_recovered_after_a_crash_between_the_renames(tmp_path):
+    model, opt, sched = trained_blocks(steps=1)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, opt, sched, step=1)
+    (path / MARKER).unlink()  # as written by an older qgalore_fx
+    real_rename, renames = os.rename, []
+
+    def rename(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:  # path -> old happened; tmp -> path never does
+            raise SimulatedCrash("rename")
+        return real_rename(src, dst)
+
+    os.rename = rename
+    try:
+        with pytest.raises(SimulatedCrash):
+            save_checkpoint(path, model, opt, sched, step=2)
+    finally:
+        os.rename = real_rename
+    assert not path.exists()
+    with pytest.warns(UserWarning, match="interrupted between its two renames"):
+        assert read_checkpoint(path)["extra"]["step"] == 1
+    save_checkpoint(path, model, opt, sched, step=2)
+    assert siblings(path) == [] and read_checkpoint(path)["extra"]["step"] == 2
+
+
+def test_symlinks_inside_a_checkpoint_are_never_followed(tmp_path):
+    model, opt, sched = trained_blocks(steps=1)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, opt, sched, step=1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in (STATE_FILE, METADATA):
+        victim = tmp_path / f"linked-{name}"
+        shutil.copytree(path, victim)
+        shutil.move(str(victim / name), str(outside / name))
+        os.symlink(outside / name, victim / name)  # same bytes, reached through a link out of the checkpoint
+        _assert_load_fails_cleanly(victim, build_blocks(), CheckpointCorruptError,
+                                   f"{name} is a symbolic link")
+        # replacing that checkpoint removes the link, not what it points to
+        kept = tree_digest(outside)
+        save_checkpoint(victim, model, opt, sched, step=2)
+        assert tree_digest(outside) == kept and not (victim / name).is_symlink()
+        assert read_checkpoint(victim)["extra"]["step"] == 2
+
+
+def _no_space(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                          'message: "No space left on device" })')
+
+
+@pytest.mark.parametrize("failure", ["disk full in safetensors", "disk full at fsync", "permission denied"])
+def test_file_system_errors_are_checkpoint_errors_naming_the_path(tmp_path, monkeypatch, failure):
+    import errno
+
+    from qgalore_fx import checkpoint as ckpt_mod
+
+    model, opt, sched = trained_blocks(steps=1)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, model, opt, sched, step=1)
+    before = tree_digest(tmp_path)
+    if failure == "disk full in safetensors":
+        monkeypatch.setattr(ckpt_mod, "_st_save_file", _no_space)
+        code = errno.ENOSPC
+    elif failure == "disk full at fsync":
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if fsync.calls == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            fsync.calls += 1
+            return real_fsync(fd)
+
+        fsync.calls = 0
+        monkeypatch.setattr(os, "fsync", fsync)
+        code = errno.ENOSPC
+    else:
+        def mkdir(p, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        code = errno.EACCES
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(path, model, opt, sched, step=2)
+    monkeypatch.undo()
+    err = info.value
+    assert isinstance(err, CheckpointError) and isinstance(err, OSError) and err.errno == code
+    assert f"could not save the checkpoint {path}" in str(err) and "previous checkpoint" in str(err)
+    assert tree_digest(tmp_path) == before and siblings(path) == []  # the previous checkpoint, nothing else
+    assert read_checkpoint(path)["extra"]["step"] == 1
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_read_only_directory_is_a_checkpoint_error_and_keeps_the_previous_checkpoint(tmp_path):
+    model, opt, sched = trained_blocks(steps=1)
+    parent = tmp_path / "ro"
+    save_checkpoint(parent / "ckpt", model, opt, sched, step=1)
+    before = tree_digest(parent)
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointWriteError, match=f"could not save the checkpoint {parent / 'ckpt'}"):
+            save_checkpoint(parent / "ckpt", model, opt, sched, step=2)
+    finally:
+        parent.chmod(0o755)
+    assert tree_digest(parent) == before
