@@ -320,10 +320,21 @@ def test_rest_lr_goes_to_the_parameters_that_are_not_projected():
 @pytest.mark.parametrize("method", ["qgalore", "galore"])
 def test_projected_methods_train(corpus_dir, cache, tmp_path, method):
     result = train_lib.train(
-        small_config(corpus_dir, tmp_path / "r", method=method, steps=4, rank=8), verbose=False
+        small_config(corpus_dir, tmp_path / "r", method=method, steps=4, rank=8, update_interval=2),
+        verbose=False
     )
     assert math.isfinite(result.val_loss)
     assert result.val_ppl < result.vocab_size
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    layers = 2 * 7  # nano: 2 blocks of q, k, v, o, gate, up, down
+    assert summary["refreshes"] == 2 * layers  # every layer refreshed at attempts 0 and 2 (interval 2, then 4)
+    assert summary["refresh_seconds"] > 0
+
+
+def test_summary_has_no_refreshes_without_projected_layers(corpus_dir, cache, tmp_path):
+    train_lib.train(small_config(corpus_dir, tmp_path / "r", steps=1), verbose=False)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["refreshes"] is None and summary["refresh_seconds"] is None
 
 
 def test_memory_subcommand_plans_7b(capsys):

@@ -9,6 +9,11 @@ shared 2-core machine: AdamW 4m24s including the first-use tokenizer training,
 validation perplexity 416; Q-GaLore 4m52s with the tokenizer cached, 397; the
 unigram baseline is 1282).
 
+``qgalore-fx pretrain --save-every N`` checkpoints the run every N steps into
+``RUN_DIR/checkpoint``; ``qgalore-fx pretrain --resume RUN_DIR`` continues a run that
+was stopped (killed, preempted) from that checkpoint, with the configuration it
+recorded, and ends with the same numbers as a run that never stopped.
+
 Each subcommand is an ``_add_<name>(subparsers)`` function that registers its
 arguments and sets ``func(args) -> exit status``, which ``main`` calls; errors
 are reported through the subcommand's own parser so they carry its usage line.
@@ -35,7 +40,14 @@ from qgalore_fx.app.argtypes import non_negative_float, non_negative_int, positi
 from qgalore_fx.app.data import MIN_VOCAB_SIZE
 from qgalore_fx.app.planner import add_memory_arguments, run_memory
 from qgalore_fx.app.presets import PRESETS
-from qgalore_fx.app.train import DEFAULT_LR, GALORE_OPTIONS, TrainConfig, train
+from qgalore_fx.app.train import (
+    DEFAULT_LR,
+    GALORE_OPTIONS,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    recorded_config,
+    train,
+)
 from qgalore_fx.config import QGaLoreConfig, cli_fields
 
 __all__ = ["auto_threads", "build_parser", "main"]
@@ -122,7 +134,8 @@ def _add_pretrain(subparsers) -> None:
         description=(
             "Pre-train a LLaMA from scratch on the bundled BBC News corpus (or --corpus) "
             "with Q-GaLore, or with a baseline optimizer, and write a run directory "
-            "(config.json, metrics.jsonl, loss.png, summary.json, final checkpoint)."
+            "(config.json, metrics.jsonl, loss.png, summary.json, checkpoint). --resume RUN_DIR "
+            "continues a stopped run from its last checkpoint."
         ),
     )
     run = p.add_argument_group("run")
@@ -172,6 +185,13 @@ def _add_pretrain(subparsers) -> None:
                            "validation split; default: %(default)s)")
     data.add_argument("--log-every", type=positive_int, default=d.log_every,
                       help="steps between metrics.jsonl records (default: %(default)s)")
+    data.add_argument("--save-every", type=non_negative_int, default=d.save_every,
+                      help="steps between checkpoints in RUN_DIR/checkpoint (atomic: a kill keeps the "
+                           "previous one); 0: only at the last step (default: %(default)s)")
+    data.add_argument("--resume", metavar="RUN_DIR", default=None,
+                      help="continue the run in RUN_DIR from its checkpoint, with the configuration it "
+                           "recorded; other options may only repeat the recorded values (--save-every "
+                           "may change)")
 
     galore_flags = [flag for flag, name in _switches().items() if name in _GALORE_SWITCHES]
     q = p.add_argument_group(
@@ -205,6 +225,8 @@ def _add_transform_switches(group) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.resume is not None:
+        return _run_resume(args, parser)
     method = args.baseline or "qgalore"
     switches = _switches()
     given = {flag: field for flag, field in switches.items() if getattr(args, field) is not None}
@@ -240,6 +262,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             eval_every=args.eval_every,
             eval_batches=args.eval_batches,
             log_every=args.log_every,
+            save_every=args.save_every,
             **options,
         )
     except (ValueError, TypeError) as e:  # TypeError: QGaLoreConfig's, for a value of the wrong type
@@ -248,13 +271,60 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine")
 
+    return _start(parser, train, config)
+
+
+def _start(parser: argparse.ArgumentParser, run, *args, **kwargs) -> int:
     try:
-        train(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        run(*args, **kwargs)
+    except (ValueError, OSError) as e:  # OSError: a missing corpus, a run directory that cannot be written
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except FloatingPointError as e:
         parser.exit(1, f"{parser.prog}: training diverged: {e}\n")
     return 0
+
+
+_UNSET = object()
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options ``argv`` (this subcommand's arguments) sets explicitly."""
+    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    namespace = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
+    return {d for d in dests if getattr(namespace, d) is not _UNSET}
+
+
+def _run_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--resume RUN_DIR``: the recorded configuration; a flag may only repeat its recorded value."""
+    try:
+        recorded = recorded_config(args.resume)
+    except (ValueError, OSError) as e:
+        parser.error(f"--resume {args.resume}: {e}")
+    resolved = recorded.resolved()
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    conflicts = []
+    for dest in sorted(_given(parser, args.argv) - {"resume", "func", *RESUME_MAY_CHANGE}):
+        value, field = getattr(args, dest), dest
+        if dest == "baseline":
+            field, value = "method", value or "qgalore"
+        elif dest == "threads" and value == "auto":
+            value = auto_threads()
+        elif dest in ("device", "autocast") and value == "auto":  # what "auto" means for this run
+            value = getattr(dataclasses.replace(recorded, **{dest: "auto"}).resolved(), dest)
+        have = getattr(resolved, field)
+        if value != have:
+            conflicts.append(f"{flags[dest]} {value} (the run recorded {field}={have!r})")
+    if args.run_dir is not None and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
+        conflicts.append(f"--run-dir {args.run_dir} (the run is {args.resume})")
+    if conflicts:
+        parser.error(f"--resume {args.resume} continues the run with the configuration it recorded; these "
+                     f"options differ from it: {'; '.join(conflicts)}. Drop them, or start a new run")
+    config = dataclasses.replace(recorded, save_every=args.save_every) if "save_every" in _given(
+        parser, args.argv) else recorded
+    device = torch.device(config.resolved().device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--resume {args.resume}: the run trained on {device}, and CUDA is not available here")
+    return _start(parser, train, config, resume=True)
 
 
 # --------------------------------------------------------------------------- memory
@@ -289,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:]  # the subcommand's own arguments
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     return args.func(args)

@@ -30,10 +30,23 @@ Run directory (default ``runs/<YYYYmmdd-HHMMSS>-<method>``):
   (the projected layers' for qgalore/galore), ``tokens_per_s``,
   ``elapsed_s``, and ``val_loss``/``val_ppl``/``val_tokens`` at evaluations);
 - ``loss.png``: training loss and validation perplexity against step;
-- ``summary.json``: final figures and the memory report;
+- ``summary.json``: final figures (``refreshes``/``refresh_seconds``: subspace
+  refreshes over all projected layers and the time they took), and the memory report;
 - ``tokenizer.json``: a copy of the tokenizer the model was trained with;
-- ``checkpoint/``: model, optimizer and scheduler state at the last step, written
-  by ``qgalore_fx.save_checkpoint`` (``qgalore_fx.load_checkpoint`` resumes it).
+- ``checkpoint/``: the run's state, written by ``qgalore_fx.save_checkpoint``
+  atomically every ``save_every`` steps and at the last step: model, optimizer,
+  scheduler and RNG states, plus the batch-order generator's state, the step, the
+  metrics so far and the training loss accumulated since the last record.
+
+Resuming
+--------
+``train(recorded_config(run_dir), resume=True)`` (``qgalore-fx pretrain --resume
+RUN_DIR``) rebuilds the run from its ``config.json``, loads ``checkpoint/``, rewrites
+``metrics.jsonl`` to the records the checkpoint holds, and continues. Every number a
+run produces (weights, losses, ``val_ppl``, ``final_train_loss``) is then the same,
+bit for bit, as in a run that was never interrupted; only timings differ
+(``train_seconds`` and ``refresh_seconds`` add the time measured before the
+checkpoint, ``elapsed_s`` continues from it).
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import platform
 import resource
@@ -68,6 +82,7 @@ __all__ = [
     "build_optimizer",
     "cosine_with_warmup",
     "evaluate",
+    "recorded_config",
     "train",
 ]
 
@@ -156,6 +171,7 @@ class TrainConfig:
     vocab_size: int = 8192
     cache_dir: str | None = None  # None: $QGALORE_FX_CACHE or ~/.cache/qgalore_fx
     run_dir: str | None = None  # None: runs/<timestamp>-<method>
+    save_every: int = 0  # steps between checkpoints in run_dir/checkpoint; 0: only at the last step
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -175,6 +191,7 @@ class TrainConfig:
         _require(self.warmup is None or 0 <= self.warmup <= self.steps, "warmup",
                  f"an integer in [0, steps={self.steps}]", self.warmup)
         _require(self.eval_every >= 0, "eval_every", "a non-negative integer", self.eval_every)
+        _require(self.save_every >= 0, "save_every", "a non-negative integer", self.save_every)
         for name in ("lr", "rest_lr"):
             value = getattr(self, name)
             _require(value is None or (math.isfinite(value) and value > 0), name,
@@ -241,6 +258,24 @@ class TrainConfig:
         d["transform"] = self.transform_kwargs()
         return d
 
+    @classmethod
+    def from_json(cls, d: dict, preset: dict | None = None) -> TrainConfig:
+        """Inverse of :meth:`to_json` (``preset``: the preset's fields, for a preset that is not a named one)."""
+        d = dict(d)
+        transform = d.pop("transform", None) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        options = {f.name for f in cli_fields()}
+        unknown = sorted((set(d) - names) | (set(transform) - options))
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; this qgalore_fx knows {sorted(names)}")
+        name = d.get("preset")
+        if preset is not None and (name not in presets_lib.PRESETS
+                                   or dataclasses.asdict(presets_lib.PRESETS[name]) != preset):
+            d["preset"] = presets_lib.Preset(**preset)
+        if isinstance(d.get("betas"), list):
+            d["betas"] = tuple(d["betas"])
+        return cls(**d, **transform)
+
 
 def _require(ok: bool, name: str, what: str, value) -> None:
     if not ok:
@@ -256,7 +291,8 @@ def _make_run_dir(run_dir: str, explicit: bool) -> pathlib.Path:
     if explicit:
         if (path / "metrics.jsonl").exists():
             raise FileExistsError(
-                f"run_dir {path} already holds a run (metrics.jsonl); choose another directory"
+                f"run_dir {path} already holds a run (metrics.jsonl); choose another directory, or "
+                f"continue that run with --resume {path}"
             )
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -269,6 +305,26 @@ def _make_run_dir(run_dir: str, explicit: bool) -> pathlib.Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a fresh run directory next to {path}")
+
+
+def recorded_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The resolved configuration a run recorded in ``run_dir/config.json``, with ``run_dir`` set to
+    ``run_dir`` (the directory may have moved since). Raises ``FileNotFoundError``/``ValueError``."""
+    path = pathlib.Path(run_dir)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory: it has no config.json")
+    try:
+        recorded = json.loads(config_path.read_text())
+        config = TrainConfig.from_json(recorded["train"], recorded.get("preset"))
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_path} does not hold a training configuration this qgalore_fx can run: "
+                         f"{type(e).__name__}: {e}") from None
+    return dataclasses.replace(config, run_dir=str(path))
+
+
+# Options a resumed run may change: they do not change what is computed.
+RESUME_MAY_CHANGE = ("run_dir", "save_every")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -413,6 +469,9 @@ class TrainResult:
     memory_text: str
     memory: dict
     history: list[dict] = field(repr=False, default_factory=list)
+    refreshes: int | None = None  # subspace refreshes over all projected layers (None: no projected layers)
+    refresh_seconds: float | None = None  # their wall-clock time, summed over layers (and over resumes)
+    resumed_at: list[int] = field(default_factory=list)  # the steps this run was resumed from
 
     def to_json(self) -> dict:
         return {
@@ -431,6 +490,9 @@ class TrainResult:
             "val_ppl": self.val_ppl,
             "val_tokens": self.val_tokens,
             "unigram_ppl": self.unigram_ppl,
+            "refreshes": self.refreshes,
+            "refresh_seconds": self.refresh_seconds,
+            "resumed_at": self.resumed_at,
             "checkpoint": str(self.checkpoint),
             "memory": self.memory,
         }
@@ -456,30 +518,37 @@ def train(
     *,
     corpus: data_lib.TokenizedCorpus | None = None,
     verbose: bool = True,
+    resume: bool = False,
 ) -> TrainResult:
     """Run one pre-training job and write its run directory.
 
     ``corpus`` reuses an already prepared corpus (benchmarks running several
     methods on the same data); otherwise ``config.corpus`` is prepared (cached).
     With ``verbose`` a progress bar runs and the summary is printed at the end.
+    With ``resume``, ``config.run_dir`` holds a run with a checkpoint and ``config``
+    is its recorded configuration (:func:`recorded_config`; only ``save_every`` may
+    differ): the run continues from the checkpoint, see the module docstring.
     """
     threads_before = torch.get_num_threads()
     try:
-        return _train(config, corpus, verbose)
+        return _train(config, corpus, verbose, resume)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose: bool):
+def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose: bool, resume: bool):
     from tqdm import tqdm
 
     t_start = time.perf_counter()
     explicit_run_dir = config.run_dir is not None
     cfg = config.resolved()
     device = torch.device(cfg.device)
+    if resume:
+        run_dir = _check_resumable(cfg)
     if corpus is None:
         corpus = data_lib.prepare_corpus(cfg.corpus, cfg.vocab_size, cfg.cache_dir)
-    run_dir = _make_run_dir(cfg.run_dir, explicit_run_dir)
+    if not resume:
+        run_dir = _make_run_dir(cfg.run_dir, explicit_run_dir)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
     torch.set_num_threads(cfg.threads)
@@ -500,31 +569,47 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
 
     import qgalore_fx
 
-    _write_json(run_dir / "config.json", {
-        "train": cfg.to_json() | {"preset": preset.name},
-        "preset": dataclasses.asdict(preset),
-        "model": {"n_params": n_params,
-                  **{k: model_config.get(k) for k in (
-                      "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                      "num_hidden_layers", "max_position_embeddings")}},
-        "data": corpus.describe() | {"unigram_ppl": unigram_ppl},
-        "optimizer": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
-        "versions": _versions(qgalore_fx.__version__),
-    })
-    shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.json")
+    progress = _Progress()
+    if resume:
+        progress = _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator)
+    else:
+        _write_json(run_dir / "config.json", {
+            "train": cfg.to_json() | {"preset": preset.name},
+            "preset": dataclasses.asdict(preset),
+            "model": {"n_params": n_params,
+                      **{k: model_config.get(k) for k in (
+                          "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                          "num_hidden_layers", "max_position_embeddings")}},
+            "data": corpus.describe() | {"unigram_ppl": unigram_ppl},
+            "optimizer": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
+            "versions": _versions(qgalore_fx.__version__),
+        })
+        shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.json")
     if verbose:
         logger.info("run %s: %s, %s (%.2fM parameters), %d train tokens, vocab %d, "
-                    "%d CPU threads", run_dir, cfg.method, preset.name,
-                    n_params / 1e6, corpus.train_ids.numel(), corpus.vocab_size, cfg.threads)
+                    "%d CPU threads%s", run_dir, cfg.method, preset.name,
+                    n_params / 1e6, corpus.train_ids.numel(), corpus.vocab_size, cfg.threads,
+                    f"; resumed at step {progress.step}" if resume else "")
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    history: list[dict] = []
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_time, train_time = 0, 0.0, 0.0
-    last_loss = float("nan")
-    metrics = (run_dir / "metrics.jsonl").open("w")
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"pretrain {cfg.method}", disable=not verbose,
-               dynamic_ncols=True, file=sys.stderr)
+    history = progress.history
+    window_loss = progress.window_loss.to(device)
+    window_steps, window_time = progress.window_steps, progress.window_seconds
+    train_time = progress.train_seconds
+    last_loss = history[-1]["loss"] if history else float("nan")
+    elapsed_before = progress.elapsed_seconds
+
+    def now(step: int) -> _Progress:  # where the run stands after ``step``, for a checkpoint
+        return dataclasses.replace(
+            progress, step=step, history=history, window_loss=window_loss, window_steps=window_steps,
+            window_seconds=window_time, train_seconds=train_time,
+            elapsed_seconds=elapsed_before + time.perf_counter() - t_start)
+    # metrics.jsonl holds exactly the checkpoint's records (a killed run may have logged later steps)
+    _write_lines(run_dir / "metrics.jsonl", history)
+    metrics = (run_dir / "metrics.jsonl").open("a")
+    bar = tqdm(range(progress.step + 1, cfg.steps + 1), desc=f"pretrain {cfg.method}",
+               disable=not verbose, dynamic_ncols=True, file=sys.stderr,
+               initial=progress.step, total=cfg.steps)
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -550,14 +635,16 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
             last = step == cfg.steps
             do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
             if not (last or do_eval or step % cfg.log_every == 0):
+                if cfg.save_every and step % cfg.save_every == 0:
+                    _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step))
                 continue
             last_loss = window_loss.item() / window_steps
             record = {
                 "step": step,
                 "loss": last_loss,
                 "lr": lr,
-                "tokens_per_s": window_steps * tokens_per_step / window_time,
-                "elapsed_s": time.perf_counter() - t_start,
+                "tokens_per_s": window_steps * tokens_per_step / window_time if window_time else None,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             }
             window_loss.zero_()
             window_steps, window_time = 0, 0.0
@@ -569,11 +656,14 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
             history.append(record)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            postfix = {"loss": f"{last_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
-                       "lr": f"{lr:.2e}"}
+            postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}"}
+            if record["tokens_per_s"] is not None:
+                postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
             if do_eval:
                 postfix["val_ppl"] = f"{record['val_ppl']:.1f}"
             bar.set_postfix(postfix, refresh=False)
+            if cfg.save_every and step % cfg.save_every == 0 and not last:
+                _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step))
     finally:
         bar.close()
         metrics.close()
@@ -581,9 +671,8 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     final = history[-1]
     _plot(run_dir / "loss.png", history, unigram_ppl,
           f"{cfg.method}, preset {preset.name}, vocab {corpus.vocab_size}")
-    checkpoint = pathlib.Path(qgalore_fx.save_checkpoint(
-        run_dir / "checkpoint", model, optimizer, scheduler=scheduler, step=cfg.steps
-    ))
+    checkpoint = _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(cfg.steps))
+    refreshes, refresh_seconds = _refreshes(optimizer)
     memory_text, memory = _memory_report(model, optimizer)
     result = TrainResult(
         run_dir=run_dir,
@@ -593,7 +682,7 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
         steps=cfg.steps,
         tokens=cfg.steps * tokens_per_step,
         train_seconds=train_time,
-        total_seconds=time.perf_counter() - t_start,
+        total_seconds=elapsed_before + time.perf_counter() - t_start,
         final_train_loss=last_loss,
         val_loss=final["val_loss"],
         val_ppl=final["val_ppl"],
@@ -603,6 +692,9 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
         memory_text=memory_text,
         memory=memory,
         history=history,
+        refreshes=refreshes,
+        refresh_seconds=None if refresh_seconds is None else progress.refresh_seconds + refresh_seconds,
+        resumed_at=progress.resumed_at,
     )
     _write_json(run_dir / "summary.json", result.to_json())
     if verbose:
@@ -612,6 +704,131 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
 
 def _write_json(path: pathlib.Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _write_lines(path: pathlib.Path, records: list[dict]) -> None:
+    """``records`` as JSON lines, replacing ``path`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: what a checkpoint adds to the model, optimizer, scheduler and RNG states."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # training loss since the last record
+    window_steps: int = 0
+    window_seconds: float = 0.0
+    train_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    refresh_seconds: float = 0.0  # refresh time measured before the last resume (the layers count since then)
+    resumed_at: list[int] = field(default_factory=list)
+
+
+def _refreshes(optimizer) -> tuple[int | None, float | None]:
+    """Subspace refreshes over all projected layers, and the seconds they took (None, None: no such layers)."""
+    layer_stats = getattr(optimizer, "layer_stats", None)
+    if layer_stats is None:
+        return None, None
+    stats = layer_stats().values()
+    return sum(s["refresh_count"] for s in stats), sum(s["refresh_seconds"] for s in stats)
+
+
+def _recorded_train(cfg: TrainConfig) -> dict:
+    """What must match for a checkpoint to continue ``cfg``: its configuration, less what a resume may change."""
+    d = cfg.to_json()
+    for name in RESUME_MAY_CHANGE:
+        d.pop(name)
+    d["preset"] = presets_lib.get_preset(cfg.preset).name
+    return d
+
+
+_TIMES = ("window_seconds", "train_seconds", "elapsed_seconds", "refresh_seconds")
+
+
+def _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, progress: _Progress) -> pathlib.Path:
+    """Write ``run_dir/checkpoint`` (atomically): the run's objects and ``progress``."""
+    import qgalore_fx
+
+    _, refresh_seconds = _refreshes(optimizer)
+    return pathlib.Path(qgalore_fx.save_checkpoint(
+        run_dir / "checkpoint", model, optimizer, scheduler=scheduler,
+        step=progress.step,
+        batch_generator=generator.get_state(),
+        history=progress.history,
+        window_loss=progress.window_loss.detach(),
+        window_steps=progress.window_steps,
+        **{k: getattr(progress, k) for k in _TIMES if k != "refresh_seconds"},
+        refresh_seconds=progress.refresh_seconds + (refresh_seconds or 0.0),
+        resumed_at=progress.resumed_at,
+        train_config=_recorded_train(cfg),
+        corpus_fingerprint=corpus.fingerprint,
+    ))
+
+
+def _check_resumable(cfg: TrainConfig) -> pathlib.Path:
+    """The run directory of ``cfg`` (resolved), after checking it holds an unfinished run with a checkpoint."""
+    if cfg.run_dir is None:
+        raise ValueError("resume=True needs config.run_dir, the directory of the run to continue")
+    run_dir = pathlib.Path(cfg.run_dir)
+    recorded = recorded_config(run_dir).resolved()
+    ours, theirs = _recorded_train(cfg), _recorded_train(recorded)
+    diff = [f"{k}: {ours.get(k)!r} (the run recorded {theirs.get(k)!r})"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume {run_dir} with another configuration: {'; '.join(diff)}")
+    if (run_dir / "summary.json").exists():
+        raise ValueError(f"{run_dir} is a finished run (it has summary.json): nothing to resume")
+    if not (run_dir / "checkpoint").exists() and not any(run_dir.glob("checkpoint.old-*")):
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoint to resume from (it was stopped before its first save; "
+            f"save_every={recorded.save_every}): start the run again")
+    return run_dir
+
+
+def _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator) -> _Progress:
+    """Load ``run_dir/checkpoint`` into the run's objects; the progress it records."""
+    import qgalore_fx
+
+    path = run_dir / "checkpoint"
+    extra = qgalore_fx.load_checkpoint(path, model, optimizer, scheduler)
+    where = f"checkpoint {path}"
+    if extra.get("train_config") != _recorded_train(cfg):
+        raise ValueError(f"{where} was written by another run configuration than {run_dir}/config.json")
+    if extra.get("corpus_fingerprint") != corpus.fingerprint:
+        raise ValueError(f"{where}: the corpus changed since the run started (fingerprint "
+                         f"{extra.get('corpus_fingerprint')!r}, now {corpus.fingerprint!r})")
+    step = extra.get("step")
+    if not (isinstance(step, int) and 1 <= step <= cfg.steps):  # at cfg.steps: only the summary is missing
+        raise ValueError(f"{where}: step must be in [1, {cfg.steps}], got {step!r}")
+    try:
+        generator.set_state(extra["batch_generator"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{where}: batch_generator is not a torch.Generator state ({e})") from None
+    history, window_loss = extra.get("history"), extra.get("window_loss")
+    if not (isinstance(history, list) and all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                                              and r["step"] <= step for r in history)):
+        raise ValueError(f"{where}: history must be the list of metrics records up to step {step}")
+    if not (isinstance(window_loss, torch.Tensor) and window_loss.dim() == 0 and window_loss.is_floating_point()):
+        raise ValueError(f"{where}: window_loss must be a 0-d float tensor, got {window_loss!r}")
+    numbers = {k: extra.get(k) for k in ("window_steps", *_TIMES)}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+               for v in numbers.values()) or not isinstance(numbers["window_steps"], int):
+        raise ValueError(f"{where}: {numbers} must be finite numbers >= 0 (window_steps an int)")
+    resumed_at = extra.get("resumed_at")
+    if not (isinstance(resumed_at, list) and all(isinstance(s, int) for s in resumed_at)):
+        raise ValueError(f"{where}: resumed_at must be a list of steps, got {resumed_at!r}")
+    return _Progress(step=step, history=history, window_loss=window_loss, resumed_at=[*resumed_at, step],
+                     **{k: float(numbers[k]) for k in _TIMES}, window_steps=numbers["window_steps"])
 
 
 def _versions(qgalore_fx_version: str) -> dict:
