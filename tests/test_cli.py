@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,11 @@ def test_a_command_is_required(capsys):
         (["--warmup", "-2"], "argument --warmup: expected an integer >= 0"),
         (["--threads", "0"], "argument --threads: expected 'auto' or a positive integer, got '0'"),
         (["--device", "gpu0"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (["--device", "meta"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
+        (["--device", "cpu:1"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cpu:1'"),
+        (["--seed", str(2**63)], f"seed must be an integer in [0, 2**63); got {2**63}"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**63); got -1"),
+        (["--save-every", "-1"], "argument --save-every: expected an integer >= 0, got -1"),
         (["--steps", "10", "--warmup", "20"], "warmup must be an integer in [0, steps=10]"),
         (["--baseline", "adamw", "--rank", "8"], "--rank has no effect with --baseline adamw"),
         (["--baseline", "adamw8bit", "--no-fused"], "--no-fused has no effect with --baseline"),
@@ -140,6 +146,64 @@ def test_cuda_without_cuda_is_a_clear_error(capsys, monkeypatch):
         cli.main(["pretrain", "--device", "cuda"])
     assert exc.value.code == 2
     assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "train", lambda config: pytest.fail("must not start training"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["pretrain", "--device", "cuda:3"])
+    assert exc.value.code == 2
+    assert "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
+
+
+def test_train_refuses_a_device_it_cannot_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta'"):
+        train_lib.TrainConfig(device="meta")
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+        train_lib.train(train_lib.TrainConfig(device="cuda", run_dir=str(tmp_path / "r")), verbose=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_numpy_scalars_are_numbers(corpus_dir, cache, tmp_path):
+    import numpy as np
+
+    config = small_config(corpus_dir, tmp_path / "r", method="qgalore", steps=np.int64(2), batch_size=np.int32(4),
+                          lr=np.float32(0.25), weight_decay=np.float64(0.0), betas=(np.float32(0.5), 0.9),
+                          seed=np.int64(2**62), rank=np.int64(8), scale=np.float32(0.25),
+                          fused=np.bool_(False), update_interval=np.uint8(2))
+    values = {name: getattr(config, name) for name in ("steps", "batch_size", "lr", "weight_decay", "seed", "rank",
+                                                       "scale", "fused", "update_interval")}
+    assert values == dict(steps=2, batch_size=4, lr=0.25, weight_decay=0.0, seed=2**62, rank=8, scale=0.25,
+                          fused=False, update_interval=2)
+    assert all(type(v) in (int, float, bool) for v in values.values()) and config.betas == (0.5, 0.9)
+    assert all(type(b) is float for b in config.betas)
+    result = train_lib.train(config, verbose=False)  # the seed reaches torch and the batch generator
+    assert math.isfinite(result.val_loss)
+    recorded = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert recorded["steps"] == 2 and recorded["seed"] == 2**62 and recorded["transform"]["rank"] == 8
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(steps=2.5), "steps must be a positive integer; got 2.5"),
+    (dict(steps="10"), "steps must be a positive integer; got '10'"),
+    (dict(batch_size=True), "batch_size must be a positive integer; got True"),
+    (dict(seed=2**63), f"seed must be an integer in [0, 2**63); got {2**63}"),
+    (dict(lr="abc"), "lr must be a positive finite number; got 'abc'"),
+    (dict(lr=float("inf")), "lr must be a positive finite number; got inf"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite non-negative number; got nan"),
+    (dict(betas=None), "betas must be two numbers in [0, 1); got None"),
+    (dict(betas=(0.9, "x")), "betas must be two numbers in [0, 1); got (0.9, 'x')"),
+    (dict(min_lr_ratio="0.1"), "min_lr_ratio must be a number in [0, 1]; got '0.1'"),
+    (dict(warmup=2.0), "warmup must be an integer in [0, steps=400]; got 2.0"),
+    (dict(vocab_size=np.int64(100)), "vocab_size must be an integer >= 257; got 100"),
+])
+def test_train_config_messages_name_the_option_and_the_allowed_values(options, message):
+    with pytest.raises(ValueError) as exc:
+        train_lib.TrainConfig(**options)
+    assert str(exc.value) == message
 
 
 @pytest.fixture

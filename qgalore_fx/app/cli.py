@@ -45,6 +45,8 @@ from qgalore_fx.app.train import (
     GALORE_OPTIONS,
     RESUME_MAY_CHANGE,
     TrainConfig,
+    device_problem,
+    is_device_name,
     recorded_config,
     train,
 )
@@ -85,14 +87,8 @@ def _vocab_size(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    if text == "auto":
-        return text
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}"
-        ) from None
+    if not is_device_name(text):  # e.g. "meta": no training loop runs there
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}")
     return text
 
 
@@ -268,8 +264,9 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (ValueError, TypeError) as e:  # TypeError: QGaLoreConfig's, for a value of the wrong type
         parser.error(str(e))
     device = config.resolved().device
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {device}: CUDA is not available on this machine")
+    problem = device_problem(device)
+    if problem:
+        parser.error(f"--device {device}: {problem}")
 
     return _start(parser, train, config)
 
@@ -321,9 +318,10 @@ def _run_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                      f"options differ from it: {'; '.join(conflicts)}. Drop them, or start a new run")
     config = dataclasses.replace(recorded, save_every=args.save_every) if "save_every" in _given(
         parser, args.argv) else recorded
-    device = torch.device(config.resolved().device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--resume {args.resume}: the run trained on {device}, and CUDA is not available here")
+    device = config.resolved().device
+    problem = device_problem(device)
+    if problem:
+        parser.error(f"--resume {args.resume}: the run trained on {device}: {problem}")
     return _start(parser, train, config, resume=True)
 
 

@@ -81,7 +81,9 @@ __all__ = [
     "TrainResult",
     "build_optimizer",
     "cosine_with_warmup",
+    "device_problem",
     "evaluate",
+    "is_device_name",
     "recorded_config",
     "train",
 ]
@@ -174,6 +176,12 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints in run_dir/checkpoint; 0: only at the last step
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars (np.int64(8), np.float32(0.25)) are numbers too
+            value = getattr(self, f.name)
+            if f.name == "betas" and isinstance(value, (tuple, list)):
+                object.__setattr__(self, f.name, tuple(_plain(b) for b in value))
+            elif _plain(value) is not value:
+                object.__setattr__(self, f.name, _plain(value))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         presets_lib.get_preset(self.preset)  # raises with the list of names
@@ -183,29 +191,30 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
                 )
+        _require(is_device_name(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         for name in ("steps", "batch_size", "log_every", "eval_batches"):
-            _require(getattr(self, name) >= 1, name, "a positive integer", getattr(self, name))
+            _require_int(self, name, 1, "a positive integer")
         for name in ("seq_len", "threads"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, "a positive integer", value)
-        _require(self.warmup is None or 0 <= self.warmup <= self.steps, "warmup",
-                 f"an integer in [0, steps={self.steps}]", self.warmup)
-        _require(self.eval_every >= 0, "eval_every", "a non-negative integer", self.eval_every)
-        _require(self.save_every >= 0, "save_every", "a non-negative integer", self.save_every)
+            _require_int(self, name, 1, "a positive integer", optional=True)
+        _require_int(self, "warmup", 0, f"an integer in [0, steps={self.steps}]", optional=True,
+                     high=self.steps)
+        _require_int(self, "eval_every", 0, "a non-negative integer")
+        _require_int(self, "save_every", 0, "a non-negative integer")
+        _require_int(self, "seed", 0, "an integer in [0, 2**63)", high=2**63 - 1)
+        _require_int(self, "vocab_size", data_lib.MIN_VOCAB_SIZE, f"an integer >= {data_lib.MIN_VOCAB_SIZE}")
         for name in ("lr", "rest_lr"):
             value = getattr(self, name)
-            _require(value is None or (math.isfinite(value) and value > 0), name,
-                     "a positive number", value)
+            _require(value is None or (_is_number(value) and math.isfinite(value) and value > 0), name,
+                     "a positive finite number", value)
         _require(self.rest_lr is None or self.method in PROJECTED_METHODS, "rest_lr",
                  "None unless method is 'qgalore' or 'galore'", self.rest_lr)
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "a number in [0, 1]",
-                 self.min_lr_ratio)
-        _require(self.weight_decay >= 0.0, "weight_decay", "a non-negative number",
-                 self.weight_decay)
-        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+        _require(_is_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio",
+                 "a number in [0, 1]", self.min_lr_ratio)
+        _require(_is_number(self.weight_decay) and 0.0 <= self.weight_decay < math.inf, "weight_decay",
+                 "a finite non-negative number", self.weight_decay)
+        _require(isinstance(self.betas, tuple) and len(self.betas) == 2
+                 and all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas), "betas",
                  "two numbers in [0, 1)", self.betas)
-        _require(self.vocab_size >= data_lib.MIN_VOCAB_SIZE, "vocab_size",
-                 f"an integer >= {data_lib.MIN_VOCAB_SIZE}", self.vocab_size)
         self.qgalore_config()  # the transform options, validated by the library's config
 
     def qgalore_config(self) -> QGaLoreConfig:
@@ -280,6 +289,51 @@ class TrainConfig:
 def _require(ok: bool, name: str, what: str, value) -> None:
     if not ok:
         raise ValueError(f"{name} must be {what}; got {value!r}")
+
+
+def _require_int(config, name: str, low: int, what: str, optional: bool = False, high: int | None = None) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    _require(ok, name, what, value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plain(value):
+    """A numpy scalar as the Python number (or bool) it holds; anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+DEVICE_TYPES = ("cpu", "cuda")  # what the training loop runs on; "meta", "mps", ... are refused
+
+
+def is_device_name(device) -> bool:
+    """``device`` is "auto" or names a device type the loop runs on (not whether this machine has it)."""
+    if device == "auto":
+        return True
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return d.type in DEVICE_TYPES and (d.type == "cuda" or d.index is None)
+
+
+def device_problem(device: str) -> str | None:
+    """Why this machine cannot train on ``device`` (a resolved device name), or None."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine"
+        count = torch.cuda.device_count()
+        if d.index is not None and d.index >= count:
+            return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
 
 
 def _default_run_dir(method: str) -> str:
@@ -542,6 +596,9 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     t_start = time.perf_counter()
     explicit_run_dir = config.run_dir is not None
     cfg = config.resolved()
+    problem = device_problem(cfg.device)
+    if problem:
+        raise ValueError(f"device {cfg.device!r}: {problem}")
     device = torch.device(cfg.device)
     if resume:
         run_dir = _check_resumable(cfg)
