@@ -91,6 +91,8 @@ def test_learning_rate_schedule_causes_no_recompilation(backend):
         torch.testing.assert_close(b.hparams, a.hparams, atol=0, rtol=0)  # both hold the 5th step's lr
         # Inductor reassociates float sums, so gradients differ in the last bits; with the same counter-based
         # random stream, stochastic rounding then picks the other neighbour for a few codes, never further off.
+        # Refreshes (every 2 steps here) carry the difference into the projection, whose alignment with the
+        # previous one follows it: measured up to 1.0 % of codes off by one (a 32 x 64 layer) after 5 steps.
         diff = (a.weight_codes.int() - b.weight_codes.int()).abs()
-        assert diff.max() <= 1 and diff.float().mean() < 5e-3, (name, diff.float().mean())
+        assert diff.max() <= 1 and diff.float().mean() < 2e-2, (name, diff.float().mean())
         torch.testing.assert_close(b.weight_scales, a.weight_scales, atol=1e-6, rtol=1e-3)
