@@ -3,7 +3,7 @@
 For a weight W of shape [m, n] with rank r, one update is (DESIGN.md §2)::
 
     G  = grad_yᵀ · x                       only on refresh steps (for the SVD)
-    P  = top-r singular vectors of G       refreshed lazily, stored INT4
+    P  = top-r singular vectors of G       refreshed lazily, aligned with the previous P, stored INT4
     R  = G · Pᵀ  (m >= n)  or  Pᵀ · G      computed as grad_yᵀ·(x·Pᵀ) or (grad_y·P)ᵀ·x,
                                            so between refreshes G is never formed
     N  = Adam(R)                           8-bit block-wise moments
@@ -388,6 +388,16 @@ def _broadcast_projection(state: Dict[str, Tensor], group) -> None:
             state["control"][COMM_BYTES] += t.numel() * t.element_size()
 
 
+def _refresh_similarity(G: Tensor, P_new: Tensor, P_old: Tensor, spec: UpdateSpec) -> float:
+    """The similarity a refresh records for the lazy-refresh policy, in [0, 1].
+
+    The chance-adjusted, energy-weighted mean cos² of the principal angles: how much of the new gradient's
+    rank-r component the previous projection would still have captured, 0 for an unrelated subspace
+    (``qgalore_fx.projection``, "Calibrating the lazy refresh", has the measurements behind this choice).
+    """
+    return proj.weighted_similarity(G, P_new, P_old, spec.side, chance_adjusted=True)
+
+
 def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, group) -> None:
     """Recompute P from G, store it, and record the refresh in the schedule (synchronizes)."""
     t0 = time.perf_counter()
@@ -408,10 +418,8 @@ def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, gro
         state["proj_scales"].copy_(q.scales)
     if group is not None:
         _broadcast_projection(state, group)
-    # Chance-adjusted: two unrelated rank-r subspaces of a d-dim space overlap by r/d on average, which at
-    # rank 1024 of 2048 is above the 0.4 threshold; the adjusted score maps "unrelated" to 0, "same" to 1.
-    similarity = None if prev is None else proj.subspace_similarity(
-        projection_matrix(state["proj_codes"], state["proj_scales"], spec), prev, spec.side, chance_adjusted=True)
+    similarity = None if prev is None else _refresh_similarity(
+        G, projection_matrix(state["proj_codes"], state["proj_scales"], spec), prev, spec)
     policy.record_refresh(int(c["calls"]), similarity)
     control = state["control"]
     _store_policy(control, policy)

@@ -19,6 +19,7 @@ from qgalore_fx.projection import (
     projection_side,
     subspace_similarity,
     synthetic_gradient,
+    weighted_similarity,
 )
 
 SHAPES = [(96, 40), (40, 96), (64, 64)]  # m > n, m < n, square
@@ -449,6 +450,64 @@ def test_similarity_is_symmetric_and_handles_different_ranks():
     assert subspace_similarity(P[:3], P, "right") == pytest.approx(1.0)
 
 
+def _gradient_in(P: torch.Tensor, side: str, sigmas, seed: int) -> torch.Tensor:
+    """A gradient whose singular vectors on P's side are P's vectors, with singular values ``sigmas``."""
+    B = basis_columns(P, side)
+    d, r = B.shape
+    other = torch.linalg.qr(torch.randn(3 * d, r, generator=gen(seed))).Q  # the other side's vectors
+    G = (other * torch.as_tensor(sigmas, dtype=torch.float32)) @ B.T  # [3d, d]: right side
+    return G if side == "right" else G.T
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_weighted_similarity_weights_each_direction_by_its_gradient_energy(side):
+    d, r = 48, 4
+    P_new = _basis(d, r, side, seed=60)
+    B_new = basis_columns(P_new, side)
+    G = _gradient_in(P_new, side, [4.0, 2.0, 1.0, 1.0], seed=61)
+    # an old subspace that holds the top direction only: unweighted 1/4, weighted 16/22
+    rest = torch.linalg.qr(torch.cat([B_new, torch.randn(d, 3, generator=gen(62))], 1)).Q[:, r:]
+    B_old = torch.cat([B_new[:, :1], rest], 1)
+    P_old = B_old.T.contiguous() if side == "right" else B_old
+    assert subspace_similarity(P_new, P_old, side) == pytest.approx(0.25, abs=1e-6)
+    assert weighted_similarity(G, P_new, P_old, side) == pytest.approx(16 / 22, abs=1e-5)
+    # equal energies: the unweighted mean cos2
+    G_flat = _gradient_in(P_new, side, [1.0] * r, seed=63)
+    P_mix = _basis(d, r, side, seed=64)
+    assert weighted_similarity(G_flat, P_new, P_mix, side) == pytest.approx(
+        subspace_similarity(P_new, P_mix, side), abs=1e-5)
+    # chance adjustment: (s - r/d) / (1 - r/d)
+    s = weighted_similarity(G, P_new, P_old, side)
+    assert weighted_similarity(G, P_new, P_old, side, chance_adjusted=True) == pytest.approx(
+        (s - r / d) / (1 - r / d), abs=1e-6)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_weighted_similarity_is_invariant_to_bases_and_scale_and_reads_unrelated_subspaces_as_chance(side):
+    d, r = 48, 6
+    P = _basis(d, r, side, seed=65)
+    G = _gradient_in(P, side, torch.linspace(3, 0.5, r), seed=66)
+    rot = torch.linalg.qr(torch.randn(r, r, generator=gen(67))).Q
+    rotated = rot @ P if side == "right" else P @ rot
+    signs = torch.tensor([-1.0, 1.0] * 3)
+    flipped = P * (signs[:, None] if side == "right" else signs[None, :])
+    for a, b in ((P, P), (rotated, P), (P, flipped), (flipped, 0.5 * rotated)):
+        assert weighted_similarity(G, a, b, side) == pytest.approx(1.0, abs=1e-5)
+        assert weighted_similarity(7.0 * G, a, b, side, chance_adjusted=True) == pytest.approx(1.0, abs=1e-5)
+    unrelated = [weighted_similarity(G, P, _basis(d, r, side, seed=100 + i), side) for i in range(200)]
+    assert sum(unrelated) / len(unrelated) == pytest.approx(r / d, abs=0.02)
+    adjusted = [weighted_similarity(G, P, _basis(d, r, side, seed=100 + i), side, chance_adjusted=True)
+                for i in range(200)]
+    assert sum(adjusted) / len(adjusted) < 0.05  # clamped at 0 from below, so slightly above 0 on average
+
+
+def test_weighted_similarity_of_a_zero_gradient_is_the_unweighted_one():
+    P, Q = _basis(48, 6, "right", seed=68), _basis(48, 6, "right", seed=69)
+    assert weighted_similarity(torch.zeros(96, 48), P, Q, "right") == subspace_similarity(P, Q, "right")
+    with pytest.raises(ValueError, match="different spaces"):
+        weighted_similarity(torch.zeros(96, 48), P, _basis(40, 6, "right", seed=70), "right")
+
+
 def test_similarity_errors():
     with pytest.raises(ValueError, match=r"live in different spaces for side='right'"):
         subspace_similarity(torch.randn(3, 10), torch.randn(3, 11), "right")
@@ -518,21 +577,25 @@ def test_policy_refreshes_at_first_step_then_every_interval():
     assert late.should_refresh(37)
 
 
-def test_policy_doubles_exactly_after_queue_size_agreeing_refreshes_and_clears_the_queue():
+def test_policy_doubles_after_queue_size_agreeing_refreshes_then_at_each_one_that_keeps_them_agreeing():
     p = LazyRefreshPolicy(update_interval=200, cos_threshold=0.4, queue_size=5)
     steps = drive(p, [0.9] * 4)
     assert steps == [0, 200, 400, 600, 800]
     assert p.interval == 200 and p.queue == [0.9] * 4  # four agreeing: not yet
 
     grew = p.record_refresh(1000, 0.9)
-    assert grew and p.interval == 400 and p.queue == []
-    # the next doubling needs five fresh agreeing refreshes at the new interval
-    steps = drive(p, [0.9] * 4, start=1001)
-    assert steps == [1400, 1800, 2200, 2600] and p.interval == 400
-    steps = drive(p, [0.9], start=2601)
-    assert steps == [3000] and p.interval == 800
-    assert p.interval_history == [(1000, 400), (3000, 800)]
-    assert p.refresh_count == 11 and p.last_refresh_step == 3000 and p.last_similarity == 0.9
+    assert grew and p.interval == 400 and p.queue == [0.9] * 5  # the window is kept, as in the official code
+    # while the last five stay agreeing, every refresh doubles again: each doubling is confirmed by a
+    # similarity measured at the new, longer spacing
+    steps = drive(p, [0.9, 0.9], start=1001)
+    assert steps == [1400, 2200] and p.interval == 1600
+    # one disagreeing value stops the growth for the next queue_size refreshes
+    steps = drive(p, [0.3, 0.9, 0.9, 0.9, 0.9], start=2201)
+    assert steps == [3800, 5400, 7000, 8600, 10200] and p.interval == 1600
+    steps = drive(p, [0.9], start=10201)
+    assert steps == [11800] and p.interval == 3200
+    assert p.interval_history == [(1000, 400), (1400, 800), (2200, 1600), (11800, 3200)]
+    assert p.refresh_count == 14 and p.last_refresh_step == 11800 and p.last_similarity == 0.9
 
 
 def test_policy_one_disagreeing_refresh_restarts_the_count():
