@@ -93,17 +93,25 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--interval", type=float, default=0.02)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="call qgalore_fx.memory.set_cpu_mmap_threshold(BYTES) first (default: glibc's own policy)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     import transformers
 
     import qgalore_fx
     from qgalore_fx.app.presets import get_preset, llama_config
 
+    from qgalore_fx.memory import set_cpu_mmap_threshold
+
+    if args.mmap_threshold is not None and not set_cpu_mmap_threshold(args.mmap_threshold):
+        raise SystemExit("--mmap-threshold needs Linux with glibc")
     preset = get_preset(args.preset)
     rank = args.rank or preset.rank
     config = llama_config(preset.name)
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (argv or sys.argv[1:])),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": args.threads},
-        "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
+        "mmap_threshold": args.mmap_threshold, "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
         "seq_len": args.seq_len, "checkpointing": not args.no_checkpointing,
         "phases": [{"phase": p, "seconds": round(times[p], 2), "peak_rss_bytes": sampler.peaks[p]} for p in phases],
         "rss_after_imports_bytes": rss_imports,

@@ -609,6 +609,10 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
     torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":  # keep freed tensors' memory from staying resident (see the function's docstring)
+        from qgalore_fx.memory import set_cpu_mmap_threshold
+
+        set_cpu_mmap_threshold()
     torch.manual_seed(cfg.seed)
     preset = presets_lib.get_preset(cfg.preset)
     model = presets_lib.build_model(preset, corpus.vocab_size, device=device, seq_len=cfg.seq_len)
