@@ -26,6 +26,17 @@ def layer_of(model):
     return layer
 
 
+def after_one_step(**options):
+    """(model, optimizer, layer) of one_linear(**options) after one plain training step."""
+    model = one_linear(**options)
+    opt = qgalore_fx.optimizer(model, lr=1e-2)
+    layer = layer_of(model)
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt, layer
+
+
 def test_backward_without_optimizer_is_a_clear_error():
     model = one_linear()
     with pytest.raises(RuntimeError, match="qgalore_fx.optimizer"):
@@ -132,12 +143,7 @@ def test_gradient_accumulation_sums_low_rank_gradients():
 
 
 def test_non_finite_gradient_skips_update_and_training_continues():
-    model = one_linear()
-    opt = qgalore_fx.optimizer(model, lr=1e-2)
-    layer = layer_of(model)
-    model(torch.randn(4, 32)).sum().backward()
-    opt.step()
-    opt.zero_grad()
+    model, opt, layer = after_one_step()
     codes, scales = layer.weight_codes.clone(), layer.weight_scales.clone()
     moments = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
     adam = {k: getattr(layer, k).clone() for k in moments}
@@ -325,12 +331,7 @@ def test_non_finite_hyperparameters_are_rejected_naming_the_option(option, value
 
 def test_non_finite_learning_rate_at_run_time_skips_every_update():
     """A broken scheduler writing NaN: projected layers and the AdamW group skip, weights and states untouched."""
-    model = one_linear()
-    opt = qgalore_fx.optimizer(model, lr=1e-2)
-    layer = layer_of(model)
-    model(torch.randn(4, 32)).sum().backward()
-    opt.step()
-    opt.zero_grad()
+    model, opt, layer = after_one_step()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for group in opt.param_groups:
         group["lr"] = float("nan")
