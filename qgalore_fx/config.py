@@ -33,6 +33,7 @@ seed                   int             seeds stochastic rounding and sketches
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Callable, Optional, Sequence
 
@@ -43,13 +44,23 @@ PROJ_METHODS = ("subspace", "randomized", "full")
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _check_int(name: str, value, low: int, allowed: Optional[Sequence[int]] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+#: Largest ``seed``: each layer seeds its stream with ``seed * 1_000_003 + index``, which must fit in int64.
+MAX_SEED = (2**63 - 1 - 2**20) // 1_000_003
+#: Largest quantization block: one fp32 scale per block; larger blocks only lose precision.
+MAX_BLOCK_SIZE = 1 << 20
+#: Largest ``scale`` (alpha): beyond it an update overflows fp32 before the learning rate tames it.
+MAX_SCALE = 1e3
+
+
+def _check_int(name: str, value, low: int, allowed: Optional[Sequence[int]] = None, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if allowed is not None and value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
 
 
 def _check_bool(name: str, value) -> None:
@@ -108,16 +119,22 @@ class QGaLoreConfig:
         "help": "seeds stochastic rounding and sketches"})
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy and other integral/real scalars become plain Python numbers
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float, numbers.Integral)):
+                object.__setattr__(self, f.name, float(value))
         _check_int("rank", self.rank, 1)
         _check_int("update_interval", self.update_interval, 1)
         _check_int("queue_size", self.queue_size, 1)
         _check_int("weight_bits", self.weight_bits, 0, (8, 16, 32))
         _check_int("proj_bits", self.proj_bits, 0, (4, 8, 16, 32))
         _check_int("optim_bits", self.optim_bits, 0, (8, 32))
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, high=MAX_SEED)
         for name in ("block_size", "proj_block_size"):
             value = getattr(self, name)
-            _check_int(name, value, 2)
+            _check_int(name, value, 2, high=MAX_BLOCK_SIZE)
             if value % 2:
                 raise ValueError(f"{name} must be even (INT4 codes pack two per byte), got {value}")
         for name in ("adaptive", "stochastic_round", "fused", "include_lm_head", "trace"):
@@ -126,8 +143,9 @@ class QGaLoreConfig:
             raise TypeError(f"cos_threshold must be a float in [0, 1], got {self.cos_threshold!r}")
         if not 0.0 <= float(self.cos_threshold) <= 1.0:
             raise ValueError(f"cos_threshold must be in [0, 1], got {self.cos_threshold}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
-            raise ValueError(f"scale must be a positive float (alpha, default 0.25), got {self.scale!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
+                or not 0 < self.scale <= MAX_SCALE:
+            raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (alpha, default 0.25), got {self.scale!r}")
         if self.proj_method not in PROJ_METHODS:
             raise ValueError(f"proj_method must be one of {PROJ_METHODS}, got {self.proj_method!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):

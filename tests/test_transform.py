@@ -223,3 +223,24 @@ def test_default_rule_leaves_layers_smaller_than_the_rank_and_explains_why():
     assert any(p is net.blocks[0].gate.weight for p in opt.param_groups[1]["params"])
     with pytest.raises(ValueError, match="rank=8 is larger than min"):  # chosen explicitly: it must fit
         qgalore_fx.transform(Net(), rank=8, target_modules=[r"gate"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scale=float("inf")), "scale must be a float in"),
+    (dict(scale=1e308), "scale must be a float in"),
+    (dict(scale=float("nan")), "scale must be a float in"),
+    (dict(seed=2**62), "seed must be <="),
+    (dict(block_size=2**40), "block_size must be <="),
+])
+def test_out_of_range_options_are_rejected_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        qgalore_fx.QGaLoreConfig(rank=4, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    import numpy as np
+
+    config = qgalore_fx.QGaLoreConfig(rank=np.int64(4), update_interval=np.int32(10), scale=np.float32(0.5),
+                                      cos_threshold=np.float64(0.4))
+    assert (config.rank, config.update_interval, config.scale) == (4, 10, 0.5)
+    assert type(config.rank) is int and type(config.scale) is float
