@@ -20,6 +20,7 @@ _EXPORTS = {
     "explain": "qgalore_fx.rewrite",
     "is_transformed": "qgalore_fx.rewrite",
     "projected_layers": "qgalore_fx.rewrite",
+    "logical_parameters": "qgalore_fx.rewrite",
     "save_checkpoint": "qgalore_fx.checkpoint",
     "load_checkpoint": "qgalore_fx.checkpoint",
     "read_checkpoint": "qgalore_fx.checkpoint",

@@ -176,4 +176,13 @@ def explain(model: nn.Module) -> str:
     lines.append("-" * len(header))
     lines.append(f"{len(layers)} projected linears: {total_before:,} bytes as fp32 -> {total_after:,} bytes now "
                  f"(weights + projections + optimizer state, {total_after / max(total_before, 1):.3f}x)")
+    lines.append(f"logical parameters: {logical_parameters(model):,} (each projected weight counted as out x in; "
+                 "model.num_parameters() counts only torch Parameters, which the INT8 codes are not)")
     return "\n".join(lines)
+
+
+def logical_parameters(model: nn.Module) -> int:
+    """The parameter count of the model as it was before the transform: every Parameter (shared ones once) plus
+    out x in for each projected weight (stored as INT8 codes in a buffer, so ``num_parameters()`` misses it)."""
+    params = sum(p.numel() for p in model.parameters())
+    return params + sum(layer.out_features * layer.in_features for _, layer in projected_layers(model))

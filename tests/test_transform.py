@@ -244,3 +244,11 @@ def test_numpy_scalars_are_accepted_as_options():
                                       cos_threshold=np.float64(0.4))
     assert (config.rank, config.update_interval, config.scale) == (4, 10, 0.5)
     assert type(config.rank) is int and type(config.scale) is float
+
+
+def test_logical_parameter_count_survives_the_transform(llama):
+    before = sum(p.numel() for p in llama.parameters())
+    model = qgalore_fx.transform(llama, rank=4)
+    assert qgalore_fx.logical_parameters(model) == before
+    assert model.num_parameters() < before  # HF counts torch Parameters only
+    assert f"logical parameters: {before:,}" in qgalore_fx.explain(model)
