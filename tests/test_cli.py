@@ -124,7 +124,7 @@ def test_a_command_is_required(capsys):
         (["--cos-threshold", "1.5"], "cos_threshold must be in [0, 1], got 1.5"),
         (["--rank", "0"], "rank must be >= 1, got 0"),
         (["--queue-size", "0"], "queue_size must be >= 1, got 0"),
-        (["--scale", "-1"], "scale must be a positive float"),
+        (["--scale", "-1"], "scale must be a float in"),
         (["--proj-method", "bogus"],
          "proj_method must be one of ('subspace', 'randomized', 'full'), got 'bogus'"),
     ],
