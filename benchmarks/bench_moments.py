@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python benchmarks/bench_moments.py --threads 1``
 (``--steps``, ``--seed``; ``--write-test-data`` also rewrites the test fixture
-``tests/data/embedding_grads.pt``).
+``tests/data/embedding_grads.pt``). Results: stdout and
+``benchmarks/results/moments-embedding.json``.
 
 It trains the ``tiny`` preset with ``qgalore-fx pretrain``'s own loop
 (:func:`qgalore_fx.app.train.train`, default options) and records the gradient
@@ -107,7 +108,10 @@ def main(argv=None) -> int:
     result = {name: compare(n, runs["fp32"], touched) for name, n in runs.items()}
     result["rows_with_gradient"] = int(touched.sum())
     result["steps"] = args.steps
+    result["command"] = " ".join(["benchmarks/bench_moments.py", *(argv if argv is not None else sys.argv[1:])])
     print(json.dumps(result, indent=2))
+    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "benchmarks" / "results" / "moments-embedding.json").write_text(json.dumps(result, indent=1) + "\n")
 
     if args.write_test_data:
         worst = runs["8bit-no-floor"].abs().amax((0, 2))

@@ -6,6 +6,7 @@ Run one configuration at a time (each is a ``qgalore-fx pretrain`` run)::
     .venv/bin/python benchmarks/bench_refresh.py --steps 300 --update-interval 10 --threads 1 --seed 0 --no-adaptive
     .venv/bin/python benchmarks/bench_refresh.py --steps 300 --update-interval 10 --threads 1 --seed 0 --rule official
     .venv/bin/python benchmarks/bench_refresh.py ... --record   # also log similarity measures at every refresh
+    .venv/bin/python benchmarks/bench_refresh.py --summarize benchmarks/results/refresh-<name>-measures.json
 
 Each run is :func:`qgalore_fx.app.train.train` — the loop behind ``qgalore-fx pretrain`` — with the
 ``tiny`` preset and that command's defaults (``--eval-every 0``: one evaluation, over the whole validation
@@ -155,6 +156,33 @@ def _instrument(rule: str, record: list | None) -> list:
     return patches
 
 
+def summarize(path: pathlib.Path) -> str:
+    """Markdown table of each recorded measure's percentiles, and how often it reaches 0.4 and 0.7."""
+    records = json.loads(path.read_text())["records"]
+    keys = [k for k in ("weighted_chance", "weighted_chance@2", "weighted_chance@4", "weighted", "cos2_chance",
+                        "cos2_chance@2", "cos2_chance@4", "cos2", "energy_ratio", "top1_signed", "top1_abs")
+            if any(k in r for r in records)]
+    rows = ["| measure | n | p5 | p25 | p50 | p75 | p95 | share >= 0.4 | share >= 0.7 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in keys:
+        v = sorted(r[k] for r in records if k in r)
+        pct = [v[round(p * (len(v) - 1))] for p in (0.05, 0.25, 0.5, 0.75, 0.95)]
+        share = [sum(x >= t for x in v) / len(v) for t in (0.4, 0.7)]
+        rows.append(f"| `{k}` | {len(v)} | " + " | ".join(f"{x:.2f}" for x in pct)
+                    + f" | {share[0]:.0%} | {share[1]:.0%} |")
+    by_type: dict[str, list] = {}
+    for r in records:
+        by_type.setdefault(r["layer"].rsplit(".", 1)[-1], []).append(r)
+    rows += ["", "| layer type | weighted_chance p50 before step 60 | p50 from step 60 | share >= 0.4 |",
+             "|---|---:|---:|---:|"]
+    for t, rs in sorted(by_type.items()):
+        early = sorted(r["weighted_chance"] for r in rs if r["attempt"] < 60)
+        late = sorted(r["weighted_chance"] for r in rs if r["attempt"] >= 60)
+        share = sum(r["weighted_chance"] >= 0.4 for r in rs) / len(rs)
+        rows.append(f"| {t} | {statistics.median(early):.2f} | {statistics.median(late):.2f} | {share:.0%} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -167,8 +195,15 @@ def main(argv=None) -> int:
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rest-optim-bits", type=int, choices=(8, 32), default=None,
+                        help="moments of the AdamW group (embeddings, norms, head); default: the transform's")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--summarize", type=pathlib.Path, default=None,
+                        help="print the percentile table of a --record file and exit")
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        print(summarize(args.summarize))
+        return 0
 
     options = dict(update_interval=args.update_interval, adaptive=not args.no_adaptive)
     if args.cos_threshold is not None:
@@ -187,7 +222,16 @@ def main(argv=None) -> int:
     build = train_lib.build_optimizer
 
     def build_and_keep(model, config):
-        model, optimizer = build(model, config)
+        if args.rest_optim_bits is None:
+            model, optimizer = build(model, config)
+        else:
+            import functools
+
+            import qgalore_fx
+
+            with mock.patch.object(qgalore_fx, "optimizer",
+                                   functools.partial(qgalore_fx.optimizer, optim_bits=args.rest_optim_bits)):
+                model, optimizer = build(model, config)
         kept["optimizer"] = optimizer
         return model, optimizer
 
@@ -209,6 +253,7 @@ def main(argv=None) -> int:
         "preset": args.preset, "steps": args.steps, "seed": args.seed, "rule": args.rule,
         "transform": {k: v for k, v in (cfg.resolved().transform_kwargs() or {}).items()
                       if k in ("update_interval", "adaptive", "cos_threshold", "queue_size", "rank")},
+        "rest_optim_bits": kept["optimizer"].optim_bits,
         "refreshes": sum(s["refresh_count"] for s in stats.values()),
         "refresh_seconds": sum(s["refresh_seconds"] for s in stats.values()),
         "layers": len(stats),
@@ -224,8 +269,9 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"refresh-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     if record is not None:
-        (RESULTS / f"refresh-{name}-measures.json").write_text(json.dumps({"measures": MEASURES,
-                                                                           "records": record}) + "\n")
+        rounded = [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in record]
+        (RESULTS / f"refresh-{name}-measures.json").write_text(json.dumps(
+            {"command": out["command"], "measures": MEASURES, "records": rounded}, separators=(",", ":")) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "final_intervals"}, indent=1))
     return 0
 

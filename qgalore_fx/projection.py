@@ -145,16 +145,16 @@ is about the gradient, not about the basis: a gradient's energy sits in a few di
 while most of the r directions of a rank-r projection carry little of it and turn over
 quickly. The unweighted measure counts every direction alike, so it reads those noisy tail
 directions as movement. Measured on the ``tiny`` preset (rank 64 of 256, 300 steps at a
-fixed interval of 10, 812 refreshes of 28 layers; ``benchmarks/bench_refresh.py --record``,
-BENCHMARKS.md "Calibrating the lazy refresh"), 5th / 25th / 50th / 75th / 95th
-percentiles:
+fixed interval of 10, 812 refreshes of 28 layers; ``benchmarks/bench_refresh.py --record``
+and ``--summarize``, BENCHMARKS.md "Calibrating the lazy refresh"), 5th / 25th / 50th /
+75th / 95th percentiles:
 
 ======================================  ====  ====  ====  ====  ====
 chance-adjusted mean cos²               0.15  0.22  0.34  0.50  0.65
 chance-adjusted energy-weighted cos²    0.27  0.69  0.92  0.95  0.97
   same, P 20 steps apart                0.26  0.67  0.86  0.94  0.96
-  same, P 40 steps apart                0.23  0.58  0.79  0.91  0.95
-official signed top-vector cosine       -.94  -.71  0.02  0.68  0.94
+  same, P 40 steps apart                0.23  0.59  0.79  0.91  0.95
+official signed top-vector cosine       -.94  -.70  0.02  0.68  0.94
 ======================================  ====  ====  ====  ====  ====
 
 The unweighted measure passes the paper's 0.4 at 39 % of refreshes here (3-5 % in the runs
