@@ -146,7 +146,7 @@ class QGaLoreLinear(nn.Module):
 
     def set_spec(self, spec: lowrank.UpdateSpec) -> None:
         self.spec = spec
-        self.spec_json = spec.encode()
+        self.spec_json = spec.text
 
     @property
     def trainable(self) -> bool:

@@ -173,9 +173,6 @@ class UpdateSpec:
         """The JSON form the ops take (computed once per spec)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
-    def encode(self) -> str:
-        return self.text
-
 
 @functools.lru_cache(maxsize=None)
 def decode_spec(text: str) -> UpdateSpec:
@@ -486,7 +483,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         return
     calls = int(c["calls"])
     torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), R, hparams,
-                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.encode(), P)
+                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.text, P)
     control[CALLS] = calls + 1
     control[STEP_UPDATES] = 1
 
@@ -503,7 +500,7 @@ def apply_pending_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hpa
         return False
     calls = int(c["calls"])
     torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), state["accum"], hparams,
-                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.encode())
+                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.text)
     state["accum"].zero_()
     control[PENDING] = 0
     control[CALLS] = calls + 1

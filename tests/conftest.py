@@ -1,5 +1,7 @@
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,12 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore():
-    """Every test starts from the same RNG state and leaves global torch state as it found it."""
+    """Every test starts from the same RNG state and leaves global torch, Python and numpy state as it found it."""
     state = torch.random.get_rng_state()
+    py, npy = random.getstate(), np.random.get_state()
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_num_threads(threads)
 
 

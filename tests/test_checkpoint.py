@@ -41,14 +41,6 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_worker
 TIMING_KEYS = ("refresh_seconds",)  # wall-clock measurements, not training state
 
 
-@pytest.fixture(autouse=True)
-def _restore_python_and_numpy_rng():
-    py, npy = random.getstate(), np.random.get_state()
-    yield
-    random.setstate(py)
-    np.random.set_state(npy)
-
-
 # ----------------------------------------------------------------------------- helpers
 def assert_same(a, b, where="state"):
     """Exact equality of nested structures: same container types, key types, tensor dtypes and bits."""

@@ -24,14 +24,6 @@ import qgalore_fx
 from qgalore_fx.checkpoint import METADATA, MODEL_FILE, STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _restore_python_and_numpy_rng():
-    py, npy = random.getstate(), np.random.get_state()
-    yield
-    random.setstate(py)
-    np.random.set_state(npy)
-
-
 def build_qgalore():
     torch.manual_seed(0)
     model = qgalore_fx.transform(Blocks(depth=1), rank=8, update_interval=3)
