@@ -66,7 +66,6 @@ Neither changes what is computed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
