@@ -11,10 +11,9 @@ the ``galore_torch`` package is importable):
 ================  ==========================================================================
 ``adamw``         ``torch.optim.AdamW`` on every parameter; fp32 on CPU, bf16 autocast on GPU
 ``adamw8bit``     ``bitsandbytes.optim.AdamW8bit`` on every parameter
-``galore``        qgalore_fx with GaLore's switches (``train.py``'s ``galore`` method):
-                  ``weight_bits=16`` (bf16 weights),
-                  ``proj_bits=16``, ``adaptive=False``, ``optim_bits=32``,
-                  ``stochastic_round=False``
+``galore``        qgalore_fx in its exact-GaLore mode (``train.py``'s ``galore`` method):
+                  ``weight_bits=32``, ``proj_bits=32``, ``proj_method="full"`` (SVD),
+                  ``adaptive=False``, ``optim_bits=32``, ``stochastic_round=False``
 ``qgalore``       qgalore_fx with its defaults (INT8 weights, INT4 projections, 8-bit Adam,
                   stochastic rounding, layer-adaptive lazy refresh)
 ``qgalore-nosr``  as ``qgalore`` with ``stochastic_round=False``
@@ -97,7 +96,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
 LABELS = {
     "adamw": "AdamW (fp32 on CPU)",
     "adamw8bit": "8-bit AdamW (bnb)",
-    "galore": "GaLore (bf16 W, bf16 P, fp32 Adam)",
+    "galore": "GaLore (fp32 W and P, full SVD, fp32 Adam)",
     "qgalore": "Q-GaLore (defaults)",
     "qgalore-nosr": "Q-GaLore, no SR",
     "qgalore-fixed": "Q-GaLore, fixed interval",

@@ -151,7 +151,7 @@ class MemoryReport:
 
 
 _WEIGHT_KINDS = {8: "int8 codes", 16: "bf16", 32: "fp32"}
-_PROJ_KINDS = {4: "int4 codes + scales", 8: "int8 codes + scales", 16: "bf16"}
+_PROJ_KINDS = {4: "int4 codes + scales", 8: "int8 codes + scales", 16: "bf16", 32: "fp32"}
 
 
 def _state_nbytes(value, seen: set) -> int:

@@ -119,6 +119,7 @@ def test_a_command_is_required(capsys):
         (["--baseline", "adamw", "--rest-lr", "1e-3"], "--rest-lr has no effect with --baseline"),
         (["--baseline", "galore", "--proj-bits", "4"], "--proj-bits is fixed by --baseline galore"),
         (["--baseline", "galore", "--no-adaptive"], "--no-adaptive is fixed by --baseline galore"),
+        (["--baseline", "galore", "--proj-method", "subspace"], "--proj-method is fixed by --baseline galore"),
         # Q-GaLore switches are checked by qgalore_fx.QGaLoreConfig, with its messages.
         (["--cos-threshold", "-0.5"], "cos_threshold must be in [0, 1], got -0.5"),
         (["--cos-threshold", "1.5"], "cos_threshold must be in [0, 1], got 1.5"),
@@ -247,8 +248,8 @@ def test_galore_baseline_fixes_precision_and_keeps_subspace_settings(captured):
     assert config.method == "galore"
     assert config.lr == train_lib.DEFAULT_LR["galore"]
     assert config.transform_kwargs() == dict(
-        rank=16, update_interval=20, scale=0.25, fused=True, proj_method="subspace", weight_bits=16,
-        proj_bits=16, adaptive=False, optim_bits=32, stochastic_round=False,
+        rank=16, update_interval=20, scale=0.25, fused=True, proj_method="full", weight_bits=32,
+        proj_bits=32, adaptive=False, optim_bits=32, stochastic_round=False,
     )
 
 

@@ -340,3 +340,15 @@ def test_cpu_mmap_threshold_rejects_bad_sizes():
         qgalore_fx.memory.set_cpu_mmap_threshold(0)
     with pytest.raises(ValueError, match="nbytes"):
         qgalore_fx.memory.set_cpu_mmap_threshold(64 << 20)
+
+
+@pytest.mark.parametrize("proj_bits, label, bytes_per_element", [(16, "bf16", 2), (32, "fp32", 4)])
+def test_report_names_float_projection_storage(proj_bits, label, bytes_per_element):
+    model = _small_model(proj_bits=proj_bits)
+    opt = qgalore_fx.optimizer(model, lr=1e-3)
+    _train_step(model, opt)
+    report = memory_report(model, opt)
+    assert report.projection_storage == label
+    assert f"projections ({label})" in str(report)
+    elements = sum(layer.proj_codes.numel() for _, layer in qgalore_fx.projected_layers(model))
+    assert report.projections == elements * bytes_per_element

@@ -232,8 +232,8 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             continue
         if method == "galore":
             parser.error(
-                f"{flag} is fixed by --baseline galore (16-bit weights and projections, "
-                "32-bit Adam, round-to-nearest, fixed refresh interval); drop it"
+                f"{flag} is fixed by --baseline galore (fp32 weights and projections, full-SVD "
+                "projections, 32-bit Adam, round-to-nearest, fixed refresh interval); drop it"
             )
         parser.error(f"{flag} has no effect with --baseline {method}; drop it or the baseline")
 
