@@ -14,6 +14,9 @@ What changes in the copy
   the layer's current dequantized weight (computed in fp32, then cast to
   ``dtype``; transposed back to [in, out] for a ``Conv1D``) and its bias a copy
   of the layer's bias. The low-rank state (projection, moments) is not copied.
+- every :class:`~qgalore_fx.experts.QGaLoreExperts` becomes the fused-experts
+  module it replaced, its 3-D ``gate_up_proj`` / ``down_proj`` stacked from the
+  experts' dequantized weights (same keys as before the transform).
 - in every traced region (a ``GraphModule`` made by the transform), each
   ``torch.ops.qgalore_fx.linear`` node becomes a ``call_module`` node calling
   that rebuilt layer, and the ``get_attr`` nodes that fed it (codes, scales,
@@ -45,6 +48,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from qgalore_fx.experts import QGaLoreExperts
 from qgalore_fx.handlers import handler_for, handler_named
 from qgalore_fx.hf import unmark_config
 from qgalore_fx.layers import QGaLoreLinear
@@ -122,10 +126,16 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
-    layers = projected_layers(model)
-    # Each QGaLoreLinear is copied as its dense original layer (never as INT8 codes + low-rank state); the
-    # transform's bookkeeping is not copied at all.
-    memo = {id(layer): _dense_layer(layer, dtype) for _, layer in layers}
+    # Each QGaLoreLinear is copied as its dense original layer (never as INT8 codes + low-rank state), each
+    # QGaLoreExperts as the fused-experts module it replaced (through the same memo, so the copy shares the
+    # model copy's config); the transform's bookkeeping is not copied at all.
+    memo: dict = {}
+    moe = [(name, m) for name, m in model.named_modules() if isinstance(m, QGaLoreExperts)]
+    for _, experts in moe:
+        memo[id(experts)] = experts.export(dtype, memo)
+    for name, layer in projected_layers(model):
+        if not any(name.startswith(prefix + ".") for prefix, _ in moe):
+            memo[id(layer)] = _dense_layer(layer, dtype)
     for attr in (_REGIONS_ATTR, _CONFIG_ATTR, _SKIPPED_ATTR):
         if attr in model.__dict__:
             memo[id(model.__dict__[attr])] = None
@@ -135,7 +145,8 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     for module in dense.modules():
         if isinstance(module, fx.GraphModule):
             _rewrite_graph(module)
-    leftover = _leftover_ops(dense) + [n for n, m in dense.named_modules() if isinstance(m, QGaLoreLinear)]
+    leftover = _leftover_ops(dense) + [n for n, m in dense.named_modules()
+                                       if isinstance(m, (QGaLoreLinear, QGaLoreExperts))]
     if leftover:
         raise RuntimeError(f"export_dense left qgalore_fx pieces in the copy: {leftover[:5]}")
     _cast_(dense, dtype)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 
@@ -84,6 +86,36 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def key_renamer(model: nn.Module) -> Optional[Callable[[str], str]]:
+    """transformers' renaming of checkpoint keys to ``model``'s names, or None (not an HF model, no rules).
+
+    transformers 5.x saves some models under their legacy names (Mixtral's ``mlp.`` becomes
+    ``block_sparse_moe.``) and renames them back when loading; this applies those renaming rules. Its weight
+    *converters* (e.g. merging per-expert ``w1``/``w3`` into ``gate_up_proj``) are not applied here: a
+    transformed model keeps its experts per expert (see :func:`qgalore_fx.experts.checkpoint_expert_keys`).
+    """
+    if _hf_config(model) is None:
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: the keys are taken as they are
+        return None
+    if not renamings:
+        return None
+    return lambda key: rename_source_key(key, renamings, [])[0]
+
+
+def _hf_names(model: nn.Module, state: dict) -> dict:
+    """``state`` with the keys ``save_pretrained`` renamed back to the model's own names."""
+    own = set(model.state_dict().keys())
+    rename = key_renamer(model)
+    if rename is None or all(k in own for k in state):
+        return state
+    return {(k if k in own else rename(k)): v for k, v in state.items()}
+
+
 def from_pretrained(path, model_class=None, device=None) -> nn.Module:
     """Rebuild a transformed model saved with ``save_pretrained`` and load its state exactly.
 
@@ -112,7 +144,7 @@ def from_pretrained(path, model_class=None, device=None) -> nn.Module:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config) if model_class is None else model_class(config)
     model = transform(model, config=qconfig, device=device)
-    state = _read_state(path)
+    state = _hf_names(model, _read_state(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained stores a tied parameter once: a missing key is fine only if it aliases a loaded one
     loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in state}

@@ -40,6 +40,7 @@ class WeightSource:
         self._mapping: Optional[Mapping[str, Tensor]] = None
         self._files: Dict[str, Path] = {}
         self._handles: Dict[Path, object] = {}
+        self._alias: Dict[str, str] = {}  # the model's name -> the name stored (see use_model_names)
         if weights is None:
             return
         if isinstance(weights, Mapping):
@@ -72,10 +73,23 @@ class WeightSource:
     def empty(self) -> bool:
         return self._mapping is None and not self._files
 
+    def keys(self):
+        return list(self._mapping.keys()) if self._mapping is not None else list(self._files)
+
+    def use_model_names(self, rename: Callable[[str], str]) -> None:
+        """Also answer to ``rename(stored_key)``: the name the model gives a stored tensor (e.g. HF's
+        renaming of legacy checkpoint keys, :func:`qgalore_fx.hf.key_renamer`)."""
+        for stored in self.keys():
+            name = rename(stored)
+            if name != stored and name not in self:
+                self._alias[name] = stored
+
     def __contains__(self, key: str) -> bool:
+        key = self._alias.get(key, key)
         return (self._mapping is not None and key in self._mapping) or key in self._files
 
     def get(self, key: str, shape) -> Optional[Tensor]:
+        key = self._alias.get(key, key)
         if self._mapping is not None:
             t = self._mapping.get(key)
         elif key in self._files:

@@ -4,6 +4,8 @@
 
 1. ``select_linears``   which layers to project (config rules; any type with a
                         handler in :mod:`qgalore_fx.handlers`: ``nn.Linear``, GPT-2's ``Conv1D``);
+                        ``select_experts``: fused MoE experts (:mod:`qgalore_fx.experts`), each
+                        expert matrix projected on its own;
 2. ``capture_regions``  torch.fx regions around them (see passes/capture.py);
 3. pass 1 ``quantize_weights``  INT8 storage + ``qgalore_fx.linear`` nodes;
 4. pass 2 ``fuse_update``       each node wired to its layer's update-state tensors.
@@ -15,14 +17,16 @@ twice raises: its linears are already rewritten.
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.experts import QGaLoreExperts, checkpoint_expert_keys, expert_shapes, select_experts
 from qgalore_fx.handlers import handler_for
-from qgalore_fx.hf import mark_config
+from qgalore_fx.hf import key_renamer, mark_config
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import STATE_NAMES, check_rank
 from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
@@ -62,19 +66,29 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     if device is not None and not on_meta:
         raise ValueError("device= is for models built on the meta device; move a real model with model.to(device)")
     source = WeightSource(weights)
+    rename = key_renamer(model) if not source.empty else None
+    if rename is not None:  # an HF checkpoint under legacy names (e.g. Mixtral's block_sparse_moe)
+        source.use_model_names(rename)
     target_device = torch.device("cpu" if device is None else device)
 
-    selected = select_linears(model, config)
+    experts, not_projected = select_experts(model, config)
+    selected = select_linears(model, config, allow_empty=bool(experts))
     # Before anything is rewritten. The default rule leaves out layers smaller than the rank (e.g. a 1 x 128
     # MoE gate) and lists them in explain(); a layer chosen explicitly (target_modules/filter_fn) must fit.
     too_small = {name: handler_for(layer).shape(layer) for name, layer in selected.items()
                  if min(handler_for(layer).shape(layer)) < config.rank}
+    small_experts = {f"{name}.{kind}": shape for name, module in experts.items()
+                     for kind, shape in expert_shapes(module).items() if min(shape) < config.rank}
     explicit = config.target_modules is not None or config.filter_fn is not None
-    if too_small and (explicit or len(too_small) == len(selected)):
-        name, (m, n) = next(iter(too_small.items()))
+    all_small = len(too_small) == len(selected) and len({n.rsplit(".", 1)[0] for n in small_experts}) == len(experts)
+    if (too_small or small_experts) and (explicit or all_small):
+        name, (m, n) = next(iter({**too_small, **small_experts}.items()))
         check_rank(config.rank, name, m, n)
     for name in too_small:
         del selected[name]
+    for name in {n.rsplit(".", 1)[0] for n in small_experts}:
+        not_projected.append((name, tuple(experts.pop(name).gate_up_proj.shape), f"experts smaller than rank "
+                                                                                   f"{config.rank}"))
 
     materialize = None
     if on_meta:
@@ -97,15 +111,73 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
             region.module = layer
             attach_update(layer, region.name, config, index)
             index += 1
+    for name, module in experts.items():
+        index = _project_experts(model, name, module, config, index, source if on_meta else None, target_device)
     if on_meta:
         materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
     _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)
     object.__setattr__(model, _SKIPPED_ATTR, [(name, shape, f"smaller than rank {config.rank}")
-                                              for name, shape in too_small.items()])
+                                              for name, shape in too_small.items()] + not_projected)
     mark_config(model, config.to_dict())  # HF models: save_pretrained output is never loaded as random weights
     return model
+
+
+def _project_experts(model: nn.Module, name: str, module: nn.Module, config: QGaLoreConfig, index: int,
+                     source: Optional[WeightSource], device) -> int:
+    """Replace one fused-experts module by a :class:`QGaLoreExperts`; returns the next layer index.
+
+    ``source`` (a model on the meta device): the 3-D weights are read from it, or initialized as the model
+    would when it is empty. Each expert matrix is quantized from its slice, one at a time.
+    """
+    weights = None
+    if source is not None:
+        weights = _expert_weights(model, name, module, source, device)
+
+    def build(e: int, kind: str, w: torch.Tensor) -> QGaLoreLinear:
+        out_features, in_features = w.shape
+        layer = QGaLoreLinear(in_features, out_features, None, config.weight_bits, config.block_size, device=w.device)
+        layer.load_weight_(w)
+        return layer
+
+    new = QGaLoreExperts.from_module(module, build, weights)
+    del weights
+    _set_submodule(model, name, new)
+    for e in range(new.num_experts):
+        for kind in ("gate_up", "down"):
+            attach_update(getattr(new, kind)[e], f"{name}.{kind}.{e}", config, index)
+            index += 1
+    return index
+
+
+def _expert_weights(model: nn.Module, name: str, module: nn.Module, source: WeightSource, device):
+    """The fp32 3-D ``gate_up_proj`` / ``down_proj`` of a fused-experts module on the meta device."""
+    if not source.empty:
+        out = []
+        for pname in ("gate_up_proj", "down_proj"):
+            key, shape = f"{name}.{pname}", getattr(module, pname).shape
+            w = source.get(key, shape) if key in source else None
+            if w is None:  # stored per expert, as HF checkpoints do: expert e = cat of its pieces along dim 0
+                candidates = checkpoint_expert_keys(model, key, shape[0])
+                groups = next((g for g in candidates if all(k in source for keys in g for k in keys)), None)
+                if groups is None:
+                    example = "".join(f" such as {c[0][0]!r}" for c in candidates[-1:])
+                    raise ValueError(f"weights has no tensor {key!r} (nor its per-expert pieces{example}) for the "
+                                     f"projected experts {name!r}")
+                rows = shape[1] // len(groups)
+                w = torch.stack([torch.cat([source.get(keys[e], (rows, shape[2])) for keys in groups])
+                                 for e in range(shape[0])])
+            out.append(w.to(device=device, dtype=torch.float32))
+        return tuple(out)
+    tmp = copy.deepcopy(module).to_empty(device=device)
+    init = getattr(model, "_init_weights", None)
+    if callable(init):
+        init(tmp)
+    else:  # the fused parameters are created with torch.empty: never train from uninitialized memory
+        for p in (tmp.gate_up_proj, tmp.down_proj):
+            nn.init.normal_(p, std=0.02)
+    return tmp.gate_up_proj.detach().float(), tmp.down_proj.detach().float()
 
 
 def _exclude_state_from_ddp_sync(model: nn.Module) -> None:
@@ -155,8 +227,13 @@ def explain(model: nn.Module) -> str:
         notes = sorted({r.note for r in swapped if r.note})
         for note in notes[:5]:
             lines.append(f"  not traceable: {note}")
-    for name, (m, n), why in getattr(model, _SKIPPED_ATTR, []):
-        lines.append(f"  not projected: {name} [{m}x{n}] ({why}; trained by the AdamW group)")
+    moe = [(n, m) for n, m in model.named_modules() if isinstance(m, QGaLoreExperts)]
+    if moe:
+        lines.append(f"MoE: {len(moe)} fused-experts modules, each expert matrix projected on its own "
+                     f"({sum(m.num_experts for _, m in moe)} experts, e.g. {moe[0][0]}.gate_up.0)")
+    for name, shape, why in getattr(model, _SKIPPED_ATTR, []):
+        dims = "x".join(str(d) for d in shape)
+        lines.append(f"  not projected: {name} [{dims}] ({why}; trained by the AdamW group)")
     header = f"{'layer':<44} {'shape':>13} {'weight':>8} {'rank':>5} {'side':>5} {'bytes fp32':>12} {'bytes now':>11}"
     lines.append(header)
     lines.append("-" * len(header))

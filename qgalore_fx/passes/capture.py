@@ -67,7 +67,7 @@ def _supported() -> str:
     return ", ".join(supported_types())
 
 
-def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Module]:
+def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = False) -> Dict[str, nn.Module]:
     """The fully-qualified names of the layers to project, in module order.
 
     A layer can be projected when its type has a handler (:mod:`qgalore_fx.handlers`: ``nn.Linear``,
@@ -137,7 +137,7 @@ def select_linears(model: nn.Module, config: QGaLoreConfig) -> Dict[str, nn.Modu
                 "codes; set include_lm_head=False or untie the weights (config.tie_word_embeddings=False)"
             )
     _check_not_shared(model, chosen)
-    if not chosen:
+    if not chosen and not allow_empty:  # allow_empty: fused MoE experts were selected (qgalore_fx.experts)
         how = "filter_fn/target_modules" if custom else "the default rule (handled layers inside transformer blocks)"
         raise ValueError(f"{how} selected no layer of {type(model).__name__}; nothing to transform "
                          f"(projectable types: {_supported()})")
