@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--mmap-threshold", type=int, default=None,
                     help="call qgalore_fx.memory.set_cpu_mmap_threshold(BYTES) first (default: glibc's own policy)")
+    ap.add_argument("--rest-in-backward", action="store_true",
+                    help="qgalore_fx.optimizer(..., rest_in_backward=True): embedding, norms and head updated "
+                         "inside backward, their gradients freed at once")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
         if not args.no_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        opt = qgalore_fx.optimizer(model, lr=1e-3)
+        opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=args.rest_in_backward)
         rows.append(("build on meta + transform + optimizer", time.perf_counter() - t0))
         g = torch.Generator().manual_seed(0)
         for step in range(args.steps):
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
                     "transformers": transformers.__version__, "threads": args.threads},
         "mmap_threshold": args.mmap_threshold, "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
         "seq_len": args.seq_len, "checkpointing": not args.no_checkpointing,
+        "rest_in_backward": args.rest_in_backward,
         "phases": [{"phase": p, "seconds": round(times[p], 2), "peak_rss_bytes": sampler.peaks[p]} for p in phases],
         "rss_after_imports_bytes": rss_imports,
         "peak_rss_sampled_bytes": max(sampler.peaks.values()),

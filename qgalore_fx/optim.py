@@ -16,7 +16,12 @@ Two param groups:
 ``"adamw"``
     every other trainable parameter (embeddings, norms, biases, the output
     head unless projected), updated in ``step()`` by AdamW with 8-bit
-    block-wise moments (``optim_bits=32`` for fp32 moments).
+    block-wise moments (``optim_bits=32`` for fp32 moments). With
+    ``rest_in_backward=True`` each of them is updated inside backward instead,
+    as soon as its gradient is complete, and its gradient is freed there (see
+    :meth:`QGaLoreOptimizer._rest_hook`): the embedding's and the head's fp32
+    gradients (0.5 GiB each at LLaMA-7B) then never coexist with each other or
+    live until ``step()``.
 
 One optimizer per model: building a second one for layers a live optimizer
 already drives raises. A deep copy (or an unpickled copy) of a model is not
@@ -105,7 +110,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, optim_bits: Optional[int] = None,
                  accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank",
-                 rest_lr: Optional[float] = None):
+                 rest_lr: Optional[float] = None, rest_in_backward: bool = False):
         _check_hparams(lr, betas, eps, weight_decay)
         if rest_lr is not None:
             _check_hparams(rest_lr, betas, eps, weight_decay, lr_name="rest_lr")
@@ -143,6 +148,22 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self._skipped = torch.zeros((), dtype=torch.int64, device=anchors[0].device)
         self._bind_layers()
+        if not isinstance(rest_in_backward, bool):
+            raise TypeError(f"rest_in_backward must be a bool, got {rest_in_backward!r}")
+        if rest_in_backward and accumulation_steps > 1:
+            raise ValueError("rest_in_backward=True updates each parameter inside backward, which cannot sum "
+                             f"gradients over micro-batches; use it with accumulation_steps=1 (got {accumulation_steps})")
+        if rest_in_backward and self.process_group is not None:
+            raise ValueError("rest_in_backward=True cannot run under torch.distributed: the update would use this "
+                             "rank's gradient before DistributedDataParallel has averaged it")
+        self.rest_in_backward = rest_in_backward
+        self._rest_done: set = set()  # ids of parameters updated in the current backward (host-side)
+        self._rest_bad = torch.zeros((), dtype=torch.bool, device=anchors[0].device)
+        self._rest_hooks = []
+        if rest_in_backward:
+            for group in self.param_groups[1:]:
+                for p in group["params"]:
+                    self._rest_hooks.append(p.register_post_accumulate_grad_hook(self._rest_hook(group)))
 
     # ------------------------------------------------------------------ binding
     def _bind_layers(self) -> None:
@@ -199,6 +220,56 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         return {name: layer.stats() for name, layer in self._layers}
 
     # ------------------------------------------------------------------ step
+    def _rest_hook(self, group: dict):
+        """The post-accumulate-grad hook of one AdamW-group parameter under ``rest_in_backward=True``.
+
+        It runs the same masked 8-bit AdamW step ``step()`` would, with the group's hyperparameters as they are
+        now (a scheduler steps between iterations, so they are this step's), then frees the gradient. What
+        differs from ``step()``: a non-finite gradient skips only that parameter's update (``step()`` skips the
+        whole group's, which needs every gradient first); the step still counts once in ``skipped_steps``.
+        Gradient clipping cannot see these parameters (their gradients are gone by ``step()``), and a second
+        gradient before ``step()`` (accumulation, or a parameter reached by two backward passes) is refused.
+        """
+        weak_self = weakref.ref(self)
+
+        @torch.no_grad()
+        def hook(p: Tensor) -> None:
+            optimizer = weak_self()
+            if optimizer is None or p.grad is None:
+                return
+            if id(p) in optimizer._rest_done:
+                name = optimizer._param_names.get(id(p), "a parameter")
+                raise RuntimeError(
+                    f"{name!r} received a second gradient before optimizer.step() while rest_in_backward=True (its "
+                    "update runs inside backward); call optimizer.step() between backward() calls, or build the "
+                    "optimizer with rest_in_backward=False and accumulation_steps=k to accumulate")
+            optimizer._rest_done.add(id(p))
+            if optimizer._hparams_invalid(group):
+                optimizer._rest_bad.fill_(True)
+                p.grad = None
+                return
+            ok = torch.isfinite(p.grad).all()
+            optimizer._adamw_one(p, group, ok)
+            optimizer._rest_bad.logical_or_(~ok)
+            p.grad = None
+
+        return hook
+
+    @staticmethod
+    def _hparams_invalid(group: dict) -> bool:
+        beta1, beta2 = group["betas"]
+        return not all(_finite_number(group[k]) for k in ("lr", "eps", "weight_decay")) \
+            or not (_finite_number(beta1) and _finite_number(beta2))
+
+    def _adamw_one(self, p: Tensor, group: dict, ok: Tensor) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            state["adam"] = AdamState.zeros(p.shape, bits=self.optim_bits, device=p.device)
+        beta1, beta2 = group["betas"]
+        _masked_adamw_(p, p.grad, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
+                       beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -207,23 +278,20 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for _, layer in self._layers:
             layer.apply_pending()
+        if self.rest_in_backward and self._rest_done:
+            self._skipped.add_(self._rest_bad.to(torch.int64).to(self._skipped.device))
+            self._rest_bad.fill_(False)
+            self._rest_done.clear()
         for group in self.param_groups[1:]:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
-            if not all(_finite_number(group[k]) for k in ("lr", "eps", "weight_decay")) \
-                    or not (_finite_number(beta1) and _finite_number(beta2)):
+            if self._hparams_invalid(group):
                 self._skipped.add_(1)  # e.g. a scheduler wrote NaN: skip the group's step, counted like a bad grad
                 continue
             ok = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-                    state["adam"] = AdamState.zeros(p.shape, bits=self.optim_bits, device=p.device)
-                _masked_adamw_(p, p.grad, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
-                               beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                self._adamw_one(p, group, ok)
             self._skipped.add_((~ok).to(torch.int64).to(self._skipped.device))
         return loss
 
@@ -360,7 +428,8 @@ def _resolve_process_group(process_group):
 
 def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, optim_bits: Optional[int] = None, accumulation_steps: int = 1,
-              process_group="auto", reduce: str = "lowrank", rest_lr: Optional[float] = None) -> QGaLoreOptimizer:
+              process_group="auto", reduce: str = "lowrank", rest_lr: Optional[float] = None,
+              rest_in_backward: bool = False) -> QGaLoreOptimizer:
     """The optimizer for a transformed model (see module docstring).
 
     ``lr`` drives the projected layers; ``rest_lr`` (default: ``lr``) the AdamW group of everything else —
@@ -370,7 +439,13 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     averages its gradient across ``process_group`` ("auto": the default group when more than one process runs)
     before its update: ``reduce="lowrank"`` all-reduces the rank-r gradient R (and the full G only on refresh
     steps, whose projection rank 0 then broadcasts), ``"full"`` all-reduces G every step.
+
+    ``rest_in_backward=True`` updates every other parameter inside backward too, as soon as its gradient is
+    complete, and frees that gradient at once (no accumulation, no torch.distributed, no clipping of those
+    parameters; see :meth:`QGaLoreOptimizer._rest_hook`): the memory of the embedding's and head's gradients
+    is then one tensor at a time instead of all of them until ``step()``.
     """
     return QGaLoreOptimizer(model, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                             optim_bits=optim_bits, accumulation_steps=accumulation_steps,
-                            process_group=process_group, reduce=reduce, rest_lr=rest_lr)
+                            process_group=process_group, reduce=reduce, rest_lr=rest_lr,
+                            rest_in_backward=rest_in_backward)

@@ -1,0 +1,110 @@
+"""``qgalore_fx.optimizer(model, rest_in_backward=True)``: the AdamW group updated inside backward."""
+
+import pytest
+import torch
+
+import qgalore_fx
+from conftest import tiny_llama
+
+VOCAB = 128
+
+
+def _ids(seed):
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _model():
+    # vocabulary 512 x hidden 64: the embedding and head have 32k elements, so their moments take the 8-bit path
+    return qgalore_fx.transform(tiny_llama(vocab=512), rank=8)
+
+
+def _train(model, opt, steps, schedule=None):
+    for i in range(steps):
+        ids = _ids(i) * 4
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if schedule is not None:
+            schedule.step()
+
+
+@pytest.mark.parametrize("optim_bits", [8, 32])
+def test_same_numbers_as_updating_at_step(optim_bits):
+    models, opts = [], []
+    for in_backward in (False, True):
+        model = _model().train()
+        opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=3e-3, weight_decay=0.1, optim_bits=optim_bits,
+                                   rest_in_backward=in_backward)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        _train(model, opt, 4, sched)
+        models.append(model)
+        opts.append(opt)
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = (o.state_dict() for o in opts)
+    for i in sa["state"]:
+        assert torch.equal(sa["state"][i]["step"], sb["state"][i]["step"])
+        for name, t in sa["state"][i]["adam"].items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(t, sb["state"][i]["adam"][name]), (i, name)
+    assert sa["state"] and all(int(v["step"]) == 4 for v in sb["state"].values())
+
+
+def test_gradients_are_freed_as_soon_as_they_are_used():
+    model = _model().train()
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    seen = {}
+    # registered after the optimizer's hook: runs right after the head's update
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    head.register_post_accumulate_grad_hook(lambda p: seen.setdefault("head_grad_after_update", p.grad))
+    embed.register_post_accumulate_grad_hook(lambda p: seen.setdefault("head_grad_at_embedding", head.grad))
+    before = head.detach().clone()
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen == {"head_grad_after_update": None, "head_grad_at_embedding": None}
+    assert not torch.equal(head, before)  # already updated, before step()
+    assert all(p.grad is None for p in opt.param_groups[1]["params"])
+    opt.step()
+    assert opt.skipped_steps == 0
+
+
+def test_a_second_backward_before_step_is_refused():
+    model = _model().train()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="second"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # the next step works again
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+
+def test_non_finite_gradient_skips_that_parameter_and_counts_the_step():
+    model = _model().train()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    norm = model.model.norm.weight
+    # a gradient hook runs before the gradient is accumulated, so before the optimizer's post-accumulate hook
+    norm.register_hook(lambda g: torch.full_like(g, float("nan")))
+    norm_before, head_before = norm.detach().clone(), model.lm_head.weight.detach().clone()
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(norm, norm_before)
+    assert not torch.equal(model.lm_head.weight, head_before)
+    assert opt.skipped_steps == 1
+    assert torch.isfinite(norm).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(accumulation_steps=2), "accumulation_steps=1"),
+    (dict(rest_in_backward=1), "rest_in_backward must be a bool"),
+])
+def test_bad_combinations(kwargs, message):
+    model = _model()
+    kwargs.setdefault("rest_in_backward", True)
+    with pytest.raises((ValueError, TypeError), match=message):
+        qgalore_fx.optimizer(model, lr=1e-2, **kwargs)
