@@ -44,6 +44,7 @@ class RssSampler:
         self.order: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.on_enter = None  # called as on_enter(old_phase, new_phase) when a phase starts
 
     @staticmethod
     def rss() -> int:
@@ -65,6 +66,8 @@ class RssSampler:
 
     def enter(self, phase: str) -> int:
         """Start ``phase``; returns the RSS at its start."""
+        if self.on_enter is not None:
+            self.on_enter(self.phase, phase)
         self._record()
         self.phase = phase
         self.order.append(phase)
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rest-in-backward", action="store_true",
                     help="qgalore_fx.optimizer(..., rest_in_backward=True): embedding, norms and head updated "
                          "inside backward, their gradients freed at once")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA each phase also records "
+                    "torch.cuda.max_memory_allocated (reset at the phase's start)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
@@ -117,15 +122,24 @@ def main(argv=None) -> int:
         raise SystemExit("--mmap-threshold needs Linux with glibc")
     preset = get_preset(args.preset)
     rank = args.rank or preset.rank
-    config = llama_config(preset.name)
+    config = llama_config(preset.name, vocab_size=None if preset.vocab_size else 8192)
     rows = []
+    cuda = torch.device(args.device).type == "cuda"
+    cuda_peaks: dict[str, int] = {}
     t_all = time.perf_counter()
+    def cuda_phase(old: str, new: str) -> None:  # the CUDA peak of the phase that ends, then reset
+        if cuda:
+            torch.cuda.synchronize()
+            cuda_peaks[old] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
     with RssSampler(args.interval) as sampler:
+        sampler.on_enter = cuda_phase
         rss_imports = sampler.enter("build on meta + transform + optimizer")  # torch, transformers imported
         t0 = time.perf_counter()
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(config)
-        model = qgalore_fx.transform(model, rank=rank, proj_method=args.proj_method)
+        model = qgalore_fx.transform(model, rank=rank, proj_method=args.proj_method, device=args.device)
         if not args.no_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -133,7 +147,7 @@ def main(argv=None) -> int:
         rows.append(("build on meta + transform + optimizer", time.perf_counter() - t0))
         g = torch.Generator().manual_seed(0)
         for step in range(args.steps):
-            ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=g)
+            ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(args.device)
             sampler.enter(f"step {step} forward")
             t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
@@ -162,7 +176,9 @@ def main(argv=None) -> int:
         "mmap_threshold": args.mmap_threshold, "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
         "seq_len": args.seq_len, "checkpointing": not args.no_checkpointing,
         "rest_in_backward": args.rest_in_backward,
-        "phases": [{"phase": p, "seconds": round(times[p], 2), "peak_rss_bytes": sampler.peaks[p]} for p in phases],
+        "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
+        "phases": [{"phase": p, "seconds": round(times[p], 2), "peak_rss_bytes": sampler.peaks[p],
+                    **({"cuda_max_allocated_bytes": cuda_peaks.get(p)} if cuda else {})} for p in phases],
         "rss_after_imports_bytes": rss_imports,
         "peak_rss_sampled_bytes": max(sampler.peaks.values()),
         "ru_maxrss_bytes": maxrss,
@@ -171,9 +187,12 @@ def main(argv=None) -> int:
         "wall_seconds": round(time.perf_counter() - t_all, 1),
     }
     print(f"\n{preset.name}, rank {rank}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s)")
-    print("| phase | time s | peak RSS GiB |\n|---|---:|---:|")
+    print(f"device: {result['device']}")
+    print("| phase | time s | peak RSS GiB |" + (" CUDA max allocated GiB |" if cuda else "")
+          + "\n|---|---:|---:|" + ("---:|" if cuda else ""))
     for row in result["phases"]:
-        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / GiB:.2f} |")
+        extra = f" {row['cuda_max_allocated_bytes'] / GiB:.2f} |" if cuda else ""
+        print(f"| {row['phase']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / GiB:.2f} |{extra}")
     print(f"peak RSS (ru_maxrss) {maxrss / GiB:.2f} GiB; RSS after imports {rss_imports / GiB:.2f} GiB; "
           f"weights + states (memory_report) {report.weights_and_states / GiB:.2f} GiB")
     print(report)
