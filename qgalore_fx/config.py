@@ -22,6 +22,7 @@ scale                  float > 0       alpha, the back-projection scale
 block_size             even int >= 2   quantization block of weights
 proj_block_size        even int >= 2   quantization block of projections
 proj_method            see below       how a refreshed subspace is computed
+align                  see below       aligning a refreshed projection with the old
 include_lm_head        bool            also project the output head
 target_modules         regex list      fully-qualified names to project
 filter_fn              callable        `filter_fn(module, fqn) -> bool`
@@ -40,6 +41,7 @@ from typing import Callable, Optional, Sequence
 import torch.nn as nn
 
 PROJ_METHODS = ("subspace", "randomized", "full")
+ALIGN_METHODS = ("sign", "procrustes", "none")  # qgalore_fx.projection.ALIGN_METHODS
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -107,6 +109,10 @@ class QGaLoreConfig:
         "help": "quantization block of projections (even)"})
     proj_method: str = dataclasses.field(default="subspace", metadata={
         "help": f"how a refreshed subspace is computed: one of {', '.join(PROJ_METHODS)}", "cli": True})
+    align: str = dataclasses.field(default="sign", metadata={
+        "help": "how a refreshed projection is aligned with the previous one, so Adam's moments keep their "
+                f"meaning: one of {', '.join(ALIGN_METHODS)} (qgalore_fx.projection)", "cli": True,
+        "choices": ALIGN_METHODS})
     include_lm_head: bool = dataclasses.field(default=False, metadata={
         "help": "also project the output head"})
     target_modules: Optional[tuple] = dataclasses.field(default=None, metadata={
@@ -148,6 +154,8 @@ class QGaLoreConfig:
             raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (alpha, default 0.25), got {self.scale!r}")
         if self.proj_method not in PROJ_METHODS:
             raise ValueError(f"proj_method must be one of {PROJ_METHODS}, got {self.proj_method!r}")
+        if self.align not in ALIGN_METHODS:
+            raise ValueError(f"align must be one of {ALIGN_METHODS}, got {self.align!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
         if self.target_modules is not None:

@@ -140,6 +140,7 @@ class UpdateSpec:
     queue_size: int
     adaptive: bool
     fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
+    align: str = "sign"  # how a refreshed P is aligned with the old one (qgalore_fx.projection.align_projection)
     group: str = ""  # torch.distributed process group name; "" = no data parallelism
 
     @classmethod
@@ -151,7 +152,7 @@ class UpdateSpec:
             stochastic_round=config.stochastic_round, proj_method=config.proj_method,
             seed=config.seed * _SEED_STRIDE + index, update_interval=config.update_interval,
             cos_threshold=float(config.cos_threshold), queue_size=config.queue_size, adaptive=config.adaptive,
-            fused=config.fused,
+            fused=config.fused, align=config.align,
         )
 
     @property
@@ -404,9 +405,9 @@ def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, gro
     policy = _policy(spec, c)
     generator = torch.Generator(device=G.device).manual_seed(spec.seed + 7 * policy.refresh_count)
     P = proj.compute_projection(G, spec.rank, spec.side, method=spec.proj_method, prev=prev, generator=generator)
-    # The moments stay in the old projection's coordinates: rotate the new basis onto the old one (Procrustes), so
-    # a refresh onto the same subspace changes nothing and a moved subspace keeps the closest coordinates.
-    P = proj.align_projection(P, prev, spec.side)
+    # The moments stay in the old projection's coordinates: align the new basis with the old one (by default each
+    # vector's sign), so a coordinate of R keeps meaning the direction its moments were built on.
+    P = proj.align_projection(P, prev, spec.side, method=spec.align)
     if spec.proj_bits in _FLOAT_PROJ:
         state["proj_codes"].copy_(P)
     else:

@@ -52,34 +52,35 @@ GaLore). Coordinate i of ``R`` means "along row/column i of ``P``", so the momen
 meaningful only if the new ``P``'s i-th vector points where the old one did. The SVD of the
 new gradient does not care: each vector's sign is arbitrary (the official signed cosine of
 the top vector is negative at 52-53 % of refreshes on the ``tiny`` preset, though its
-magnitude has median 0.7), vectors whose singular values are close swap or rotate into each
-other, and measured against ``galore-torch`` (which uses the raw LAPACK basis) the weights
-diverge by 0.48 (right side) / 0.31 (left) of their total movement after 50 steps at refresh
-interval 20, against 1e-6 without refreshes.
+magnitude has median 0.7), and measured against ``galore-torch`` (which uses the raw LAPACK
+basis) the weights diverge by 0.48 (right side) / 0.31 (left) of their total movement after 50
+steps at refresh interval 20, against 1e-6 without refreshes.
 
-qgalore_fx therefore rotates each new basis onto the old one: orthogonal Procrustes,
-``B_new <- B_new Q`` with ``Q = argmin_Q ||B_new Q - B_old||_F`` over orthogonal ``[r, r]``
-matrices (``B`` the basis as columns). Why this and not a per-vector sign flip:
+Three choices (``QGaLoreConfig.align``):
 
-* the sign flip is the special case of diagonal ``Q = diag(±1)``; Procrustes optimizes over
-  all ``Q`` and so keeps every coordinate at least as close to its old direction;
-* it is exact where it matters most: when the subspace did not move, the aligned basis *is*
-  the old one (to rounding), so a refresh that finds the same subspace leaves the next
-  update identical to not refreshing (tests/test_refresh_alignment.py). A sign flip only
-  achieves that when the SVD returns the very same vectors, which it does not when singular
-  values are close — at rank 64 and above most of the tail is such a cluster;
-* it changes nothing else: the span is the new one (captured energy and similarity are
-  rotation-invariant), cost is an ``[r, r]`` SVD and a ``[d, r] x [r, r]`` product, small
-  next to computing ``P``.
+``"sign"`` (default)
+    flip each new vector so that it has a non-negative inner product with the old vector of
+    the same index (``B_new <- B_new diag(sign(diag(B_newᵀ B_old))))``, ``B`` the basis as
+    columns). The new basis stays the singular basis of the new gradient, in order of
+    singular value, so Adam's coordinate-wise normalization keeps acting per singular
+    direction; only the arbitrary signs are fixed.
+``"procrustes"``
+    rotate the new basis onto the old one (orthogonal Procrustes, ``B_new <- B_new Q`` with
+    ``Q = argmin ||B_new Q - B_old||_F`` over orthogonal ``[r, r]``). It keeps every
+    coordinate as close as possible to its old direction, and a refresh onto an unchanged
+    subspace returns the old basis exactly even when the SVD rotates vectors inside it; but
+    the basis is then no longer the singular one, and Adam's normalization runs in mixed
+    coordinates.
+``"none"``
+    the new SVD basis as it comes, as GaLore does.
 
-What it gives up: after the first refresh the rows of ``P`` are an orthonormal basis of the
-top-r singular subspace, no longer the singular vectors in order of singular value. Nothing in
-qgalore_fx uses the order (the similarity and the warm start use only the span); Adam's
-coordinate-wise normalization then runs in the continued basis rather than the singular one.
-``galore-torch`` and the official Q-GaLore code do neither: their moments see a fresh LAPACK
-basis at every refresh. With ``weight_bits=32, proj_bits=32, optim_bits=32,
-stochastic_round=False, adaptive=False, proj_method="full"`` this alignment is the only
-difference from ``galore-torch``'s ``GaLoreAdamW`` (tests/test_galore_mode.py).
+Measured (``benchmarks/compare.py`` set-up: ``tiny`` preset, 300 steps of 8 x 128 tokens,
+rank 64, interval 30, seed 0, Q-GaLore defaults otherwise): final validation perplexity
+``sign`` / ``procrustes`` / ``none`` in BENCHMARKS.md ("Aligning a refreshed projection");
+Procrustes trained measurably worse, which is why ``sign`` is the default. Tests:
+tests/test_refresh_alignment.py (a refresh onto the same singular vectors changes nothing with
+``sign``; onto the same subspace in another basis, nothing with ``procrustes``).
+
 
 Similarity between consecutive projections (:func:`subspace_similarity`)
 -------------------------------------------------------------------------
@@ -414,29 +415,40 @@ def compute_projection(
     return P.contiguous()
 
 
-def align_projection(P_new: torch.Tensor, P_old: Optional[torch.Tensor], side: Side) -> torch.Tensor:
-    """``P_new``'s subspace in the orthonormal basis closest to ``P_old`` (orthogonal Procrustes), fp32.
+ALIGN_METHODS = ("sign", "procrustes", "none")
 
-    With ``B`` the basis as columns (``P.T`` on the right side, ``P`` on the left), the result is
-    ``B_new @ Q`` where the orthogonal ``Q`` ([r, r]) minimizes ``||B_new Q - B_old||_F``: from the SVD
-    ``B_newᵀ B_old = U S Vᵀ``, ``Q = U Vᵀ`` (computed in fp64). It spans exactly ``P_new``'s subspace
-    (so what a projection captures does not change), and when that subspace equals ``P_old``'s it *is*
-    ``P_old`` (to rounding), whatever basis and signs the SVD of the new gradient returned. Adam's moments
-    are kept across a refresh in the coordinates of the old projection (as GaLore does); this makes those
-    coordinates mean the same directions as far as the new subspace allows. The module docstring
-    ("Aligning a refreshed projection") says why this and not a per-vector sign.
 
-    ``P_old`` may be a dequantized, slightly non-orthonormal projection: only its polar factor matters.
-    ``None``, another shape or non-finite values return ``P_new`` unchanged.
+def align_projection(P_new: torch.Tensor, P_old: Optional[torch.Tensor], side: Side,
+                     method: str = "sign") -> torch.Tensor:
+    """``P_new``'s subspace in a basis aligned with ``P_old`` (module docstring, "Aligning a refreshed
+    projection"), fp32.
+
+    With ``B`` the basis as columns (``P.T`` on the right side, ``P`` on the left):
+
+    - ``"sign"``: ``B_new`` with each column negated where its inner product with the same column of
+      ``B_old`` is negative; the vectors and their order are the new ones.
+    - ``"procrustes"``: ``B_new @ Q`` with the orthogonal ``Q`` ([r, r]) minimizing ``||B_new Q - B_old||_F``
+      (``B_newᵀ B_old = U S Vᵀ``, ``Q = U Vᵀ``, in fp64); when the subspaces are equal it *is* ``P_old``
+      (to rounding), whatever basis the new SVD returned. ``P_old`` may be a dequantized, slightly
+      non-orthonormal projection: only its polar factor matters.
+    - ``"none"``: ``P_new`` as it is.
+
+    Either way the span is exactly ``P_new``'s, so what a projection captures does not change. ``None``,
+    another shape or non-finite values of ``P_old`` return ``P_new`` unchanged.
     """
     side = _check_side(side)
     _check_2d("P_new", P_new)
-    if not _usable_prev(P_old, tuple(P_new.shape)):
+    if method not in ALIGN_METHODS:
+        raise ValueError(f"align method must be one of {ALIGN_METHODS}, got {method!r}")
+    if method == "none" or not _usable_prev(P_old, tuple(P_new.shape)):
         return P_new
     B_new = (P_new.T if side == "right" else P_new).to(torch.float64)
     B_old = (P_old.T if side == "right" else P_old).to(device=P_new.device, dtype=torch.float64)
-    U, _, Vh = torch.linalg.svd(B_new.T @ B_old)
-    B = B_new @ (U @ Vh)
+    if method == "sign":
+        B = B_new * torch.where((B_new * B_old).sum(dim=0) < 0, -1.0, 1.0).to(B_new)
+    else:
+        U, _, Vh = torch.linalg.svd(B_new.T @ B_old)
+        B = B_new @ (U @ Vh)
     return (B.T if side == "right" else B).to(torch.float32).contiguous()
 
 

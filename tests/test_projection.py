@@ -346,7 +346,7 @@ def test_align_recovers_the_old_basis_of_an_unchanged_subspace(side):
     rot = torch.linalg.qr(torch.randn(r, r, generator=gen(41))).Q
     other = rot @ P_old if side == "right" else P_old @ rot
     assert (other - P_old).abs().max() > 0.3  # a genuinely different basis
-    aligned = align_projection(other, P_old, side)
+    aligned = align_projection(other, P_old, side, method="procrustes")
     assert aligned.dtype == torch.float32
     torch.testing.assert_close(aligned, P_old, atol=2e-6, rtol=0)
 
@@ -360,7 +360,7 @@ def test_align_keeps_the_new_subspace_and_is_the_closest_basis(side):
     moved = compute_projection(basis_columns(P_old + noise, side) @ torch.diag(torch.linspace(3, 1, r))
                                @ torch.randn(r, 20, generator=gen(44)), r, "left", method="full")
     P_new = moved.T.contiguous() if side == "right" else moved
-    aligned = align_projection(P_new, P_old, side)
+    aligned = align_projection(P_new, P_old, side, method="procrustes")
     assert_orthonormal(aligned, side)
     assert subspace_similarity(aligned, P_new, side) == pytest.approx(1.0, abs=1e-6)
     Bn, Bo, Ba = (basis_columns(P, side) for P in (P_new, P_old, aligned))
@@ -376,9 +376,31 @@ def test_align_uses_only_the_polar_factor_of_a_dequantized_prev(side):
     P_old = _basis(d, r, side, seed=45)
     rot = torch.linalg.qr(torch.randn(r, r, generator=gen(46))).Q
     other = rot @ P_old if side == "right" else P_old @ rot
-    torch.testing.assert_close(align_projection(other, 3.0 * P_old, side), P_old, atol=2e-6, rtol=0)
+    torch.testing.assert_close(align_projection(other, 3.0 * P_old, side, method="procrustes"), P_old, atol=2e-6,
+                               rtol=0)
     noisy = P_old + 1e-3 * torch.randn(P_old.shape, generator=gen(47))  # like INT4/bf16 rounding
-    assert float((align_projection(other, noisy, side) - P_old).abs().max()) < 3e-3
+    assert float((align_projection(other, noisy, side, method="procrustes") - P_old).abs().max()) < 3e-3
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_sign_alignment_fixes_signs_and_keeps_the_new_vectors(side):
+    """method="sign": each vector flipped to agree with the old one of its index; no rotation, no reordering."""
+    d, r = 48, 6
+    P_old = _basis(d, r, side, seed=50)
+    flips = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0])
+    flipped = flips[:, None] * P_old if side == "right" else P_old * flips[None, :]
+    torch.testing.assert_close(align_projection(flipped, P_old, side), P_old, atol=1e-7, rtol=0)
+    # a rotated basis of the same subspace keeps its own vectors (only signs change), unlike Procrustes
+    rot = torch.linalg.qr(torch.randn(r, r, generator=gen(51))).Q
+    other = rot @ P_old if side == "right" else P_old @ rot
+    signed = align_projection(other, P_old, side)
+    Bo, Bn, Bs = (basis_columns(P, side) for P in (P_old, other, signed))
+    torch.testing.assert_close(Bs.abs(), Bn.abs(), atol=1e-7, rtol=0)
+    assert bool(((Bs * Bo).sum(0) >= 0).all())
+    assert float((signed - P_old).abs().max()) > 0.1
+    assert align_projection(other, P_old, side, method="none") is other
+    with pytest.raises(ValueError, match="align method"):
+        align_projection(other, P_old, side, method="rotate")
 
 
 def test_align_without_a_usable_prev_returns_P_new():
