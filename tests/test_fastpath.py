@@ -1,8 +1,8 @@
 """QGALORE_FX_REFERENCE=1 forces the pure-torch references everywhere, the CUDA kernels included.
 
-The CUDA registrations of the custom ops are called here directly on CPU tensors: with the switch set they
-must return the reference's result without touching Triton (which cannot launch on a CPU); without it they
-reach the Triton launcher, which refuses CPU tensors. The fused 8-bit Adam step's switch is tested in
+The CUDA registrations of the custom ops are called here directly on CPU tensors, with the Triton launchers
+replaced by stand-ins: with the switch set they must return the reference's result and never call a
+launcher; without it they call the launcher. The fused 8-bit Adam step's switch is tested in
 tests/test_adam8bit.py.
 """
 
@@ -21,8 +21,17 @@ def forced(monkeypatch):
     monkeypatch.setenv(fastpath.ENV_REFERENCE, "1")
 
 
-@pytest.mark.skipif(triton_modules.triton_interpreter_active(), reason="the interpreter launches Triton on CPU")
-def test_cuda_kernels_run_the_reference_when_forced(forced):
+def _replace_triton(monkeypatch, fn):
+    for module, name in ((triton_modules, "quantize_triton"), (triton_modules, "dequantize_triton"),
+                         (mm, "int8_matmul_triton"), (mm, "int8_matmul_t_triton")):
+        monkeypatch.setattr(module, name, fn)
+
+
+def test_cuda_kernels_run_the_reference_when_forced(monkeypatch, forced):
+    def never(*args):
+        raise AssertionError("a Triton launcher was called although QGALORE_FX_REFERENCE=1")
+
+    _replace_triton(monkeypatch, never)
     x = torch.randn(8, 512)
     codes, scales = triton_modules._quantize_cuda(x, 8, 256, None)
     ref_codes, ref_scales = quantize_reference(x, 8, 256, None)
@@ -35,11 +44,17 @@ def test_cuda_kernels_run_the_reference_when_forced(forced):
     assert torch.equal(mm._int8_matmul_t_cuda(g, codes, scales, 256), mm.int8_matmul_t_reference(g, codes, scales, 256))
 
 
-@pytest.mark.skipif(triton_modules.triton_interpreter_active(), reason="the interpreter launches Triton on CPU")
 def test_cuda_kernels_use_triton_otherwise(monkeypatch):
     monkeypatch.delenv(fastpath.ENV_REFERENCE, raising=False)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        triton_modules._quantize_cuda(torch.randn(8, 512), 8, 256, None)
+    calls = []
+    _replace_triton(monkeypatch, lambda *args: calls.append(args) or "triton")
+    codes = torch.zeros(8, 512, dtype=torch.int8)
+    scales = torch.zeros(16)
+    assert triton_modules._quantize_cuda(torch.randn(8, 512), 8, 256, None) == "triton"
+    assert triton_modules._dequantize_cuda(codes, scales, 8, 256, [8, 512], torch.float32) == "triton"
+    assert mm._int8_matmul_cuda(torch.randn(4, 512), codes, scales, 256) == "triton"
+    assert mm._int8_matmul_t_cuda(torch.randn(4, 8), codes, scales, 256) == "triton"
+    assert len(calls) == 4
 
 
 def test_auto_backend_is_torch_when_forced(forced):
