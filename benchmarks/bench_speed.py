@@ -23,15 +23,18 @@ projection's first refresh and the compilation; the timed steps are all between 
 the model in ``torch.compile(fullgraph=True)`` (inductor); the optimizer step stays eager for every method
 (qgalore_fx's projected layers update inside the compiled backward).
 
-Within a block (preset, threads, mode) the methods' timed steps are interleaved round by round, so that every
-method sees the same load on a shared machine. Printed: the median step time per case, its ratio to ``adamw``
-of the same block, and the spread.
+Within a block (preset, threads) the timed steps of every case (method x mode) are interleaved round by round,
+so that every case sees the same load on a shared machine. Printed: the median step time per case, its ratio
+to ``adamw`` in the same mode of the same block, a compiled case's ratio to its eager one, and the spread.
+``--compiled-methods adamw qgalore`` limits the compiled cases (each compiled model holds its own copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,6 +46,9 @@ import torch.nn.functional as F
 from qgalore_fx.app.presets import build_model, get_preset
 
 METHODS = ("adamw", "adamw8bit", "galore", "qgalore")
+# qgalore with QGALORE_FX_REFERENCE=1 set around each of its steps: the pure-torch references instead of the fast
+# paths (qgalore_fx.kernels.fastpath), interleaved with the other cases. Opt-in: --methods ... qgalore_reference
+EXTRA_METHODS = ("qgalore_reference",)
 VOCAB = {"tiny": 8192}  # presets that take the tokenizer's vocabulary
 BATCH = 4
 LR = 1e-3
@@ -80,8 +86,8 @@ def make_optimizer(method: str, model, rank: int):
         rest = [p for p in model.parameters() if id(p) not in ids]
         groups = [{"params": rest},
                   {"params": projected, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
-        return model, GaLoreAdamW(groups, lr=LR)
-    if method == "qgalore":
+        return model, GaLoreAdamW(groups, lr=LR, no_deprecation_warning=True)
+    if method in ("qgalore", "qgalore_reference"):
         import qgalore_fx
 
         model = qgalore_fx.transform(model, rank=rank)
@@ -89,10 +95,16 @@ def make_optimizer(method: str, model, rank: int):
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def make_step(model, opt, x, y, compiled: bool):
+def make_step(model, opt, x, y, compiled: bool, reference: bool = False):
     run = torch.compile(model, fullgraph=True) if compiled else model
 
     def step():
+        if reference:
+            with _references_forced():
+                return plain_step()
+        return plain_step()
+
+    def plain_step():
         logits = run(input_ids=x).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
@@ -103,39 +115,57 @@ def make_step(model, opt, x, y, compiled: bool):
     return step
 
 
+@contextlib.contextmanager
+def _references_forced():
+    from qgalore_fx.kernels.fastpath import ENV_REFERENCE
+
+    before = os.environ.get(ENV_REFERENCE)
+    os.environ[ENV_REFERENCE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_REFERENCE]
+        else:
+            os.environ[ENV_REFERENCE] = before
+
+
 def build_case(preset: str, method: str, compiled: bool):
     p = get_preset(preset)
     model, opt = make_optimizer(method, make_model(preset), p.rank)
     x, y = make_batch(model, p.seq_len)
-    return model, opt, make_step(model, opt, x, y, compiled)
+    return model, opt, make_step(model, opt, x, y, compiled, reference=method == "qgalore_reference")
 
 
-def time_block(preset: str, methods, compiled: bool, steps: int, warmup: int) -> dict:
-    """Median step time per method, the methods' steps interleaved round by round.
+def time_block(preset: str, cases_wanted, steps: int, warmup: int) -> tuple[dict, dict]:
+    """Median step time per ``(method, mode)`` case, the cases' steps interleaved round by round.
 
-    On a machine shared with other jobs the load changes from second to second; interleaving exposes every
-    method to the same load, so the ratios hold even when the absolute times drift.
+    On a machine shared with other jobs the load changes from second to second; interleaving exposes every case
+    to the same load, so the ratios (against AdamW, and compiled against eager) hold even when the absolute times
+    drift.
     """
     cases, warm = {}, {}
-    for method in methods:
+    for key in cases_wanted:
+        method, mode = key
         t0 = time.perf_counter()
-        cases[method] = build_case(preset, method, compiled)
+        cases[key] = build_case(preset, method, mode == "compiled")
         for _ in range(warmup):
-            cases[method][2]()
-        warm[method] = time.perf_counter() - t0
-    times = {m: [] for m in methods}
+            cases[key][2]()
+        warm[key] = time.perf_counter() - t0
+    times = {key: [] for key in cases}
     for _ in range(steps):
-        for method in methods:
+        for key, (_, _, step) in cases.items():
             t0 = time.perf_counter()
-            loss = cases[method][2]()
-            times[method].append(time.perf_counter() - t0)
+            loss = step()
+            times[key].append(time.perf_counter() - t0)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"{preset}/{method}: non-finite loss {float(loss)}")
-    if "qgalore" in cases:  # every timed step was a steady-state one
-        counts = {s["refresh_count"] for s in cases["qgalore"][1].layer_stats().values()}
-        assert counts == {1}, counts
-    out = {m: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "warmup_s": warm[m],
-               "steps": steps} for m, t in times.items()}
+                raise RuntimeError(f"{preset}/{key}: non-finite loss {float(loss)}")
+    for (method, mode), (_, opt, _) in cases.items():
+        if method.startswith("qgalore"):  # every timed step was a steady-state one
+            counts = {s["refresh_count"] for s in opt.layer_stats().values()}
+            assert counts == {1}, counts
+    out = {key: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "warmup_s": warm[key],
+                 "steps": steps} for key, t in times.items()}
     return out, cases
 
 
@@ -181,8 +211,10 @@ def profile_step(model, opt, x, y, compiled: bool):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "60m"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_METHODS)
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--compiled-methods", nargs="+", default=None, choices=METHODS + EXTRA_METHODS,
+                    help="methods to run compiled as well (default: all of --methods)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (refresh, compilation)")
@@ -193,30 +225,37 @@ def main(argv=None) -> dict:
     out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
                       f"available", "args": vars(args), "cases": [], "profiles": []}
+    compiled_methods = args.compiled_methods or methods
+    wanted = [(m, "eager") for m in methods if "eager" in args.modes]
+    wanted += [(m, "compiled") for m in methods if "compiled" in args.modes and m in compiled_methods]
     for preset in args.presets:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for mode in args.modes:
-                torch._dynamo.reset()
-                results, cases = time_block(preset, methods, mode == "compiled", args.steps, args.warmup)
-                base = results["adamw"]["median_s"]
-                for method, r in results.items():
-                    r.update(preset=preset, threads=threads, mode=mode, method=method,
-                             ratio_to_adamw=r["median_s"] / base)
-                    out["cases"].append(r)
-                    print(f"{preset:5s} threads={threads} {mode:8s} {method:10s} median {r['median_s']:.3f} s "
-                          f"({r['ratio_to_adamw']:.3f}x adamw)  min {r['min_s']:.3f}  max {r['max_s']:.3f}  "
-                          f"warm-up {r['warmup_s']:.1f} s", flush=True)
-                if args.profile and "qgalore" in cases:
-                    model, opt, _ = cases["qgalore"]
+            torch._dynamo.reset()
+            results, cases = time_block(preset, wanted, args.steps, args.warmup)
+            for (method, mode), r in results.items():
+                base = results.get(("adamw", mode), results.get(("adamw", "eager")))["median_s"]
+                eager = results.get((method, "eager"))
+                r.update(preset=preset, threads=threads, mode=mode, method=method, ratio_to_adamw=r["median_s"] / base,
+                         ratio_to_eager=None if eager is None else r["median_s"] / eager["median_s"])
+                out["cases"].append(r)
+                vs_eager = "" if mode == "eager" or eager is None else f", {r['ratio_to_eager']:.3f}x its eager"
+                print(f"{preset:5s} threads={threads} {mode:8s} {method:10s} median {r['median_s']:.3f} s "
+                      f"({r['ratio_to_adamw']:.3f}x adamw {mode}{vs_eager})  min {r['min_s']:.3f}  "
+                      f"max {r['max_s']:.3f}  warm-up {r['warmup_s']:.1f} s", flush=True)
+            if args.profile:
+                for (method, mode), (model, opt, _) in cases.items():
+                    if method != "qgalore":  # the fast paths' profile
+                        continue
                     p = get_preset(preset)
                     x, y = make_batch(model, p.seq_len)
                     rows = profile_step(model, opt, x, y, mode == "compiled")
                     out["profiles"].append({"preset": preset, "threads": threads, "mode": mode,
                                             "rows": {k: v[0] for k, v in rows.items()}})
+                    print(f"  profile of one qgalore step, {mode}:")
                     for label, (sec, n) in rows.items():
                         print(f"    {label:45s} {sec:7.3f} s  ({n} calls)", flush=True)
-                del cases
+            del cases
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
