@@ -315,6 +315,9 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     ``R`` or non-finite hyperparameters leave weight and moments exactly as they were. The weight is
     rewritten in row chunks of whole quantization blocks (:data:`WRITE_CHUNK` elements); chunk ``k``'s
     stochastic rounding draws from the stream ``(seed, offset + first element of the chunk)``.
+    On the CPU each chunk is rewritten by the compiled :func:`qgalore_fx.kernels.writeback.writeback_`
+    (bit-identical to the three reference ops below it); Adam on ``R`` runs the fused 8-bit step of
+    :func:`~qgalore_fx.kernels.adam8bit.adam_direction_masked_` (``QGALORE_FX_REFERENCE=1``: references).
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
