@@ -641,3 +641,19 @@ def test_impl_is_checked():
     with pytest.raises(ValueError, match="impl must be one of"):
         A.adam_direction_masked_(torch.zeros(300), state, torch.tensor(1), 0.9, 0.999, 1e-8, torch.tensor(True),
                                  impl="fast")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_compact_lookup_gives_the_nearest_codes(signed):
+    """The fused step's compact table: the same code as _nearest_code for every value in [-1, 1] (or [0, 1]),
+    every exponent down to the subnormals, the map values and the midpoints themselves (ties go to the lower code)."""
+    gen = torch.Generator().manual_seed(0)
+    mags = torch.pow(2.0, -torch.rand(200_000, generator=gen) * 149)  # 2^-149 .. 1
+    x = mags * (torch.randint(0, 2, mags.shape, generator=gen) * 2 - 1) if signed else mags
+    qmap, mid = A._cached_map(signed, "cpu")[:2]
+    x = torch.cat([x, qmap, mid, torch.nextafter(mid, torch.tensor(2.0)), torch.tensor([0.0, -0.0, 1.0])])
+    if not signed:
+        x = x.abs()
+    mid_ext = A._cached_map(signed, "cpu")[3]
+    got = A._fused_codes(x.contiguous(), A._compact_lut(signed, "cpu"), mid_ext)
+    assert torch.equal(got.to(torch.uint8), A._nearest_code(x.contiguous(), signed))
