@@ -70,6 +70,7 @@ from qgalore_fx import projection as proj
 from qgalore_fx.kernels import quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
+from qgalore_fx.kernels.writeback import writeback_, writeback_applies
 
 _SEED_STRIDE = 1_000_003
 
@@ -315,6 +316,9 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     ``R`` or non-finite hyperparameters leave weight and moments exactly as they were. The weight is
     rewritten in row chunks of whole quantization blocks (:data:`WRITE_CHUNK` elements); chunk ``k``'s
     stochastic rounding draws from the stream ``(seed, offset + first element of the chunk)``.
+    On the CPU each chunk is rewritten by the compiled :func:`qgalore_fx.kernels.writeback.writeback_`
+    (bit-identical to the three reference ops below it); Adam on ``R`` runs the fused 8-bit step of
+    :func:`~qgalore_fx.kernels.adam8bit.adam_direction_masked_` (``QGALORE_FX_REFERENCE=1``: references).
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
@@ -338,9 +342,12 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
             continue
         first, last = start * n // bs, -(-stop * n // bs)  # the chunk starts on a block boundary
         codes_now, scales_now = weight[rows], scales[first:last]
+        chunk_seed = None if seed is None else seed + torch.tensor([0, start * n], dtype=seed.dtype).to(seed.device)
+        if writeback_applies(codes_now, bs) and writeback_(codes_now, scales_now, delta, decay, step_size, bs,
+                                                           chunk_seed, ok):
+            continue  # the same codes and scales as the three ops below, in one compiled pass
         W = dequantize_weight(codes_now, scales_now, bs, torch.float32)
         W.mul_(decay).sub_(delta.mul_(step_size))
-        chunk_seed = None if seed is None else seed + torch.tensor([0, start * n], dtype=seed.dtype).to(seed.device)
         codes, new_scales = torch.ops.qgalore_fx.quantize(W, 8, bs, chunk_seed)
         weight[rows] = torch.where(ok, codes, codes_now)
         scales[first:last] = torch.where(ok, new_scales, scales_now)

@@ -48,7 +48,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qgalore_fx import lowrank
-from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
+from qgalore_fx.kernels.adam8bit import AdamState, adamw_masked_
 from qgalore_fx.layers import OptimizerLink, QGaLoreLinear
 from qgalore_fx.rewrite import config_of, projected_layers
 
@@ -378,8 +378,9 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
                    beta2: float, eps: float, weight_decay: float) -> None:
     """AdamW on ``p`` that changes nothing where ``ok`` (a 0-d bool tensor) is False; no host sync.
 
-    :func:`qgalore_fx.kernels.adam8bit.adamw_step_`'s math (torch reference) with the step as a tensor, run over
-    chunks of whole moment blocks (:data:`ADAMW_CHUNK` elements), each a view into the parameter and its state.
+    :func:`qgalore_fx.kernels.adam8bit.adamw_masked_` (the fused 8-bit step where it is available, else the torch
+    reference) run over chunks of whole moment blocks (:data:`ADAMW_CHUNK` elements), each a view into the
+    parameter and its state.
     """
     if p.numel() == 0:
         return
@@ -387,7 +388,6 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     p32 = (p if in_place else p.float().contiguous()).view(-1)
     g = grad.reshape(-1)
     t = step + 1
-    decay = torch.where(ok, 1.0 - lr * weight_decay, 1.0) if weight_decay else None
     bs = state.block_size
     chunk = max(bs, ADAMW_CHUNK // bs * bs)
     m, v = state.m.view(-1), state.v.view(-1)
@@ -399,10 +399,7 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
                              state.absmax_v[blocks])
         else:
             part = AdamState((stop - start,), 32, bs, m[start:stop], v[start:stop])
-        n = adam_direction_masked_(g[start:stop], part, t, beta1, beta2, eps, ok)
-        if decay is not None:
-            p32[start:stop].mul_(decay)
-        p32[start:stop].sub_(n.mul_(lr))
+        adamw_masked_(p32[start:stop], g[start:stop], part, t, ok, lr, beta1, beta2, eps, weight_decay)
     if not in_place:
         p.copy_(p32.view(p.shape))
     step.add_(ok.to(torch.int64))

@@ -507,3 +507,153 @@ def test_state_errors_name_the_argument():
     with pytest.raises(ValueError, match="block_size"):
         adam_direction_(torch.zeros(300), s, 1, backend="bitsandbytes")
     assert math.isfinite(float(adam_direction_(torch.ones(300), s, 1, backend="torch").sum()))
+
+
+# --------------------------------------------------------------------------- fused step (torch.compile) vs reference
+# The fused step is the reference's math compiled by inductor; it differs from the eager reference only in float
+# rounding (module docstring, "fused step"): eager torch.sqrt on CPU is not correctly rounded, the compiled one is,
+# and eager may fuse a multiply-add (m*b1 + g*(1-b1) with float betas, addcmul in v) that the compiled code rounds
+# in two steps. So from the same state, one step (bounds; measured over 5 seeds x 4 shapes in brackets):
+# * |N_fused - N_ref| <= 4 eps max|N_ref|                                      [<= 2.4 eps]
+# * codes at most one apart, in under 0.1 % of elements                        [<= 0.0015 %]
+# * absmax within one ulp                                                      [< 1 ulp]
+# * tensor betas (the projected layers' path): m codes and absmax_m bit-equal  [always]
+FUSED_SHAPES = [(4097,), (33, 70), (1024, 64), (300,)]
+
+
+def _masked(grad, state, step, impl, tensor_betas):
+    betas = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64),
+             torch.tensor(1e-8, dtype=torch.float64)) if tensor_betas else (0.9, 0.999, 1e-8)
+    return A.adam_direction_masked_(grad, state, torch.tensor(step), *betas, torch.tensor(True), impl=impl)
+
+
+def _ulps(a, b):
+    return ((a - b).abs() / (torch.finfo(torch.float32).eps * torch.maximum(a.abs(), b.abs()).clamp_min(1e-30)))
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("tensor_betas", [True, False])
+def test_fused_step_matches_reference_one_step(shape, tensor_betas):
+    state = warm_state(shape)
+    ref, fused = state.clone(), state.clone()
+    g = make_case(shape, seed=7)[1][0]
+    n_ref = _masked(g, ref, 4, "reference", tensor_betas)
+    n_fused = _masked(g, fused, 4, "fused", tensor_betas)
+    assert n_fused.shape == n_ref.shape and n_fused.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    assert float((n_fused - n_ref).abs().max()) <= 4 * eps * float(n_ref.abs().max())
+    for name in ("m", "v"):
+        diff = (getattr(fused, name).int() - getattr(ref, name).int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3, name
+    for name in ("absmax_m", "absmax_v"):
+        assert float(_ulps(getattr(fused, name), getattr(ref, name)).max()) <= 1.0, name
+    if tensor_betas:
+        assert torch.equal(fused.m, ref.m) and torch.equal(fused.absmax_m, ref.absmax_m)
+    assert (n_fused != 0).any()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_adamw_trajectory_tracks_reference(weight_decay):
+    """30 AdamW steps on a mixed-scale stream: the fused and reference parameters move alike."""
+    shape, lr, steps = (70, 61), 1e-2, 30  # 4270 elements: 16 whole blocks and a short one
+    p0, grads = make_case(shape, steps=steps)
+    gen = torch.Generator().manual_seed(11)
+    scales = 10.0 ** torch.randint(-5, 1, shape, generator=gen).float()  # blocks mixing tiny and large gradients
+    ps = {impl: p0.clone() for impl in ("reference", "fused")}
+    states = {impl: AdamState.zeros(shape, bits=8) for impl in ps}
+    steps_t = {impl: torch.zeros((), dtype=torch.int64) for impl in ps}
+    ok = torch.tensor(True)
+    for g in grads:
+        for impl in ps:
+            steps_t[impl] += 1
+            A.adamw_masked_(ps[impl], g * scales, states[impl], steps_t[impl], ok, lr, 0.9, 0.999, 1e-8,
+                            weight_decay, impl=impl)
+    d_ref, d_fused = ps["reference"] - p0, ps["fused"] - p0
+    assert float((d_ref - d_fused).norm() / d_ref.norm()) <= 1e-3
+    assert float((d_ref - d_fused).abs().max()) <= 0.05 * lr * steps
+    v = dequantize_blockwise_dynamic(states["fused"].v, states["fused"].absmax_v, False)
+    assert not bool(((v == 0) & (states["fused"].m != 127)).any())  # the zero-code floor holds on the fused path
+
+
+def test_fused_step_skips_non_finite_gradients_bit_for_bit():
+    shape = (4097,)
+    state = warm_state(shape)
+    before = state.clone()
+    p = torch.randn(shape)
+    p0 = p.clone()
+    g = make_case(shape, seed=2)[1][0]
+    g[5] = math.nan
+    ok = torch.isfinite(g).all()
+    n = A.adam_direction_masked_(g, state, torch.tensor(4), 0.9, 0.999, 1e-8, ok, impl="fused")
+    A.adamw_masked_(p, g, state, torch.tensor(4), ok, 1e-2, 0.9, 0.999, 1e-8, 0.1, impl="fused")
+    assert torch.equal(n, torch.zeros(shape)) and torch.equal(p, p0)
+    for name, t in before.tensors().items():
+        assert torch.equal(state.tensors()[name], t), name
+
+
+def test_fused_step_equals_reference_where_it_does_not_apply():
+    """32-bit moments and states shorter than a block always run the reference, bit for bit."""
+    for shape, bits in (((4097,), 32), ((100,), 8)):
+        state = AdamState.zeros(shape, bits=bits, min_8bit_size=0)
+        g = make_case(shape)[1][0]
+        a, b = state.clone(), state.clone()
+        assert torch.equal(_masked(g, a, 1, "fused", False), _masked(g, b, 1, "reference", False))
+
+
+def test_reference_switch_forces_the_reference(monkeypatch):
+    """QGALORE_FX_REFERENCE=1 makes impl="auto" run the torch reference: the result is the reference's, bit for bit,
+    and the compiled kernel is never entered."""
+    from qgalore_fx.kernels import fastpath
+
+    shape = (4097,)
+    g = make_case(shape, seed=7)[1][0]
+    state = warm_state(shape)
+    expect = state.clone()
+    n_expect = _masked(g, expect, 4, "reference", False)
+    monkeypatch.setenv(fastpath.ENV_REFERENCE, "1")
+    assert fastpath.reference_forced() and not A._DIRECTION_KERNEL.available()
+    monkeypatch.setattr(A._DIRECTION_KERNEL, "fn", None)  # would fail if it were compiled or called
+    monkeypatch.setattr(A._DIRECTION_KERNEL, "_compiled", None)
+    n = _masked(g, state, 4, "auto", False)
+    assert torch.equal(n, n_expect)
+    for name, t in expect.tensors().items():
+        assert torch.equal(state.tensors()[name], t), name
+    monkeypatch.setenv(fastpath.ENV_REFERENCE, "0")
+    assert not fastpath.reference_forced()
+
+
+def test_fast_path_that_fails_to_compile_falls_back_with_a_warning():
+    from qgalore_fx.kernels.fastpath import CompiledKernel
+
+    def breaks(x):
+        torch._dynamo.graph_break()  # fullgraph=True refuses this
+        return x + 1
+
+    kernel = CompiledKernel(breaks, "test kernel")
+    with pytest.warns(RuntimeWarning, match="test kernel"):
+        assert kernel(torch.ones(3)) == (False, None)
+    assert kernel.failed and not kernel.available()
+    assert kernel(torch.ones(3)) == (False, None)  # no second attempt
+
+
+def test_impl_is_checked():
+    state = AdamState.zeros((300,))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        A.adam_direction_masked_(torch.zeros(300), state, torch.tensor(1), 0.9, 0.999, 1e-8, torch.tensor(True),
+                                 impl="fast")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_compact_lookup_gives_the_nearest_codes(signed):
+    """The fused step's compact table: the same code as _nearest_code for every value in [-1, 1] (or [0, 1]),
+    every exponent down to the subnormals, the map values and the midpoints themselves (ties go to the lower code)."""
+    gen = torch.Generator().manual_seed(0)
+    mags = torch.pow(2.0, -torch.rand(200_000, generator=gen) * 149)  # 2^-149 .. 1
+    x = mags * (torch.randint(0, 2, mags.shape, generator=gen) * 2 - 1) if signed else mags
+    qmap, mid = A._cached_map(signed, "cpu")[:2]
+    x = torch.cat([x, qmap, mid, torch.nextafter(mid, torch.tensor(2.0)), torch.tensor([0.0, -0.0, 1.0])])
+    if not signed:
+        x = x.abs()
+    mid_ext = A._cached_map(signed, "cpu")[3]
+    got = A._fused_codes(x.contiguous(), A._compact_lut(signed, "cpu"), mid_ext)
+    assert torch.equal(got.to(torch.uint8), A._nearest_code(x.contiguous(), signed))

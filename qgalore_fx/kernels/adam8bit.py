@@ -122,7 +122,15 @@ optimizer_update_8bit_blockwise`` / ``optimizer_update_32bit`` with every
 argument by keyword (block size 256 only). For ``adam_direction_`` it updates
 a zero fp32 buffer with ``lr=-1`` and no weight decay: bitsandbytes then
 writes ``0 + (1/c1) * m / denom``, which is N exactly. ``"auto"`` picks
-bitsandbytes for CUDA tensors (when it imports) and torch otherwise.
+bitsandbytes for CUDA tensors (when it imports) and torch otherwise (torch
+everywhere under ``QGALORE_FX_REFERENCE=1``, see ``qgalore_fx.kernels.fastpath``).
+
+The masked entry points the optimizer uses (``adam_direction_masked_``,
+``adamw_masked_``: no host sync, a 0-d ``ok`` selects skip or update) run the
+*fused step* on whole blocks of 8-bit states: the same math compiled into a few
+loops by ``torch.compile``, equal to the reference up to float rounding (see
+"fused step" below for exactly where and by how much), about 2x faster on the
+CPU. ``QGALORE_FX_REFERENCE=1`` or ``impl="reference"`` runs the reference.
 """
 
 from __future__ import annotations
@@ -135,11 +143,14 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .fastpath import CompiledKernel, reference_forced
+
 __all__ = [
     "AdamState",
     "BACKENDS",
     "adam_direction_",
     "adam_direction_masked_",
+    "adamw_masked_",
     "adamw_step_",
     "dequantize_blockwise_dynamic",
     "dynamic_map",
@@ -149,6 +160,7 @@ __all__ = [
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
 BACKENDS = ("auto", "torch", "bitsandbytes")
+IMPLS = ("auto", "reference", "fused")  # of the masked (compiled-caller) entry points
 _BITS = (8, 32)
 _BNB_BLOCK_SIZE = 256  # bitsandbytes' block-wise optimizer kernels hard-code this
 
@@ -488,6 +500,8 @@ def _check_lr(lr, weight_decay) -> None:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
+    if reference_forced():  # QGALORE_FX_REFERENCE=1: the torch reference on every device
+        return "torch"
     if device.type == "cuda" and _bnb_functional(required=False) is not None:
         return "bitsandbytes"
     return "torch"
@@ -567,20 +581,226 @@ def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok
     return n if ok is None else n.masked_fill_(~ok, 0.0)
 
 
-@torch.no_grad()
-def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, beta2, eps, ok: Tensor) -> Tensor:
-    """:func:`adam_direction_` (torch reference) for a compiled or asynchronous caller: no host synchronization.
+# --------------------------------------------------------------------------- fused step (torch.compile)
+# The reference above runs ~30 torch ops per call, each a pass over memory with its own temporaries (dequantized
+# moments, lookup indices, dtype copies). The fused step below is the same math written as one function of whole
+# blocks, compiled once by torch.compile (inductor) into a few loops over the data (qgalore_fx.kernels.fastpath).
+#
+# It is the reference's math with the reference's op order, except for float rounding where eager torch and the
+# compiled code round differently, so it is *not* bit-identical to the reference:
+#   * sqrt: eager torch.sqrt on fp32 CPU tensors (AVX-512 build of torch 2.13) is not correctly rounded (about 20 %
+#     of results are one ulp off the correctly rounded root); the compiled code's sqrt is correctly rounded.
+#   * first moment with float betas: eager computes m*b1 + g*(1-b1) as one fused multiply-add (add with alpha);
+#     the compiled code rounds the product first.
+# So N differs from the reference's by about one ulp in some elements, and a moment whose fp32 value falls within
+# an ulp of the midpoint between two map values takes the neighbouring code (tests/test_adam8bit.py bounds both).
+# The second-moment zero-code floor, the branch-free skip (``ok``) and the block layout are the reference's.
 
-    ``step`` (the 1-based index of this update) is a 0-d integer tensor and ``beta1``, ``beta2``, ``eps`` floats
-    or 0-d tensors; the moments change only where the 0-d bool tensor ``ok`` holds, and N is 0 where it does not.
+
+def _fused_coefficients(step: Tensor, beta1, beta2, eps) -> Tensor:
+    """float32 ``[beta1, 1-beta1, beta2, 1-beta2, 1/c1, c2, eps]`` computed as the reference computes them.
+
+    ``c1 = 1 - beta1^t`` and ``c2 = sqrt(1 - beta2^t)`` in float64 (``t`` the 0-d integer ``step``), every value
+    rounded once to fp32 at the end, as the reference's ops round their float64 scalars. No host sync: floats
+    are filled on the step's device, tensors used where they are.
     """
+    device = step.device
+
+    def as64(x):
+        if isinstance(x, Tensor):
+            return x.reshape(()).to(device=device, dtype=torch.float64)
+        return torch.full((), float(x), dtype=torch.float64, device=device)
+
+    b1, b2, e = as64(beta1), as64(beta2), as64(eps)
+    c1, c2 = _bias_corrections(b1, b2, step)
+    return torch.stack([b1, 1.0 - b1, b2, 1.0 - b2, 1.0 / c1, c2, e]).float()
+
+
+# The fused step looks codes up in a compact copy of the lookup table: values divided by their block's absmax lie
+# in [-1, 1], and every |x| < 2^-23 takes the zero code of both maps (their smallest midpoints are 1.6e-7 and
+# 2.7e-7), so only the cells of the 24 exponents 2^-23 .. 2^0 are kept, plus one row standing for every smaller
+# exponent: 2 signs x 25 exponents x 512 mantissa cells (100 KiB instead of 1 MiB; the signed lookup runs ~2x
+# faster once the table stays in cache). The cells are the same, so the codes are the same (checked when built).
+_COMPACT_EXP0 = 103  # exponent field of the row that also stands for every smaller exponent
+_COMPACT_EXPS = 25
+_COMPACT_CACHE: dict[tuple[bool, str], Tensor] = {}
+
+
+def _compact_lut(signed: bool, device: str) -> Tensor:
+    key = (signed, device)
+    hit = _COMPACT_CACHE.get(key)
+    if hit is None:
+        lut = _cached_map(signed, "cpu")[2]
+        mant_bits = 23 - _LUT_SHIFT
+        sign = torch.arange(2).view(2, 1, 1)
+        exp = torch.arange(_COMPACT_EXPS).view(1, -1, 1) + _COMPACT_EXP0
+        mant = torch.arange(1 << mant_bits).view(1, 1, -1)
+        compact = lut[((sign << (31 - _LUT_SHIFT)) | (exp << mant_bits) | mant).reshape(-1)]
+        small = lut.view(2, 256, 1 << mant_bits)[:, : _COMPACT_EXP0 + 1]  # every exponent the first row stands for
+        assert bool((small == small[:, :1, :1]).all()), "tiny values do not share one code"
+        hit = _COMPACT_CACHE[key] = compact.to(device)
+    return hit
+
+
+def _fused_codes(x: Tensor, lut: Tensor, mid_ext: Tensor) -> Tensor:
+    """int32 :func:`_nearest_code` of ``x`` in [-1, 1] (the same cells, looked up in :func:`_compact_lut`)."""
+    mant_bits = 23 - _LUT_SHIFT
+    bits = x.view(torch.int32)
+    row = ((bits >> 31) & 1) * _COMPACT_EXPS + torch.clamp(((bits >> 23) & 0xFF) - _COMPACT_EXP0, 0,
+                                                           _COMPACT_EXPS - 1)
+    g = lut[(row << mant_bits) | ((bits >> _LUT_SHIFT) & ((1 << mant_bits) - 1))]
+    return g + (x > mid_ext[g]).to(torch.int32)
+
+
+def _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables):
+    """Adam on ``[n_blocks, block_size]`` views: writes the codes and absmax (where ``ok``), returns N (0 elsewhere).
+
+    Selections happen on int32 / fp32 values before the single cast to uint8: ``torch.where`` on uint8 codes
+    compiles to a loop several times slower.
+    """
+    b1, omb1, b2, omb2, inv_c1, c2, eps = coef.unbind()
+    qmap_m, lut_m, mid_m, qmap_v, lut_v, mid_v = tables
+    g = torch.where(ok, g.float(), 0.0)
+    m = qmap_m[m_codes.int()] * absmax_m[:, None]
+    v = qmap_v[v_codes.int()] * absmax_v[:, None]
+    m = m * b1 + g * omb1
+    v = v * b2 + g * omb2 * g
+    n = torch.where(ok, (m * inv_c1) / (v.sqrt() / c2 + eps), 0.0)
+    new_absmax_m = m.abs().amax(1)
+    new_absmax_v = v.abs().amax(1)
+    code_m = _fused_codes(m / torch.where(new_absmax_m > 0, new_absmax_m, 1.0)[:, None], lut_m, mid_m)
+    code_v = _fused_codes(v / torch.where(new_absmax_v > 0, new_absmax_v, 1.0)[:, None], lut_v, mid_v)
+    code_v = torch.where((v > 0) & (code_v == _zero_code(False)), 1, code_v)  # _floor_positive_codes
+    m_codes.copy_(torch.where(ok, code_m, m_codes.int()).to(torch.uint8))
+    v_codes.copy_(torch.where(ok, code_v, v_codes.int()).to(torch.uint8))
+    absmax_m.copy_(torch.where(ok, new_absmax_m, absmax_m))
+    absmax_v.copy_(torch.where(ok, new_absmax_v, absmax_v))
+    return n
+
+
+def _fused_direction_blocks(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables):
+    return _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables)
+
+
+def _fused_adamw_blocks(p, g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, lr, decay, tables):
+    n = _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables)
+    p.copy_(p * decay - n * lr)
+
+
+# dynamic=True: one compilation serves every block count (chunks, tails, each layer's low-rank shape) instead of
+# one per shape; measured as fast as the static version at 1M elements.
+_DIRECTION_KERNEL = CompiledKernel(_fused_direction_blocks, "adam8bit direction", dynamic=True)
+_ADAMW_KERNEL = CompiledKernel(_fused_adamw_blocks, "adam8bit adamw", dynamic=True)
+
+
+def _tables(device) -> tuple:
+    device = str(device)
+    m_map, _, _, m_mid = _cached_map(True, device)
+    v_map, _, _, v_mid = _cached_map(False, device)
+    return m_map, _compact_lut(True, device), m_mid, v_map, _compact_lut(False, device), v_mid
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _fused_applies(state: AdamState, impl: str) -> bool:
+    return impl != "reference" and state.bits == 8 and state.shape.numel() >= state.block_size
+
+
+def _block_views(state: AdamState, full: int):
+    """(m, v) codes of the first ``full`` elements as [blocks, block_size] views, and their absmax."""
+    bs = state.block_size
+    nb = full // bs
+    m, v = state.m.view(-1)[:full].view(nb, bs), state.v.view(-1)[:full].view(nb, bs)
+    return m, v, state.absmax_m[:nb], state.absmax_v[:nb]
+
+
+def _tail_state(state: AdamState, full: int) -> AdamState:
+    """The short last block of ``state`` (elements from ``full`` on) as a state of views."""
+    n = state.shape.numel()
+    nb = full // state.block_size
+    return AdamState((n - full,), 8, state.block_size, state.m.view(-1)[full:], state.v.view(-1)[full:],
+                     state.absmax_m[nb:], state.absmax_v[nb:])
+
+
+def _check_masked(grad: Tensor, state: AdamState, ok: Tensor, impl: str) -> None:
+    _check_impl(impl)
     if not isinstance(ok, Tensor) or ok.dtype != torch.bool or ok.numel() != 1:
         raise ValueError(f"ok must be a 0-d bool tensor, got {ok!r}")
     if grad.shape != state.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} does not match the state shape {tuple(state.shape)}")
+
+
+@torch.no_grad()
+def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, beta2, eps, ok: Tensor,
+                           impl: str = "auto") -> Tensor:
+    """:func:`adam_direction_` for a compiled or asynchronous caller: no host synchronization.
+
+    ``step`` (the 1-based index of this update) is a 0-d integer tensor and ``beta1``, ``beta2``, ``eps`` floats
+    or 0-d tensors; the moments change only where the 0-d bool tensor ``ok`` holds, and N is 0 where it does not.
+
+    ``impl="auto"`` runs the fused step (section "fused step" above: equal to the reference up to float rounding)
+    on the whole blocks of an 8-bit state when it is available (:mod:`qgalore_fx.kernels.fastpath`), the torch
+    reference otherwise; ``"reference"`` always runs the reference, ``"fused"`` the fused step where it applies.
+    """
+    _check_masked(grad, state, ok, impl)
     if state.shape.numel() == 0:
         return torch.zeros(state.shape, dtype=torch.float32, device=state.device)
-    return _direction_torch(grad, state, step, beta1, beta2, eps, ok.reshape(()))
+    ok = ok.reshape(())
+    if _fused_applies(state, impl):
+        n_total = state.shape.numel()
+        full = n_total // state.block_size * state.block_size
+        g = grad.reshape(-1)
+        coef = _fused_coefficients(step, beta1, beta2, eps)
+        ran, n = _DIRECTION_KERNEL(g[:full].view(-1, state.block_size), *_block_views(state, full), ok, coef,
+                                   _tables(state.device))
+        if ran:
+            if full == n_total:
+                return n.view(state.shape)
+            tail = _direction_torch(g[full:], _tail_state(state, full), step, beta1, beta2, eps, ok)
+            return torch.cat([n.view(-1), tail]).view(state.shape)
+    return _direction_torch(grad, state, step, beta1, beta2, eps, ok)
+
+
+@torch.no_grad()
+def adamw_masked_(p32: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1, beta2,
+                  eps, weight_decay: float, impl: str = "auto") -> None:
+    """AdamW on the contiguous fp32 ``p32`` (``grad``'s shape) that changes nothing where ``ok`` is False.
+
+    ``p = p * (1 - lr*wd) - lr * N`` with N from :func:`adam_direction_masked_` (same ``impl`` rule); ``lr`` and
+    ``weight_decay`` floats. No host synchronization.
+    """
+    _check_masked(grad, state, ok, impl)
+    if p32.dtype != torch.float32 or not p32.is_contiguous() or p32.shape != grad.shape:
+        raise ValueError(f"p32 must be a contiguous float32 tensor of grad's shape {tuple(grad.shape)}, got "
+                         f"{p32.dtype} {tuple(p32.shape)}")
+    if state.shape.numel() == 0:
+        return
+    ok = ok.reshape(())
+    decay = torch.where(ok, 1.0 - lr * weight_decay, 1.0) if weight_decay else None
+    p_flat, g = p32.view(-1), grad.reshape(-1)
+    full = 0
+    if _fused_applies(state, impl):
+        full = state.shape.numel() // state.block_size * state.block_size
+        coef = _fused_coefficients(step, beta1, beta2, eps)
+        lr_t = (lr.reshape(()).to(device=p32.device, dtype=torch.float32) if isinstance(lr, Tensor)
+                else torch.full((), lr, dtype=torch.float32, device=p32.device))
+        ran, _ = _ADAMW_KERNEL(p_flat[:full].view(-1, state.block_size), g[:full].view(-1, state.block_size),
+                               *_block_views(state, full), ok, coef, lr_t,
+                               torch.ones((), device=p32.device) if decay is None else decay, _tables(state.device))
+        if not ran:
+            full = 0
+        elif full == state.shape.numel():
+            return
+    if full == 0:
+        n = _direction_torch(grad, state, step, beta1, beta2, eps, ok).view(-1)
+    else:
+        n = _direction_torch(g[full:], _tail_state(state, full), step, beta1, beta2, eps, ok)
+    if decay is not None:
+        p_flat[full:].mul_(decay)
+    p_flat[full:].sub_(n.mul_(lr))
 
 
 # --------------------------------------------------------------------------- bitsandbytes

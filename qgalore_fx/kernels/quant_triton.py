@@ -28,12 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .fastpath import reference_forced
 from .quant import (
     MAX_SCALE,
     QMAX,
     check_dequantize_args,
     check_quantize_args,
     dequantize_op,
+    dequantize_reference,
     num_blocks,
     quantize_op,
     quantize_reference,
@@ -198,5 +200,19 @@ def dequantize_triton(
     return out
 
 
-quantize_op.register_kernel("cuda")(quantize_triton)
-dequantize_op.register_kernel("cuda")(dequantize_triton)
+def _quantize_cuda(x, bits, block_size, seed):
+    """The op's CUDA kernel: Triton, or the reference under ``QGALORE_FX_REFERENCE=1`` (``fastpath``)."""
+    if reference_forced():
+        return quantize_reference(x, bits, block_size, seed)
+    return quantize_triton(x, bits, block_size, seed)
+
+
+def _dequantize_cuda(codes, scales, bits, block_size, shape, dtype):
+    """The op's CUDA kernel: Triton, or the reference under ``QGALORE_FX_REFERENCE=1`` (``fastpath``)."""
+    if reference_forced():
+        return dequantize_reference(codes, scales, bits, block_size, shape, dtype)
+    return dequantize_triton(codes, scales, bits, block_size, shape, dtype)
+
+
+quantize_op.register_kernel("cuda")(_quantize_cuda)
+dequantize_op.register_kernel("cuda")(_dequantize_cuda)

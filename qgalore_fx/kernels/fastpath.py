@@ -1,0 +1,70 @@
+"""Which implementation of a kernel runs: a fast path, or the pure-torch reference.
+
+Every kernel of qgalore_fx has a pure-torch reference, the checked definition (the tests compare every fast
+path against it). The fast paths are
+
+* functions compiled once with ``torch.compile(fullgraph=True, dynamic=False)`` (inductor: C++ on the CPU,
+  Triton on CUDA) — the 8-bit Adam step of :mod:`qgalore_fx.kernels.adam8bit`;
+* the Triton kernels registered as the custom ops' CUDA implementations (``quant_triton.py``,
+  ``int8_matmul.py``).
+
+Setting the environment variable ``QGALORE_FX_REFERENCE=1`` (any value but ``""`` and ``"0"``) makes every
+call use the references, on every device: the way out when a fast path fails on a new machine (no C++
+compiler for inductor, a GPU Triton does not support), and the way to check a result against the
+definition. It is read at each call, so it can be set or cleared in a running process.
+
+A fast path that cannot be compiled (``torch.compile`` raises on the first call, e.g. without a working C++
+compiler) warns once and falls back to the reference for the rest of the process. Inside a region that
+``torch.compile`` is tracing, the reference code runs: the outer compilation fuses it anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["ENV_REFERENCE", "CompiledKernel", "reference_forced"]
+
+ENV_REFERENCE = "QGALORE_FX_REFERENCE"
+
+
+def reference_forced() -> bool:
+    """True when ``QGALORE_FX_REFERENCE`` asks for the pure-torch references everywhere."""
+    return os.environ.get(ENV_REFERENCE, "") not in ("", "0")
+
+
+class CompiledKernel:
+    """``fn`` compiled on first use with ``torch.compile(fullgraph=True, dynamic=...)``.
+
+    ``kernel(*args)`` returns ``(True, result)``, or ``(False, None)`` — run the reference instead — when the
+    references are forced, when a ``torch.compile`` trace is in progress, or after compilation failed once (a
+    warning says why). Each new input shape compiles once more (``dynamic=False``): callers feed fixed-size
+    chunks.
+    """
+
+    def __init__(self, fn: Callable, name: str, dynamic: bool = False):
+        self.fn = fn
+        self.name = name
+        self.dynamic = dynamic
+        self._compiled: Optional[Callable] = None
+        self.failed: Optional[str] = None
+
+    def available(self) -> bool:
+        return self.failed is None and not reference_forced() and not torch.compiler.is_compiling()
+
+    def __call__(self, *args):
+        if not self.available():
+            return False, None
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic)
+        try:
+            return True, self._compiled(*args)
+        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to the reference, loudly)
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"qgalore_fx: compiling the fast path {self.name!r} failed ({self.failed.splitlines()[0]}); "
+                          f"using the pure-torch reference from now on (set {ENV_REFERENCE}=1 to skip the attempt)",
+                          RuntimeWarning, stacklevel=2)
+            return False, None

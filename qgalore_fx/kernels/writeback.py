@@ -1,0 +1,86 @@
+"""Fused INT8 write-back of a projected layer's update: dequantize, decay and step, re-quantize, in one kernel.
+
+The reference is the chunk body of :func:`qgalore_fx.lowrank.step_`, three ops over a block-aligned chunk of
+the weight (``codes``, ``scales``)::
+
+    W      = dequantize_reference(codes, scales)          # codes * scale, fp32
+    W      = W * decay - delta * step_size                # delta = this chunk's rows of N·P (or P·N)
+    codes, scales = quantize_reference(W, 8, seed)        # stochastic rounding from the (seed, offset) stream
+    keep the old codes and scales where ``ok`` is False
+
+:func:`writeback_` computes the same with the same ops in the same order, compiled by ``torch.compile``
+(``qgalore_fx.kernels.fastpath``): one pass over the chunk instead of about a dozen, and no fp32 copies of
+the weight. The stochastic-rounding noise is the reference's own — ``torch.rand`` of the chunk's
+``[blocks, block_size]`` shape from the generator the reference builds from ``seed`` — drawn eagerly and
+passed in, so the codes are the reference's **bit for bit** (every op involved is exactly rounded: int8 to
+fp32, products, differences, the division by the scale, floor; a test checks it). It applies on the CPU,
+where the ``quantize`` op's kernel is that reference (on CUDA the op's Triton kernel draws Philox noise
+itself), to chunks of whole blocks that the reference quantizes in one piece.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import quant
+from .fastpath import CompiledKernel
+
+__all__ = ["writeback_", "writeback_applies"]
+
+
+def _writeback_blocks(codes, scales, delta, decay, step_size, u, ok):
+    """In place on ``[blocks, block_size]`` views; ``u`` the noise (None: round half to even)."""
+    qmax = quant.QMAX[8]
+    W = codes.float() * scales[:, None]
+    W = W * decay - delta * step_size
+    absmax = torch.maximum(W.amax(1), W.amin(1).neg()).abs()
+    scale = (absmax / qmax).clamp(max=quant.MAX_SCALE[8])
+    v = W / torch.where(scale > 0, scale, 1.0)[:, None]
+    if u is None:
+        q = v.round()
+    else:
+        q = torch.floor(v)
+        q = q + (u < v - q).to(q.dtype)
+    q = q.clamp(-qmax, qmax)
+    codes.copy_(torch.where(ok, q, codes.float()).to(torch.int8))  # select before the cast (see adam8bit)
+    scales.copy_(torch.where(ok, scale, scales))
+
+
+def _writeback_blocks_nearest(codes, scales, delta, decay, step_size, ok):
+    _writeback_blocks(codes, scales, delta, decay, step_size, None, ok)
+
+
+_SR_KERNEL = CompiledKernel(_writeback_blocks, "int8 write-back", dynamic=True)
+_NEAREST_KERNEL = CompiledKernel(_writeback_blocks_nearest, "int8 write-back (nearest)", dynamic=True)
+
+
+def writeback_applies(codes: Tensor, block_size: int) -> bool:
+    """Whether :func:`writeback_` can take this chunk (else run the reference)."""
+    n = codes.numel()
+    return (codes.device.type == "cpu" and codes.dtype == torch.int8 and n > 0 and n % block_size == 0
+            and n <= quant.REFERENCE_CHUNK // block_size * block_size and _SR_KERNEL.available())
+
+
+@torch.no_grad()
+def writeback_(codes: Tensor, scales: Tensor, delta: Tensor, decay: Tensor, step_size: Tensor, block_size: int,
+               seed: Optional[Tensor], ok: Tensor) -> bool:
+    """Rewrite ``codes``/``scales`` (a block-aligned chunk, in place) as the reference would; False if it did not run.
+
+    ``delta`` fp32 of ``codes``' shape, ``decay``/``step_size``/``ok`` 0-d tensors, ``seed`` the reference's
+    ``[seed, offset]`` int64 pair or None for nearest rounding. Call only where :func:`writeback_applies`.
+    """
+    nb = codes.numel() // block_size
+    c, d = codes.view(nb, block_size), delta.reshape(nb, block_size)
+    # fp32 0-d tensors: the eager ops round these scalars to fp32 as well, and Dynamo's guards would read
+    # float64 0-d tensors on the host (one .item() each per call)
+    decay, step_size = decay.float(), step_size.float()
+    if seed is None:
+        ran, _ = _NEAREST_KERNEL(c, scales, d, decay, step_size, ok)
+    else:
+        gen = quant._reference_generator(seed, codes.device)
+        u = torch.rand((nb, block_size), generator=gen, device=codes.device)
+        ran, _ = _SR_KERNEL(c, scales, d, decay, step_size, u, ok)
+    return ran
