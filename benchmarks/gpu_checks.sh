@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one run: the Triton kernels for real (no interpreter), the compile tests,
-# dequant-matmul against bf16 torch.mm, the step-time benchmark and the 7B memory timeline.
+# dequant-matmul against bf16 torch.mm, a 1B-shape step and the 7B memory timeline, all on the GPU.
 #
 #   bash benchmarks/gpu_checks.sh                # results under $OUT (default benchmarks/results/gpu)
 #   QUICK=1 bash benchmarks/gpu_checks.sh        # kernel tests + matmul only (a few minutes)
@@ -42,12 +42,13 @@ if [ -z "${QUICK:-}" ]; then
     # 3. Compile and the update inside the compiled backward; the rest of the suite on a GPU machine.
     part compile-tests python -m pytest -q tests/test_compile.py tests/test_update.py tests/test_host_sync.py \
         tests/test_memory.py
-    # 4. Step time against AdamW / AdamW8bit / galore-torch (the benchmark picks CUDA when it is there).
-    part step-time python benchmarks/bench_speed.py --presets 60m --threads 1 --modes eager compiled \
-        --json "$OUT/speed.json"
+    # 4. Step time and peak memory at the 1B shape on the GPU, phase by phase (bench_speed.py, the same-run
+    #    comparison with AdamW / AdamW8bit / galore-torch, measures on the CPU only so far).
+    part step-1b python benchmarks/bench_memory_timeline.py --preset 1b --steps 5 --device cuda \
+        --out "$OUT/step-1b.json"
     # 5. Peak memory of LLaMA-7B steps (max_memory_allocated is in the JSON's memory report on CUDA).
     part memory-7b python benchmarks/bench_memory_timeline.py --preset 7b --steps 3 --rest-in-backward \
-        --out "$OUT/memory-7b.json"
+        --device cuda --out "$OUT/memory-7b.json"
 fi
 echo "parts failed: $failed (logs in $OUT)"
 exit "$failed"
