@@ -325,6 +325,16 @@ def _lora_model(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def _read_config(path: str):
+    import transformers
+
+    directory, gguf_file = _model_source(path)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--model {path}: cannot read its configuration: {e}") from None
+
+
 def _checkpoint_activations(model) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant ``torch.utils.checkpoint``, which
     needs no input that requires grad, so frozen embeddings under LoRA work too). Set on the model before
@@ -350,10 +360,7 @@ def load_model(cfg: FinetuneConfig, tokenizer=None) -> LoadedModel:
     if tokenizer is None:
         tokenizer = _load_tokenizer(directory, gguf_file, cfg.model)
     device = torch.device(cfg.device)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--model {cfg.model}: cannot read its configuration: {e}") from None
+    config = _read_config(cfg.model)
     if getattr(config, "quantization_config", None) is not None and gguf_file is None:
         raise ValueError(f"--model {cfg.model}: the checkpoint is quantized "
                          f"({config.quantization_config!r}); fine-tune from a full-precision one")
@@ -671,13 +678,14 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
             raise ValueError(f"--seq-len {cfg.seq_len} needs at least {cfg.seq_len + 1} {what} tokens; the corpus "
                              f"has {ids.numel()}: use a smaller --seq-len or a larger --corpus")
 
+    max_pos = getattr(_read_config(cfg.model), "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings ({max_pos})")
+
     rss_start = _rss()
     _reset_peak_rss()
     loaded = load_model(cfg, tokenizer)
     model = loaded.model
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and cfg.seq_len > max_pos:
-        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings ({max_pos})")
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.steps, cfg.warmup,
                                                                                  cfg.min_lr_ratio))
