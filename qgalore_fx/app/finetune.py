@@ -91,6 +91,7 @@ from qgalore_fx.config import QGaLoreConfig, cli_fields
 
 __all__ = [
     "DEFAULT_LR",
+    "convert_gguf",
     "DEFAULT_RANK",
     "METHODS",
     "FinetuneConfig",
@@ -412,6 +413,34 @@ def load_model(cfg: FinetuneConfig, tokenizer=None) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, source="gguf" if gguf_file else "safetensors",
                        model_class=type(model).__name__, n_params=n_params, tied_embeddings=tied,
                        load_seconds=time.perf_counter() - t0)
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write a GGUF causal LM as a Hugging Face safetensors directory (fp32 weights + tokenizer), once.
+
+    transformers' GGUF reader dequantizes every tensor; the model it returns carries the GGUF quantizer, which
+    ``save_pretrained`` refuses, so the state dict goes into a clean model of the same class first. Fine-tuning
+    from the directory then materializes straight into INT8 (module docstring). SmolLM2-135M: 517 MiB.
+    """
+    import transformers
+
+    directory, gguf_file = _model_source(str(gguf_path))
+    if gguf_file is None:
+        raise ValueError(f"gguf_path {gguf_path}: expected a .gguf file")
+    out = pathlib.Path(out_dir)
+    tokenizer = _load_tokenizer(directory, gguf_file, str(gguf_path))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file,
+                                                               dtype=torch.float32)
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)
+    with torch.device("meta"):
+        clean = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), assign=True)
+    clean.tie_weights()
+    del loaded
+    clean.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig):
