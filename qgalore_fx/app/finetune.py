@@ -106,7 +106,11 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("qgalore", "adamw", "adamw8bit", "lora")
 
-# Defaults from the sweep on SmolLM2-135M-Instruct, BBC News, recorded in BENCHMARKS.md "Fine-tuning".
+# Defaults from the sweep on SmolLM2-135M-Instruct, BBC News (benchmarks/finetune_sweep.py, 12 steps of 2 x 256
+# tokens, held-out ppl from 37.4; BENCHMARKS.md "Fine-tuning"): AdamW 1e-4: 31.71, 3e-4: 32.77; Q-GaLore at rank
+# 128 with the rest at 1e-4: 3e-4: 34.16, 1e-3: 31.95, 3e-3: 32.44. Q-GaLore's best lr is 10x AdamW's: its update
+# is multiplied by ``scale`` (0.25) and Adam-normalized in rank 128. AdamW8bit takes AdamW's; LoRA's 1e-3 is the
+# usual adapter rate (not swept). Rank 128 fits every SmolLM2 layer (the smallest, k/v, is 192 x 576).
 DEFAULT_RANK = 128
 DEFAULT_LR = {"qgalore": 1e-3, "adamw": 1e-4, "adamw8bit": 1e-4, "lora": 1e-3}
 DEFAULT_REST_LR = 1e-4  # qgalore: embeddings, norms (and a tied head), trained by plain 8-bit AdamW
@@ -121,8 +125,9 @@ class FinetuneConfig:
 
     model: str = ""  # a Hugging Face directory or a .gguf file (required)
     method: str = "qgalore"
-    # 40 steps of 4 x 256 tokens: about 15-20 min per method for SmolLM2-135M on one CPU thread.
-    steps: int = 40
+    # 20 steps of 4 x 256 tokens (20k tokens): a short CPU run; SmolLM2-135M on one shared CPU thread took
+    # about 15 min with Q-GaLore and 10 with AdamW (BENCHMARKS.md). Raise --steps on a GPU.
+    steps: int = 20
     batch_size: int = 4
     seq_len: int = 256
     lr: float | None = None  # None: DEFAULT_LR[method]
