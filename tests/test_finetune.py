@@ -387,3 +387,66 @@ def test_materialization_from_safetensors_never_holds_the_projected_layers_in_fp
     with fp32_parameters_registered(shapes) as registered:
         transformers.AutoModelForCausalLM.from_pretrained(str(wide_model_dir), dtype=torch.float32)
     assert len(registered) == 28
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def write_gguf(model_dir, path):
+    """``model_dir`` (a tiny LLaMA + BPE tokenizer) as an F32 GGUF file the way llama.cpp lays it out (q/k rows
+    permuted per head, tied head omitted), for transformers' GGUF reader; returns the original model."""
+    import gguf
+    import numpy as np
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir))
+    cfg = model.config
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(cfg.max_position_embeddings); w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers); w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads); w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps); w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2"); w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([1] * len(vocab)); w.add_token_merges(merges)
+    w.add_eos_token_id(0); w.add_bos_token_id(0)
+    def permute(t, n_head):
+        return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    sd = model.state_dict()
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        for hf, g in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"].numpy()
+            if g == "attn_q": t = permute(t, cfg.num_attention_heads)
+            if g == "attn_k": t = permute(t, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return model
+
+
+def test_finetune_from_a_gguf_file_and_convert_it(model_dir, corpus_dir, tmp_path):
+    import transformers
+
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    original = write_gguf(model_dir, gguf_dir / "tiny.gguf").eval()
+    summary = run(gguf_dir / "tiny.gguf", corpus_dir, tmp_path / "run", *QGALORE, "--export", str(tmp_path / "exp"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["source"] == "gguf" and config["model"]["tied_embeddings"] is True
+    assert summary["val_ppl"] < summary["val_ppl_before"]
+    assert "quantization_config" not in json.loads((tmp_path / "exp" / "config.json").read_text())
+
+    converted = ft.convert_gguf(gguf_dir / "tiny.gguf", tmp_path / "converted")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(converted)).eval()
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, original(input_ids=x).logits)
+    assert transformers.AutoTokenizer.from_pretrained(str(converted)).eos_token == "<|endoftext|>"
