@@ -450,3 +450,13 @@ def test_finetune_from_a_gguf_file_and_convert_it(model_dir, corpus_dir, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, original(input_ids=x).logits)
     assert transformers.AutoTokenizer.from_pretrained(str(converted)).eos_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("baseline", ["adamw", "lora"])
+def test_baselines_fine_tune_from_a_gguf_file(baseline, model_dir, corpus_dir, tmp_path):
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    write_gguf(model_dir, gguf_dir / "tiny.gguf")
+    summary = run(gguf_dir / "tiny.gguf", corpus_dir, tmp_path / "run", "--baseline", baseline, "--lr", "3e-3")
+    assert summary["val_ppl"] < summary["val_ppl_before"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["tied_embeddings"] is True

@@ -403,8 +403,12 @@ def load_model(cfg: FinetuneConfig, tokenizer=None) -> LoadedModel:
             _checkpoint_activations(model)
         model.to(device)
     else:
-        model.load_state_dict(weights, assign=True)  # replaces each meta tensor: re-tie below
-        model.tie_weights()
+        # A GGUF state dict for a baseline: a real model (its non-persistent buffers, e.g. rotary frequencies,
+        # computed by its constructor), overwritten with the dequantized weights.
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(weights)
+        if cfg.gradient_checkpointing:
+            _checkpoint_activations(model)
         model.to(device)
     del weights
     tied = bool(getattr(config, "tie_word_embeddings", False))
