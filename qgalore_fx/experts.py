@@ -184,25 +184,17 @@ def select_experts(model: nn.Module, config) -> Tuple[Dict[str, nn.Module], List
     with ``target_modules`` (regexes searched in the module's name) and/or ``filter_fn(module, fqn)``, those
     they select. A module of an unsupported layout is left out (listed), unless it was chosen explicitly.
     """
-    import re
+    from qgalore_fx.passes.capture import block_members, chosen_by_rules
 
     custom = config.target_modules is not None or config.filter_fn is not None
-    in_blocks = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            in_blocks.update(sub for sub, _ in module.named_modules(prefix=name))
+    in_blocks = block_members(model)
     chosen: Dict[str, nn.Module] = {}
     left_out: List[Tuple[str, Tuple[int, ...], str]] = []
     for name, module in model.named_modules():
         if not name or not is_fused_experts(module):
             continue
         if custom:
-            wanted = True
-            if config.target_modules is not None:
-                wanted = any(re.search(p, name) for p in config.target_modules)
-            if wanted and config.filter_fn is not None:
-                wanted = bool(config.filter_fn(module, name))
-            if not wanted:
+            if not chosen_by_rules(config, module, name):
                 continue
         elif in_blocks and name not in in_blocks:
             continue

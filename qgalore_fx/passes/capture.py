@@ -67,6 +67,25 @@ def _supported() -> str:
     return ", ".join(supported_types())
 
 
+def block_members(model: nn.Module) -> set:
+    """Names of every module inside a transformer block (an element of an ``nn.ModuleList``), the lists too."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            names.update(sub for sub, _ in module.named_modules(prefix=name))
+    return names
+
+
+def chosen_by_rules(config: QGaLoreConfig, module: nn.Module, name: str) -> bool:
+    """Whether ``target_modules`` (a regex searched in ``name``) and ``filter_fn`` both accept ``module``."""
+    wanted = True
+    if config.target_modules is not None:
+        wanted = any(re.search(p, name) for p in config.target_modules)
+    if wanted and config.filter_fn is not None:
+        wanted = bool(config.filter_fn(module, name))
+    return wanted
+
+
 def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = False) -> Dict[str, nn.Module]:
     """The fully-qualified names of the layers to project, in module order.
 
@@ -79,11 +98,7 @@ def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = 
     (containers such as ``mlp``) are skipped. ``include_lm_head`` adds the output head.
     """
     custom = config.target_modules is not None or config.filter_fn is not None
-    in_blocks = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for sub_name, _ in module.named_modules(prefix=name):
-                in_blocks.add(sub_name)
+    in_blocks = block_members(model)
 
     head = None
     get_out = getattr(model, "get_output_embeddings", None)
@@ -96,12 +111,7 @@ def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = 
             continue
         handler = handler_for(module)
         if custom:
-            wanted = True
-            if config.target_modules is not None:
-                wanted = any(re.search(p, name) for p in config.target_modules)
-            if wanted and config.filter_fn is not None:
-                wanted = bool(config.filter_fn(module, name))
-            if not wanted:
+            if not chosen_by_rules(config, module, name):
                 continue
             if handler is None:
                 if config.filter_fn is not None:
