@@ -27,6 +27,27 @@ def _seed_and_restore():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """The models of the CLI tests are tiny: one intra-op thread is faster, and far faster when other
+    processes share the cores (OpenMP workers then spin waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_stray_log_handlers():
+    """cli.main installs a stderr handler when none exists; pytest closes that stream after the test."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.handlers[:]
+    yield
+    root.handlers[:] = before
+
+
 def tiny_llama(arch: str = "llama", hidden: int = 64, layers: int = 2, vocab: int = 128, intermediate: int = 160):
     """A small HF causal LM built from a config (no weights downloaded)."""
     import transformers

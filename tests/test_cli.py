@@ -37,14 +37,7 @@ def write_corpus(root, n_docs=40, words_per_doc=200, seed=0):
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is faster, and far faster when other
-    processes share the cores (OpenMP workers then spin waiting for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture

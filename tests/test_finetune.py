@@ -4,7 +4,6 @@ Every test runs the command through ``cli.main`` on a few steps of a synthetic c
 """
 
 import json
-import logging
 import math
 import os
 import subprocess
@@ -23,21 +22,7 @@ SMALL = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-tokens"
 QGALORE = ["--rank", "8", "--update-interval", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_stray_log_handlers():
-    """cli.main installs a stderr handler when none exists; pytest closes that stream after the test."""
-    root = logging.getLogger()
-    before = root.handlers[:]
-    yield
-    root.handlers[:] = before
+pytestmark = pytest.mark.usefixtures("one_thread", "no_stray_log_handlers")  # conftest.py
 
 
 def save_tiny_model(directory, corpus_dir, tie=True, hidden=64, intermediate=160, layers=2, tokenizer=True):

@@ -3,14 +3,12 @@ exactly the numbers of a run that never stopped."""
 
 import dataclasses
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-import torch
 from test_checkpoint import assert_same
 from test_cli import SMALL_RUN, write_corpus
 
@@ -22,21 +20,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_work
 TIMINGS = ("tokens_per_s", "elapsed_s")  # wall-clock figures in metrics.jsonl; everything else must match
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_stray_log_handlers():
-    """cli.main installs a stderr handler when none exists; pytest closes that stream after the test."""
-    root = logging.getLogger()
-    before = root.handlers[:]
-    yield
-    root.handlers[:] = before
+pytestmark = pytest.mark.usefixtures("one_thread", "no_stray_log_handlers")  # conftest.py
 
 
 @pytest.fixture
