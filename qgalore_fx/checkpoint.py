@@ -115,7 +115,7 @@ from safetensors.torch import save_file as _st_save_file
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import MIN_8BIT_SIZE as ADAM_MIN_8BIT_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState
-from qgalore_fx.kernels.quant import MAX_SCALE
+from qgalore_fx.kernels.quant import MAX_SCALE, all_finite
 from qgalore_fx.lowrank import check_control
 from qgalore_fx.optim import QGaLoreOptimizer, _check_hparams
 from qgalore_fx.rewrite import config_of, projected_layers
@@ -871,7 +871,7 @@ def _check_finite(t: torch.Tensor, entry: str, where: str, low: Optional[float] 
     """Every element finite (and within [low, high] where given)."""
     if not t.is_floating_point() or t.numel() == 0:
         return
-    if not bool(torch.isfinite(t).all()):
+    if not bool(all_finite(t)):
         raise CheckpointCorruptError(f"{where}: {entry} holds non-finite values ({_show(t)})")
     if low is not None and bool((t < low).any()):
         raise CheckpointCorruptError(f"{where}: {entry} holds values below {low} (min {float(t.min())!r})")

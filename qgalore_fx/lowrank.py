@@ -2,7 +2,9 @@
 
 For a weight W of shape [m, n] with rank r, one update is (DESIGN.md §2)::
 
-    G  = grad_yᵀ · x                       only on refresh steps (for the SVD)
+    G  = grad_yᵀ · x                       only on refresh steps (for the SVD); with few tokens per step
+                                           (T·(m+n) < m·n) the iteration applies it through its factors
+                                           instead (projection.FactoredGradient), except proj_method="full"
     P  = top-r singular vectors of G       refreshed lazily, aligned with the previous P, stored INT4
     R  = G · Pᵀ  (m >= n)  or  Pᵀ · G      computed as grad_yᵀ·(x·Pᵀ) or (grad_y·P)ᵀ·x,
                                            so between refreshes G is never formed
@@ -67,7 +69,7 @@ import torch
 from torch import Tensor
 
 from qgalore_fx import projection as proj
-from qgalore_fx.kernels import quantize_blockwise
+from qgalore_fx.kernels import all_finite, quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
 from qgalore_fx.kernels.writeback import writeback_, writeback_applies
@@ -307,6 +309,25 @@ def _row_chunks(m: int, n: int, block_size: int):
         yield start, min(m, start + rows)
 
 
+#: Elements of R that Adam processes at a time in :func:`step_`: its fp32 temporaries (the new moments before
+#: they are quantized) stay a few MiB; whole, they were 2x R (86 MiB for a LLaMA-7B MLP layer at rank 1024).
+ADAM_CHUNK = 1 << 20
+
+
+def _adam_direction(R: Tensor, adam: AdamState, t: Tensor, beta1, beta2, eps, ok: Tensor) -> Tensor:
+    """Adam's direction N for R, over chunks of :data:`ADAM_CHUNK` elements (whole moment blocks)."""
+    n = R.numel()
+    if n <= ADAM_CHUNK:
+        return adam_direction_masked_(R, adam, t, beta1, beta2, eps, ok)
+    chunk = max(adam.block_size, ADAM_CHUNK // adam.block_size * adam.block_size)
+    flat = R.reshape(-1)
+    N = torch.empty(n, dtype=torch.float32, device=R.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        N[start:stop] = adam_direction_masked_(flat[start:stop], adam.part(start, stop), t, beta1, beta2, eps, ok)
+    return N.view(R.shape)
+
+
 @torch.no_grad()
 def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, hparams: Tensor,
           seed: Optional[Tensor], spec: UpdateSpec, P: Optional[Tensor] = None) -> None:
@@ -321,8 +342,8 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     :func:`~qgalore_fx.kernels.adam8bit.adam_direction_masked_` (``QGALORE_FX_REFERENCE=1``: references).
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
-    ok = torch.isfinite(R).all() & torch.isfinite(hparams).all()
-    N = adam_direction_masked_(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
+    ok = all_finite(R) & all_finite(hparams)
+    N = _adam_direction(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
     if P is None:  # the caller may pass the dequantized projection it already holds
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     lr = torch.where(ok, lr, 0.0)
@@ -431,6 +452,18 @@ def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, gro
     control[REFRESH_SECONDS] += time.perf_counter() - t0
 
 
+def _skip_refresh(state: Dict[str, Tensor], defer: bool) -> None:
+    """A refresh step whose gradient is non-finite: no new subspace, and the update is skipped (or poisoned)."""
+    control = state["control"]
+    if defer:
+        _poison(state)
+        control[PENDING] += 1
+    else:
+        state["skipped"].add_(1)
+        control[CALLS] += 1
+        control[STEP_UPDATES] = 1
+
+
 def _poison(state: Dict[str, Tensor]) -> None:
     """Mark a pending accumulated update as non-finite, so that optimizer.step() skips it whole."""
     state["accum"].fill_(math.nan)
@@ -461,17 +494,22 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     x2 = x.reshape(-1, n).float()
     g2 = grad_y.reshape(-1, m).float()
     refresh = c["pending"] == 0 and (c["last_refresh"] < 0 or c["calls"] - c["last_refresh"] >= c["interval"])
-    if refresh or (group is not None and c["reduce"] == 1):
+    factored = refresh and group is None and spec.proj_method != "full" and \
+        proj.FactoredGradient.cheaper(x2.shape[0], m, n)
+    if factored:  # few tokens against a large weight: the refresh applies G through its factors, never forms it
+        G = proj.FactoredGradient(g2, x2)
+        if not G.isfinite():
+            _skip_refresh(state, defer)
+            return
+        _refresh(state, G, c, spec, group)
+        del G
+        P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
+        R = g2.t() @ (x2 @ P.t()) if spec.side == "right" else (g2 @ P).t() @ x2
+    elif refresh or (group is not None and c["reduce"] == 1):
         G = _all_reduce(g2.t() @ x2, group, control)
         if refresh:
-            if not bool(torch.isfinite(G).all()):  # the refresh path may synchronize; the SVD does anyway
-                if defer:
-                    _poison(state)
-                    control[PENDING] += 1
-                else:
-                    state["skipped"].add_(1)
-                    control[CALLS] += 1
-                    control[STEP_UPDATES] = 1
+            if not bool(all_finite(G)):  # the refresh path may synchronize; the SVD does anyway
+                _skip_refresh(state, defer)
                 return
             _refresh(state, G, c, spec, group)
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)

@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx import lowrank
+from qgalore_fx import fused_rest, lowrank
+from qgalore_fx.kernels import all_finite
 from qgalore_fx.kernels.adam8bit import AdamState, adamw_masked_
 from qgalore_fx.layers import OptimizerLink, QGaLoreLinear
 from qgalore_fx.rewrite import config_of, projected_layers
@@ -160,10 +161,18 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self._rest_done: set = set()  # ids of parameters updated in the current backward (host-side)
         self._rest_bad = torch.zeros((), dtype=torch.bool, device=anchors[0].device)
         self._rest_hooks = []
+        self._fused_modules: List[nn.Module] = []
         if rest_in_backward:
-            for group in self.param_groups[1:]:
+            owners = _owning_modules(model)
+            for index, group in enumerate(self.param_groups[1:], start=1):
                 for p in group["params"]:
-                    self._rest_hooks.append(p.register_post_accumulate_grad_hook(self._rest_hook(group)))
+                    module, users = owners.get(id(p), (None, 0))
+                    if module is not None and p.dtype == torch.float32 and p.is_contiguous() and \
+                            fused_rest.eligible(module, p, users):
+                        fused_rest.install(module, _FusedUpdate(self, p, index))
+                        self._fused_modules.append(module)
+                    else:
+                        self._rest_hooks.append(p.register_post_accumulate_grad_hook(self._rest_hook(group)))
 
     # ------------------------------------------------------------------ binding
     def _bind_layers(self) -> None:
@@ -237,23 +246,47 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             optimizer = weak_self()
             if optimizer is None or p.grad is None:
                 return
-            if id(p) in optimizer._rest_done:
-                name = optimizer._param_names.get(id(p), "a parameter")
-                raise RuntimeError(
-                    f"{name!r} received a second gradient before optimizer.step() while rest_in_backward=True (its "
-                    "update runs inside backward); call optimizer.step() between backward() calls, or build the "
-                    "optimizer with rest_in_backward=False and accumulation_steps=k to accumulate")
-            optimizer._rest_done.add(id(p))
+            optimizer._mark_rest_done(p)
             if optimizer._hparams_invalid(group):
                 optimizer._rest_bad.fill_(True)
                 p.grad = None
                 return
-            ok = torch.isfinite(p.grad).all()
+            ok = all_finite(p.grad)
             optimizer._adamw_one(p, group, ok)
             optimizer._rest_bad.logical_or_(~ok)
             p.grad = None
 
         return hook
+
+    def _mark_rest_done(self, p: Tensor) -> None:
+        if id(p) in self._rest_done:
+            name = self._param_names.get(id(p), "a parameter")
+            raise RuntimeError(
+                f"{name!r} received a second gradient before optimizer.step() while rest_in_backward=True (its "
+                "update runs inside backward); call optimizer.step() between backward() calls, or build the "
+                "optimizer with rest_in_backward=False and accumulation_steps=k to accumulate")
+        self._rest_done.add(id(p))
+
+    @torch.no_grad()
+    def _fused_update(self, p: Tensor, group: dict, grad_rows, ok: Tensor) -> None:
+        """The update of an embedding or head weight from its own backward (:mod:`qgalore_fx.fused_rest`): the
+        same masked AdamW as the hook's, over row chunks whose gradient ``grad_rows(start, stop)`` computes."""
+        self._mark_rest_done(p)
+        if self._hparams_invalid(group):
+            self._rest_bad.fill_(True)
+            return
+        state = self._adam_state_of(p)
+        beta1, beta2 = group["betas"]
+        _masked_adamw_rows_(p, grad_rows, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
+                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        self._rest_bad.logical_or_(~ok)
+
+    def _adam_state_of(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            state["adam"] = AdamState.zeros(p.shape, bits=self.optim_bits, device=p.device)
+        return state
 
     @staticmethod
     def _hparams_invalid(group: dict) -> bool:
@@ -262,10 +295,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             or not (_finite_number(beta1) and _finite_number(beta2))
 
     def _adamw_one(self, p: Tensor, group: dict, ok: Tensor) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-            state["adam"] = AdamState.zeros(p.shape, bits=self.optim_bits, device=p.device)
+        state = self._adam_state_of(p)
         beta1, beta2 = group["betas"]
         _masked_adamw_(p, p.grad, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
                        beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
@@ -289,7 +319,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             if self._hparams_invalid(group):
                 self._skipped.add_(1)  # e.g. a scheduler wrote NaN: skip the group's step, counted like a bad grad
                 continue
-            ok = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+            ok = torch.stack([all_finite(p.grad) for p in params]).all()
             for p in params:
                 self._adamw_one(p, group, ok)
             self._skipped.add_((~ok).to(torch.int64).to(self._skipped.device))
@@ -390,19 +420,61 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     t = step + 1
     bs = state.block_size
     chunk = max(bs, ADAMW_CHUNK // bs * bs)
-    m, v = state.m.view(-1), state.v.view(-1)
     for start in range(0, p32.numel(), chunk):
         stop = min(p32.numel(), start + chunk)
-        if state.bits == 8:
-            blocks = slice(start // bs, -(-stop // bs))
-            part = AdamState((stop - start,), 8, bs, m[start:stop], v[start:stop], state.absmax_m[blocks],
-                             state.absmax_v[blocks])
-        else:
-            part = AdamState((stop - start,), 32, bs, m[start:stop], v[start:stop])
-        adamw_masked_(p32[start:stop], g[start:stop], part, t, ok, lr, beta1, beta2, eps, weight_decay)
+        adamw_masked_(p32[start:stop], g[start:stop], state.part(start, stop), t, ok, lr, beta1, beta2, eps,
+                      weight_decay)
     if not in_place:
         p.copy_(p32.view(p.shape))
     step.add_(ok.to(torch.int64))
+
+
+@torch.no_grad()
+def _masked_adamw_rows_(p: Tensor, grad_rows, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
+                        beta2: float, eps: float, weight_decay: float) -> None:
+    """:func:`_masked_adamw_` for a contiguous fp32 2-D ``p`` whose gradient is never whole: chunks of whole rows
+    (about :data:`ADAMW_CHUNK` elements, starting on moment-block boundaries), each chunk's gradient rows from
+    ``grad_rows(first_row, stop_row)`` just before they are used."""
+    rows, cols = p.shape
+    bs = state.block_size
+    unit = bs // math.gcd(cols, bs)  # rows per whole number of moment blocks
+    per = max(unit, ADAMW_CHUNK // cols // unit * unit)
+    p32 = p.view(-1)
+    t = step + 1
+    for first in range(0, rows, per):
+        last = min(rows, first + per)
+        start, stop = first * cols, last * cols
+        adamw_masked_(p32[start:stop], grad_rows(first, last).reshape(-1), state.part(start, stop), t, ok, lr, beta1,
+                      beta2, eps, weight_decay)
+    step.add_(ok.to(torch.int64))
+
+
+class _FusedUpdate:
+    """What a fused embedding/head backward calls: the optimizer's update of one parameter (held weakly)."""
+
+    def __init__(self, optimizer: "QGaLoreOptimizer", param: Tensor, group_index: int):
+        self._optimizer = weakref.ref(optimizer)
+        self._param = param
+        self._group_index = group_index
+
+    def alive(self) -> bool:
+        return self._optimizer() is not None
+
+    def __call__(self, grad_rows, ok: Tensor) -> None:
+        optimizer = self._optimizer()
+        if optimizer is not None:
+            optimizer._fused_update(self._param, optimizer.param_groups[self._group_index], grad_rows, ok)
+
+
+def _owning_modules(model: nn.Module) -> Dict[int, Tuple[nn.Module, int]]:
+    """id(parameter) -> (a module that holds it directly, how many modules hold it)."""
+    owners: Dict[int, Tuple[nn.Module, int]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                first, count = owners.get(id(p), (module, 0))
+                owners[id(p)] = (first, count + 1)
+    return owners
 
 
 def _resolve_process_group(process_group):

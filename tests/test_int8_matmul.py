@@ -198,3 +198,23 @@ def test_triton_non_contiguous_input_and_empty():
     )
     empty = int8_matmul_triton(torch.zeros(0, 70, device=DEVICE), codes.to(DEVICE), scales.to(DEVICE), 64)
     assert empty.shape == (0, 45)
+
+
+@pytest.mark.parametrize("shape,block_size", [((37, 24), 16), ((64, 40), 256), ((9, 1000), 64)])
+def test_the_ops_chunked_default_kernel_equals_the_reference(monkeypatch, shape, block_size):
+    """Row chunks start on block boundaries (including blocks that straddle rows); both agree with the
+    reference to float rounding (the BLAS blocks another shape; the input gradient sums in another order)."""
+    from qgalore_fx.kernels import int8_matmul as mm
+
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f = shape
+    codes = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+    scales = torch.rand(mm.num_blocks(codes.numel(), block_size), generator=gen) + 0.1
+    x = torch.randn(5, in_f, generator=gen)
+    g = torch.randn(5, out_f, generator=gen)
+    monkeypatch.setattr(mm, "MATMUL_CHUNK", 3 * in_f)  # a few rows per chunk
+    assert len(list(mm._row_chunks(out_f, in_f, block_size))) > 1
+    torch.testing.assert_close(torch.ops.qgalore_fx.int8_matmul(x, codes, scales, block_size),
+                               mm.int8_matmul_reference(x, codes, scales, block_size), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.ops.qgalore_fx.int8_matmul_t(g, codes, scales, block_size),
+                               mm.int8_matmul_t_reference(g, codes, scales, block_size), rtol=1e-5, atol=1e-4)

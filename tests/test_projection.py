@@ -10,6 +10,7 @@ import torch
 
 from qgalore_fx.projection import (
     METHODS,
+    FactoredGradient,
     LazyRefreshPolicy,
     align_projection,
     captured_energy,
@@ -762,3 +763,63 @@ def test_policy_with_real_projections_end_to_end():
                 P[name] = P_new
     assert stable.interval > 2 and stable.refresh_count < wild.refresh_count
     assert wild.interval == 2
+
+
+# ---------------------------------------------------------------------------------------
+# A gradient applied through its factors (few tokens per step)
+# ---------------------------------------------------------------------------------------
+def _factors(T, m, n, seed=0):
+    g = gen(seed)
+    return torch.randn(T, m, generator=g), torch.randn(T, n, generator=g)
+
+
+@pytest.mark.parametrize("side_shape", [(96, 40), (40, 96)])
+@pytest.mark.parametrize("method", ["randomized", "subspace"])
+def test_factored_gradient_runs_the_same_iteration_as_the_formed_one(side_shape, method):
+    m, n = side_shape
+    side = projection_side(m, n)
+    left, right = _factors(32, m, n)  # T = 32 >= rank + oversample = 14: the iteration path
+    G = left.T @ right
+    prev = compute_projection(torch.randn(m, n, generator=gen(3)), 6, side, method="full")
+    dense = compute_projection(G, 6, side, method=method, prev=prev, generator=gen(1))
+    factored = compute_projection(FactoredGradient(left, right), 6, side, method=method, prev=prev,
+                                  generator=gen(1))
+    torch.testing.assert_close(factored, dense, atol=1e-4, rtol=0)
+    assert weighted_similarity(FactoredGradient(left, right), dense, prev, side) == pytest.approx(
+        weighted_similarity(G, dense, prev, side), abs=1e-6)
+
+
+@pytest.mark.parametrize("side_shape", [(96, 40), (40, 96)])
+@pytest.mark.parametrize("rank", [8, 20])  # rank < T and rank > T, both with T < rank + oversample
+def test_factored_gradient_with_few_tokens_gives_the_exact_svd(side_shape, rank):
+    m, n = side_shape
+    side = projection_side(m, n)
+    T = 12
+    left, right = _factors(T, m, n)
+    G = left.T @ right
+    P = compute_projection(FactoredGradient(left, right), rank, side, method="randomized", generator=gen(1))
+    assert P.shape == expected_shape(m, n, rank, side)
+    assert_orthonormal(P, side)
+    exact = compute_projection(G, min(rank, T), side, method="full")
+    top = P[:min(rank, T)] if side == "right" else P[:, :min(rank, T)]
+    torch.testing.assert_close(top, exact, atol=1e-4, rtol=0)  # canonical signs: vector for vector
+    assert captured_energy(G, P, side) == pytest.approx(optimal_energy(G, rank), abs=1e-5)
+    again = compute_projection(FactoredGradient(left, right), rank, side, method="randomized", generator=gen(1))
+    assert torch.equal(P, again)  # the completion is drawn from the generator
+
+
+def test_factored_gradient_choice_and_errors():
+    assert FactoredGradient.cheaper(256, 11008, 4096) and not FactoredGradient.cheaper(8192, 1024, 1024)
+    left, right = _factors(4, 10, 6)
+    F = FactoredGradient(left, right)
+    assert F.shape == (10, 6) and F.T.shape == (6, 10)
+    torch.testing.assert_close(F @ torch.eye(6), F.dense())
+    with pytest.raises(ValueError, match="same number of rows"):
+        FactoredGradient(left, right[:3])
+    bad = left.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compute_projection(FactoredGradient(bad, right), 2, "right", method="randomized")
+    # "full" forms the gradient: the SVD reference
+    torch.testing.assert_close(compute_projection(F, 3, "right", method="full"),
+                               compute_projection(F.dense(), 3, "right", method="full"))

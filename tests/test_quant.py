@@ -462,3 +462,19 @@ def test_reference_chunking_is_invisible(monkeypatch, bits, block_size):
     sr = quantize_reference(x, bits, block_size, make_seed(1))
     err, scale, slack = rounding_error(x, QuantizedTensor(*sr, x.shape, x.dtype, bits, block_size))
     assert bool((err <= scale + slack).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 3000), where=st.integers(0, 10**6), value=st.sampled_from(
+    [math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, 1e-45]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_all_finite_agrees_with_isfinite(n, where, value, dtype):
+    from qgalore_fx.kernels import all_finite
+
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    if n:
+        t[where % n] = value
+    got = all_finite(t)
+    assert got.dtype == torch.bool and got.dim() == 0
+    assert bool(got) == bool(torch.isfinite(t).all())
+    assert bool(all_finite(torch.zeros(3, dtype=torch.int64)))  # integers are always finite

@@ -108,3 +108,97 @@ def test_bad_combinations(kwargs, message):
     kwargs.setdefault("rest_in_backward", True)
     with pytest.raises((ValueError, TypeError), match=message):
         qgalore_fx.optimizer(model, lr=1e-2, **kwargs)
+
+
+# --------------------------------------------------------------------------- embedding and head without a gradient
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """Route this tiny model's embedding and head (512 x 64) through the fused backward."""
+    from qgalore_fx import fused_rest
+
+    monkeypatch.setattr(fused_rest, "FUSED_MIN_NUMEL", 1)
+    monkeypatch.setattr(qgalore_fx.optim, "ADAMW_CHUNK", 4096)  # several row chunks per weight
+
+
+def _fused_modules(opt):
+    return sorted(type(m).__name__ for m in opt._fused_modules)
+
+
+@pytest.mark.parametrize("optim_bits", [8, 32])
+def test_fused_embedding_and_head_train_as_the_step_path(fused_everywhere, optim_bits):
+    models = []
+    for in_backward in (False, True):
+        model = _model().train()
+        opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=3e-3, weight_decay=0.1, optim_bits=optim_bits,
+                                   rest_in_backward=in_backward)
+        if in_backward:
+            assert _fused_modules(opt) == ["Embedding", "Linear"]
+        _train(model, opt, 4, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)))
+        models.append(model)
+    a, b = (m.state_dict() for m in models)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        moved = (a[k] - _model().state_dict()[k]).norm()
+        assert float((a[k] - b[k]).norm()) < 1e-4 * float(moved), k  # another summation order only
+    for k in a:
+        if a[k].dtype in (torch.int8, torch.uint8):
+            assert (a[k].int() - b[k].int()).abs().float().mean() < 0.01, k
+
+
+def test_fused_weights_never_have_a_gradient_and_update_before_step(fused_everywhere):
+    model = _model().train()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    before = head.detach().clone(), embed.detach().clone()
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert head.grad is None and embed.grad is None
+    assert not torch.equal(head, before[0]) and not torch.equal(embed, before[1])
+    untouched = torch.ones(512, dtype=torch.bool)
+    untouched[ids.reshape(-1)] = False
+    # AdamW's first step moves only rows with a gradient (m is zero elsewhere; no weight decay here)
+    assert torch.equal(embed[untouched], before[1][untouched])
+    with pytest.raises(RuntimeError, match="second gradient"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert opt.skipped_steps == 0
+
+
+def test_fused_non_finite_gradient_skips_and_counts(fused_everywhere):
+    model = _model().train()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    head_before = model.lm_head.weight.detach().clone()
+    ids = _ids(0)
+    logits = model(input_ids=ids).logits
+    (logits.sum() * float("nan")).backward()
+    opt.step()
+    assert torch.equal(model.lm_head.weight, head_before)
+    assert opt.skipped_steps == 1
+
+
+def test_fused_routing_is_not_copied_and_ends_with_the_optimizer(fused_everywhere):
+    import copy
+    import pickle
+
+    model = _model().train()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    twin = copy.deepcopy(model)
+    assert "forward" not in twin.lm_head.__dict__ or not hasattr(twin.lm_head.forward, "_update")
+    restored = pickle.loads(pickle.dumps(model))
+    ids = _ids(0)
+    restored(input_ids=ids, labels=ids).loss.backward()  # a plain model: ordinary gradients
+    assert restored.lm_head.weight.grad is not None
+    del opt
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is not None  # the optimizer is gone: the plain forward again
+
+
+def test_tied_weights_keep_the_hook(fused_everywhere):
+    model = qgalore_fx.transform(tiny_llama(vocab=512), rank=8)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_in_backward=True)
+    assert _fused_modules(opt) == []
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is None  # updated and freed by the hook
+    opt.step()

@@ -390,3 +390,37 @@ def test_chunked_adamw_of_the_rest_equals_one_piece(monkeypatch, llama, optim_bi
         assert {s["adam"].bits for s in opt.state.values()} == ({8, 32} if optim_bits == 8 else {32})
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+@pytest.mark.parametrize("m,n", [(96, 80), (80, 96)])
+@pytest.mark.parametrize("method", ["randomized", "subspace"])
+def test_a_refresh_with_few_tokens_never_forms_G_and_trains_as_the_formed_one(monkeypatch, m, n, method):
+    """T (m + n) < m n: the refresh applies G through its factors; fp32 weights and moments, so the two runs are
+    compared to float rounding over refreshes (interval 2) and steady steps."""
+    options = dict(rank=5, update_interval=2, weight_bits=32, optim_bits=32, stochastic_round=False,
+                   proj_method=method, adaptive=False)
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(16, n, generator=gen) * torch.logspace(0, -2, 16)[:, None]  # inputs with a spectral gap,
+    data = [torch.randn(16, 16, generator=gen) @ basis for _ in range(6)]  # so no refresh is a near tie
+    assert proj.FactoredGradient.cheaper(16, m, n)
+
+    def run(factored: bool):
+        torch.manual_seed(0)
+        model = qgalore_fx.transform(nn.Sequential(nn.Linear(n, m, bias=False)), **options)
+        starts.append(layer_of(model).dequantized_weight().clone())
+        opt = qgalore_fx.optimizer(model, lr=1e-2)
+        for x in data:
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return layer_of(model).dequantized_weight().clone(), layer_of(model).stats()["refresh_count"]
+
+    made, starts = [], []
+    real_init = proj.FactoredGradient.__init__
+    monkeypatch.setattr(proj.FactoredGradient, "__init__",
+                        lambda self, *a: (made.append(1), real_init(self, *a))[1])
+    factored, refreshes = run(True)
+    assert made and refreshes == 3
+    monkeypatch.setattr(proj.FactoredGradient, "cheaper", staticmethod(lambda *a: False))
+    formed, _ = run(False)
+    assert float((factored - formed).norm() / (formed - starts[0]).norm()) < 1e-4

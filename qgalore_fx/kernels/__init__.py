@@ -7,6 +7,7 @@ Importing this package registers the ops ``qgalore_fx::quantize``, ``qgalore_fx:
 """
 
 from .quant import (
+    all_finite,
     FLOAT_DTYPES,
     MAX_SCALE,
     QMAX,
@@ -37,6 +38,7 @@ else:
     HAS_TRITON = True
 
 __all__ = [
+    "all_finite",
     "FLOAT_DTYPES",
     "HAS_TRITON",
     "MAX_SCALE",

@@ -450,6 +450,17 @@ class AdamState:
             **absmax,
         )
 
+    def part(self, start: int, stop: int) -> "AdamState":
+        """The moments of flat elements ``[start, stop)`` as a 1-D state of views (``start`` on a block boundary
+        for 8-bit moments): updating the part updates this state."""
+        m, v = self.m.view(-1)[start:stop], self.v.view(-1)[start:stop]
+        if self.bits == 8:
+            if start % self.block_size:
+                raise ValueError(f"an 8-bit part must start on a block boundary ({self.block_size}), got {start}")
+            blocks = slice(start // self.block_size, -(-stop // self.block_size))
+            return AdamState((stop - start,), 8, self.block_size, m, v, self.absmax_m[blocks], self.absmax_v[blocks])
+        return AdamState((stop - start,), 32, self.block_size, m, v)
+
     def to(self, device) -> "AdamState":
         """A state on ``device`` (``self`` if already there)."""
         device = torch.device(device)

@@ -1,0 +1,138 @@
+"""Embedding and output-head updates inside their own backward, row chunk by row chunk.
+
+With ``qgalore_fx.optimizer(model, rest_in_backward=True)`` every parameter of the AdamW group is updated
+as soon as its gradient is complete (:meth:`qgalore_fx.optim.QGaLoreOptimizer._rest_hook`). For the two
+largest of them that is not enough: autograd still forms the whole fp32 gradient first, 0.49 GiB each for
+LLaMA-7B's 32000 x 4096 embedding and head, the largest transient of a step once the projected layers
+update in their own backward. Here those two never have a gradient at all:
+
+* the module's forward runs through an autograd function whose backward computes the input gradient
+  with the weight as it was, then hands the optimizer the weight gradient as a function of a row range;
+* the optimizer runs its masked 8-bit AdamW over row chunks of about ``ADAMW_CHUNK`` elements, asking
+  for each chunk's gradient rows just before it uses them (:func:`qgalore_fx.optim._masked_adamw_rows_`).
+
+Gradient rows of the head ``y = x Wᵀ`` are ``grad_y[:, rows]ᵀ x``; of an embedding, the output gradients
+of the tokens in those rows, summed by ``index_add_`` into a chunk buffer (the padding row gets none, as
+``F.embedding`` gives it none). Whether the update is applied is decided as for a hook-updated parameter,
+from the finiteness of what the gradient is made of (``grad_y`` and ``x``), so nothing synchronizes.
+
+Only an ``nn.Embedding`` (without ``max_norm``, ``scale_grad_by_freq`` or ``sparse``) or a bias-free
+``nn.Linear`` whose weight has at least :data:`FUSED_MIN_NUMEL` elements and is used by that module alone
+(a tied embedding and head keep the hook path: their gradient is a sum of two) is routed here; everything
+else keeps the hook. The numbers equal the hook path's up to float rounding (another summation order for
+the head's gradient), tested in tests/test_rest_in_backward.py.
+
+The routing is an instance attribute ``forward`` on the module (:class:`FusedForward`); it holds the
+optimizer weakly and falls back to the module's own forward once the optimizer is gone, and a copy or a
+pickle of the model gets the plain forward back.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from qgalore_fx.kernels import all_finite
+
+#: Parameters below this many elements keep the post-accumulate-grad hook (their gradient is small).
+FUSED_MIN_NUMEL = 1 << 22
+
+
+def eligible(module: nn.Module, param: Tensor, users: int) -> bool:
+    """Whether ``param`` (of ``module``, used by ``users`` modules) is updated by a fused backward."""
+    if users != 1 or param.numel() < FUSED_MIN_NUMEL or not param.is_floating_point():
+        return False
+    if type(module) is nn.Embedding:
+        return (param is module.weight and module.max_norm is None and not module.scale_grad_by_freq
+                and not module.sparse)
+    if type(module) is nn.Linear:
+        return param is module.weight and module.bias is None
+    return False
+
+
+class _FusedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: Optional[int], update: Callable):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.update, ctx.rows = padding_idx, update, weight.shape[0]
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (ids,) = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            flat_ids = ids.reshape(-1)
+            g = grad_out.reshape(flat_ids.numel(), -1).float()
+            padding = ctx.padding_idx
+
+            def grad_rows(start: int, stop: int) -> Tensor:
+                rows = stop - start
+                local = flat_ids - start
+                inside = (local >= 0) & (local < rows)
+                # tokens outside the chunk go to an extra row that is dropped: no host synchronization
+                buf = g.new_zeros(rows + 1, g.shape[1]).index_add_(0, torch.where(inside, local, rows), g)
+                if padding is not None and start <= padding < stop:
+                    buf[padding - start] = 0.0
+                return buf[:rows]
+
+            ctx.update(grad_rows, all_finite(g))
+        return None, None, None, None
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, update: Callable):
+        ctx.save_for_backward(x, weight)
+        ctx.update = update
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None  # the weight before the update
+        if ctx.needs_input_grad[1]:
+            g2 = grad_y.reshape(-1, weight.shape[0]).float()
+            x2 = x.reshape(-1, weight.shape[1]).float()
+
+            def grad_rows(start: int, stop: int) -> Tensor:
+                return g2[:, start:stop].T @ x2
+
+            ctx.update(grad_rows, all_finite(g2) & all_finite(x2))
+        return grad_x, None, None
+
+
+class FusedForward:
+    """The ``forward`` of an embedding or head whose weight the optimizer updates inside its backward."""
+
+    def __init__(self, module: nn.Module, update: Callable):
+        self._module = weakref.ref(module)
+        self._update = update  # holds the optimizer weakly (QGaLoreOptimizer._fused_update)
+
+    def __call__(self, input: Tensor) -> Tensor:
+        module = self._module()
+        if not self._update.alive() or not torch.is_grad_enabled() or not module.weight.requires_grad:
+            return type(module).forward(module, input)
+        if isinstance(module, nn.Embedding):
+            return _FusedEmbedding.apply(input, module.weight, module.padding_idx, self._update)
+        return _FusedLinear.apply(input, module.weight, self._update)
+
+    def __reduce__(self):  # a copy or pickle of the model gets the module's own forward back
+        return (_own_forward, (self._module(),))
+
+
+def _own_forward(module: nn.Module):
+    return type(module).forward.__get__(module)
+
+
+def install(module: nn.Module, update: Callable) -> None:
+    module.forward = FusedForward(module, update)
+
+
+def uninstall(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("forward"), FusedForward):
+        del module.forward
