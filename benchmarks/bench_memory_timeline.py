@@ -1,6 +1,7 @@
 """Peak memory of a real Q-GaLore training step, phase by phase: the LLaMA-7B headline on a CPU.
 
-    python benchmarks/bench_memory_timeline.py --preset 7b --steps 2 --threads 2
+    python benchmarks/bench_memory_timeline.py --preset 7b --steps 3 --threads 2 --mmap-threshold 1048576 \
+        --rest-in-backward --embedding-dtype bf16           # the LLaMA-7B headline run
     python benchmarks/bench_memory_timeline.py --preset 60m --steps 3          # a quick check of the script
 
 The model is built on the ``meta`` device from the preset's ``LlamaConfig`` and
@@ -101,6 +102,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rest-in-backward", action="store_true",
                     help="qgalore_fx.optimizer(..., rest_in_backward=True): embedding, norms and head updated "
                          "inside backward, their gradients freed at once")
+    ap.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="storage of the input embedding and output head; bf16 (stochastic rounding, see "
+                         "qgalore_fx.fused_rest) needs --rest-in-backward")
+    ap.add_argument("--no-plan", action="store_true", help="skip the planner's prediction (qgalore_fx.app.planner."
+                    "plan_run, printed beside the measurement)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA each phase also records "
                     "torch.cuda.max_memory_allocated (reset at the phase's start)")
     ap.add_argument("--seed", type=int, default=0)
@@ -123,6 +129,18 @@ def main(argv=None) -> int:
     preset = get_preset(args.preset)
     rank = args.rank or preset.rank
     config = llama_config(preset.name, vocab_size=None if preset.vocab_size else 8192)
+    if args.embedding_dtype == "bf16" and not args.rest_in_backward:
+        raise SystemExit("--embedding-dtype bf16 needs --rest-in-backward")
+    embedding_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.embedding_dtype]
+    plan = None
+    if not args.no_plan and args.device == "cpu":
+        from qgalore_fx.app.planner import plan_run
+
+        # the planner measures this process after a tiny warm-up step as the runtime part of the peak
+        plan = plan_run(config, rank, batch_size=args.batch_size, seq_len=args.seq_len,
+                        checkpointing=not args.no_checkpointing, rest_in_backward=args.rest_in_backward,
+                        embedding_dtype=embedding_dtype, proj_method=args.proj_method)
+        print(f"planner (qgalore-fx memory --run): predicted peak {plan.peak / GiB:.2f} GiB", flush=True)
     rows = []
     cuda = torch.device(args.device).type == "cuda"
     cuda_peaks: dict[str, int] = {}
@@ -140,6 +158,9 @@ def main(argv=None) -> int:
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(config)
         model = qgalore_fx.transform(model, rank=rank, proj_method=args.proj_method, device=args.device)
+        if embedding_dtype != torch.float32:
+            model.get_input_embeddings().to(embedding_dtype)
+            model.get_output_embeddings().to(embedding_dtype)
         if not args.no_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -175,7 +196,8 @@ def main(argv=None) -> int:
                     "transformers": transformers.__version__, "threads": args.threads},
         "mmap_threshold": args.mmap_threshold, "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
         "seq_len": args.seq_len, "checkpointing": not args.no_checkpointing,
-        "rest_in_backward": args.rest_in_backward,
+        "rest_in_backward": args.rest_in_backward, "embedding_dtype": args.embedding_dtype,
+        "plan": None if plan is None else plan.to_dict(),
         "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
         "phases": [{"phase": p, "seconds": round(times[p], 2), "peak_rss_bytes": sampler.peaks[p],
                     **({"cuda_max_allocated_bytes": cuda_peaks.get(p)} if cuda else {})} for p in phases],
@@ -195,6 +217,10 @@ def main(argv=None) -> int:
         print(f"| {row['phase']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / GiB:.2f} |{extra}")
     print(f"peak RSS (ru_maxrss) {maxrss / GiB:.2f} GiB; RSS after imports {rss_imports / GiB:.2f} GiB; "
           f"weights + states (memory_report) {report.weights_and_states / GiB:.2f} GiB")
+    if plan is not None:
+        print(f"planner: predicted peak {plan.peak / GiB:.2f} GiB, measured {maxrss / GiB:.2f} GiB "
+              f"({(maxrss - plan.peak) / plan.peak:+.1%})")
+        print(plan)
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

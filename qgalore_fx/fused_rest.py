@@ -22,9 +22,16 @@ Only an ``nn.Embedding`` (without ``max_norm``, ``scale_grad_by_freq`` or ``spar
 else keeps the hook. The numbers equal the hook path's up to float rounding (another summation order for
 the head's gradient), tested in tests/test_rest_in_backward.py.
 
+Storage in bfloat16. Such a weight may be stored as bf16 (``module.to(torch.bfloat16)`` before building
+the optimizer: half the bytes, 0.24 GiB instead of 0.49 GiB each at LLaMA-7B) while the model computes in
+fp32: the embedding returns its bf16 rows (the next fp32 operation promotes them), the head multiplies
+fp32 inputs by fp32 row chunks of the weight (:func:`linear_any_dtype`), and each updated row chunk is
+computed in fp32 and written back with stochastic rounding (:func:`round_bf16_`), so updates far below
+bf16's resolution still move the weight in expectation. BENCHMARKS.md ("LLaMA-7B") measures its quality.
+
 The routing is an instance attribute ``forward`` on the module (:class:`FusedForward`); it holds the
-optimizer weakly and falls back to the module's own forward once the optimizer is gone, and a copy or a
-pickle of the model gets the plain forward back.
+optimizer weakly and falls back to the module's own forward once the optimizer is gone (a bf16 head
+keeps :func:`linear_any_dtype`), and a copy or a pickle of the model gets the plain forward back.
 """
 
 from __future__ import annotations
@@ -43,9 +50,16 @@ from qgalore_fx.kernels import all_finite
 FUSED_MIN_NUMEL = 1 << 22
 
 
+#: Storage dtypes of a fused weight.
+DTYPES = (torch.float32, torch.bfloat16)
+
+#: Weight rows multiplied at a time by :func:`linear_any_dtype`, in elements of the weight.
+LINEAR_CHUNK = 1 << 22
+
+
 def eligible(module: nn.Module, param: Tensor, users: int) -> bool:
     """Whether ``param`` (of ``module``, used by ``users`` modules) is updated by a fused backward."""
-    if users != 1 or param.numel() < FUSED_MIN_NUMEL or not param.is_floating_point():
+    if users != 1 or param.numel() < FUSED_MIN_NUMEL or param.dtype not in DTYPES or not param.is_contiguous():
         return False
     if type(module) is nn.Embedding:
         return (param is module.weight and module.max_norm is None and not module.scale_grad_by_freq
@@ -84,17 +98,42 @@ class _FusedEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
+def _row_ranges(rows: int, cols: int, chunk: int):
+    step = max(1, chunk // max(cols, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def linear_any_dtype(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` in ``x``'s dtype; a weight of another dtype is converted a row chunk at a time
+    (:data:`LINEAR_CHUNK` elements), never whole. Differentiable."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    parts = [F.linear(x, weight[a:b].to(x.dtype)) for a, b in _row_ranges(*weight.shape, LINEAR_CHUNK)]
+    return torch.cat(parts, dim=-1)
+
+
+def _grad_input(grad_y: Tensor, weight: Tensor) -> Tensor:
+    if weight.dtype == grad_y.dtype:
+        return grad_y @ weight
+    out = None
+    for a, b in _row_ranges(*weight.shape, LINEAR_CHUNK):
+        part = grad_y[..., a:b] @ weight[a:b].to(grad_y.dtype)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, update: Callable):
         ctx.save_for_backward(x, weight)
         ctx.update = update
-        return F.linear(x, weight)
+        return linear_any_dtype(x, weight)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None  # the weight before the update
+        grad_x = _grad_input(grad_y, weight) if ctx.needs_input_grad[0] else None  # the weight before the update
         if ctx.needs_input_grad[1]:
             g2 = grad_y.reshape(-1, weight.shape[0]).float()
             x2 = x.reshape(-1, weight.shape[1]).float()
@@ -116,6 +155,8 @@ class FusedForward:
     def __call__(self, input: Tensor) -> Tensor:
         module = self._module()
         if not self._update.alive() or not torch.is_grad_enabled() or not module.weight.requires_grad:
+            if isinstance(module, nn.Linear):
+                return linear_any_dtype(input, module.weight)
             return type(module).forward(module, input)
         if isinstance(module, nn.Embedding):
             return _FusedEmbedding.apply(input, module.weight, module.padding_idx, self._update)
@@ -136,3 +177,18 @@ def install(module: nn.Module, update: Callable) -> None:
 def uninstall(module: nn.Module) -> None:
     if isinstance(module.__dict__.get("forward"), FusedForward):
         del module.forward
+
+
+def round_bf16_(dst: Tensor, values: Tensor, generator: Optional[torch.Generator]) -> None:
+    """Write fp32 ``values`` into the bf16 ``dst`` (same number of elements), rounding stochastically.
+
+    bf16 is the top half of an fp32 bit pattern: adding a uniform 16-bit integer to the pattern and clearing
+    the low half rounds the magnitude up with probability equal to the discarded fraction, so the expected
+    result is ``values`` (``generator`` None: round to nearest even). Values that are already bf16 are kept.
+    """
+    if generator is None:
+        dst.view(-1).copy_(values.reshape(-1))
+        return
+    bits = values.reshape(-1).contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    dst.view(-1).copy_(((bits + noise) & -65536).view(torch.float32))

@@ -41,6 +41,7 @@ import dataclasses
 import math
 import numbers
 import weakref
+import zlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -167,8 +168,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             for index, group in enumerate(self.param_groups[1:], start=1):
                 for p in group["params"]:
                     module, users = owners.get(id(p), (None, 0))
-                    if module is not None and p.dtype == torch.float32 and p.is_contiguous() and \
-                            fused_rest.eligible(module, p, users):
+                    if module is not None and fused_rest.eligible(module, p, users):
                         fused_rest.install(module, _FusedUpdate(self, p, index))
                         self._fused_modules.append(module)
                     else:
@@ -277,8 +277,11 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             return
         state = self._adam_state_of(p)
         beta1, beta2 = group["betas"]
+        seed = None
+        if p.dtype != torch.float32:  # stochastic rounding back to the storage dtype, reproducible per step
+            seed = zlib.crc32(self._param_names.get(id(p), "").encode()) * _SR_STRIDE + int(state["step"])
         _masked_adamw_rows_(p, grad_rows, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
-                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], seed=seed)
         self._rest_bad.logical_or_(~ok)
 
     def _adam_state_of(self, p: Tensor) -> dict:
@@ -429,23 +432,31 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     step.add_(ok.to(torch.int64))
 
 
+_SR_STRIDE = 1 << 31
+
+
 @torch.no_grad()
 def _masked_adamw_rows_(p: Tensor, grad_rows, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
-                        beta2: float, eps: float, weight_decay: float) -> None:
-    """:func:`_masked_adamw_` for a contiguous fp32 2-D ``p`` whose gradient is never whole: chunks of whole rows
+                        beta2: float, eps: float, weight_decay: float, seed: Optional[int] = None) -> None:
+    """:func:`_masked_adamw_` for a contiguous 2-D ``p`` whose gradient is never whole: chunks of whole rows
     (about :data:`ADAMW_CHUNK` elements, starting on moment-block boundaries), each chunk's gradient rows from
-    ``grad_rows(first_row, stop_row)`` just before they are used."""
+    ``grad_rows(first_row, stop_row)`` just before they are used. A bf16 ``p`` is updated in fp32 a chunk at a
+    time and written back by :func:`qgalore_fx.fused_rest.round_bf16_` from the stream ``seed``."""
     rows, cols = p.shape
     bs = state.block_size
     unit = bs // math.gcd(cols, bs)  # rows per whole number of moment blocks
     per = max(unit, ADAMW_CHUNK // cols // unit * unit)
-    p32 = p.view(-1)
+    flat = p.view(-1)
+    generator = None if seed is None else torch.Generator(device=p.device).manual_seed(seed)
     t = step + 1
     for first in range(0, rows, per):
         last = min(rows, first + per)
         start, stop = first * cols, last * cols
-        adamw_masked_(p32[start:stop], grad_rows(first, last).reshape(-1), state.part(start, stop), t, ok, lr, beta1,
-                      beta2, eps, weight_decay)
+        p32 = flat[start:stop] if p.dtype == torch.float32 else flat[start:stop].float()
+        adamw_masked_(p32, grad_rows(first, last).reshape(-1), state.part(start, stop), t, ok, lr, beta1, beta2, eps,
+                      weight_decay)
+        if p.dtype != torch.float32:
+            fused_rest.round_bf16_(flat[start:stop], p32, generator)
     step.add_(ok.to(torch.int64))
 
 

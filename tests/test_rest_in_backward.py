@@ -1,5 +1,7 @@
 """``qgalore_fx.optimizer(model, rest_in_backward=True)``: the AdamW group updated inside backward."""
 
+import math
+
 import pytest
 import torch
 
@@ -202,3 +204,77 @@ def test_tied_weights_keep_the_hook(fused_everywhere):
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.lm_head.weight.grad is None  # updated and freed by the hook
     opt.step()
+
+
+# --------------------------------------------------------------------------- bf16 storage of embedding and head
+def test_round_bf16_is_unbiased_and_keeps_bf16_values():
+    from qgalore_fx.fused_rest import round_bf16_
+
+    lo = torch.tensor(1.0, dtype=torch.bfloat16)
+    ulp = 2.0 ** -7  # bf16 spacing in [1, 2)
+    for frac in (0.1, 0.5, 0.9):
+        for sign in (1.0, -1.0):
+            x = torch.full((200_000,), sign * (1.0 + frac * ulp))
+            out = torch.empty(x.shape, dtype=torch.bfloat16)
+            round_bf16_(out, x, torch.Generator().manual_seed(0))
+            assert set(out.abs().float().unique().tolist()) <= {1.0, 1.0 + ulp}
+            # mean error within 5 standard errors of the Bernoulli(frac) rounding
+            err = float((out.float() - x).mean())
+            assert abs(err) < 5 * ulp * (frac * (1 - frac) / x.numel()) ** 0.5
+    exact = torch.randn(1000).bfloat16().float()
+    out = torch.empty(1000, dtype=torch.bfloat16)
+    round_bf16_(out, exact, torch.Generator().manual_seed(1))
+    assert torch.equal(out.float(), exact)
+    round_bf16_(out, torch.full((1000,), 1.0 + 0.4 * ulp), None)  # nearest
+    assert torch.equal(out, lo.expand(1000))
+
+
+def test_linear_any_dtype_multiplies_in_the_input_dtype(monkeypatch):
+    from qgalore_fx import fused_rest
+
+    monkeypatch.setattr(fused_rest, "LINEAR_CHUNK", 64)
+    W = torch.randn(40, 16).bfloat16()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = fused_rest.linear_any_dtype(x, W)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ W.float().T)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 5, 40) @ W.float())
+
+
+def test_bf16_embedding_and_head_train_close_to_fp32_and_stay_bf16(fused_everywhere):
+    losses, weights = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _model().train()
+        model.model.embed_tokens.to(dtype)
+        model.lm_head.to(dtype)
+        opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=3e-3, rest_in_backward=True)
+        assert _fused_modules(opt) == ["Embedding", "Linear"]
+        for i in range(4):
+            ids = _ids(i) * 4
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses[dtype] = float(loss)
+        weights[dtype] = model.lm_head.weight.detach().float().clone()
+        assert model.lm_head.weight.dtype == dtype and model.model.embed_tokens.weight.dtype == dtype
+        assert model.lm_head.weight.grad is None
+    assert math.isfinite(losses[torch.bfloat16]) and abs(losses[torch.bfloat16] - losses[torch.float32]) < 0.05
+    start = _model().lm_head.weight.detach()
+    moved = float((weights[torch.float32] - start).norm())
+    assert float((weights[torch.bfloat16] - weights[torch.float32]).norm()) < 0.05 * moved
+
+
+def test_bf16_updates_below_resolution_still_move_the_weight(fused_everywhere):
+    """lr far below bf16's spacing: nearest rounding would never move the head; stochastic rounding moves a
+    fraction of the touched elements by one step each."""
+    model = _model().train()
+    model.lm_head.to(torch.bfloat16)
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=1e-6, rest_in_backward=True)
+    before = model.lm_head.weight.detach().clone()
+    ids = _ids(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed = (model.lm_head.weight != before).float().mean().item()
+    assert 0.0 < changed < 0.2

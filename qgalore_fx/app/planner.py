@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ __all__ = [
     "PAPER_FIG5",
     "PAPER_TABLE1",
     "PlanRow",
+    "RunPlan",
     "activation_bytes",
     "add_memory_arguments",
     "format_paper_comparison",
@@ -46,6 +48,7 @@ __all__ = [
     "main",
     "paper_comparison",
     "plan",
+    "plan_run",
     "planned_qgalore_report",
     "run_memory",
 ]
@@ -118,6 +121,178 @@ def activation_bytes(config, batch_size: int, seq_len: int) -> int:
     h, i, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     tokens = batch_size * seq_len
     return tokens * L * (16 * h + 8 * i) + tokens * (6 * h + 6 * V)
+
+
+# =========================================================================== the peak of one CPU run
+@dataclass
+class RunPlan:
+    """Predicted peak resident memory of one eager Q-GaLore training run on the CPU; see :func:`plan_run`.
+
+    Every field is bytes. ``peak = runtime + persistent + saved_activations + max(phases)``.
+    """
+
+    preset: str
+    rank: int
+    batch_size: int
+    seq_len: int
+    checkpointing: bool
+    rest_in_backward: bool
+    runtime: int  # the process before the model: interpreter, torch, transformers, kernels warmed up
+    persistent: int  # weights, scales, projections, all moments (memory_report(planned=True), fp32 rest)
+    saved_activations: int  # kept for backward across layers (checkpointing: each layer's input)
+    layer_phase: int  # the backward of one decoder layer: recompute + the largest layer's update
+    refresh_extra: int  # on refresh steps (step 0 for every layer): what the new subspace needs on top
+    head_phase: int  # logits, the loss and the head's own gradient
+    rest_grads_held: int  # unprojected gradients that outlive their layer (the step() path)
+    embedding_dtype: torch.dtype = torch.float32
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        phases = max(self.layer_phase + self.refresh_extra, self.head_phase)
+        return self.runtime + self.persistent + self.saved_activations + self.rest_grads_held + phases
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(peak=self.peak, embedding_dtype=str(self.embedding_dtype).replace("torch.", ""))
+        return out
+
+    def __str__(self) -> str:
+        rows = [("runtime (process before the model, measured)", self.runtime),
+                ("weights + states (memory_report, planned)", self.persistent),
+                ("activations kept across layers", self.saved_activations),
+                ("unprojected gradients held until step()", self.rest_grads_held),
+                ("phase: one layer's backward + update", self.layer_phase),
+                ("  + its first refresh (step 0)", self.refresh_extra),
+                ("phase: logits, loss, head", self.head_phase),
+                ("predicted peak RSS", self.peak)]
+        lines = [f"{self.preset}, rank {self.rank}, batch {self.batch_size} x {self.seq_len}, checkpointing "
+                 f"{'on' if self.checkpointing else 'off'}, rest_in_backward={self.rest_in_backward}, "
+                 f"embedding and head {str(self.embedding_dtype).replace('torch.', '')}"]
+        lines += [f"  {name:<48}{value / GiB:>9.3f} GiB" for name, value in rows]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def runtime_rss() -> int:
+    """RSS of this process after one tiny warm-up step of a transformed model (imports, thread pools and
+    compiled kernels loaded): the part of a run's peak that is not the model's. Linux only."""
+    import qgalore_fx
+    import transformers
+
+    tiny = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, vocab_size=256)
+    model = qgalore_fx.transform(transformers.LlamaForCausalLM(tiny), rank=8)
+    opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=True)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    del model, opt
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, seq_len: Optional[int] = None,
+             checkpointing: bool = True, rest_in_backward: bool = True, vocab_size: Optional[int] = None,
+             runtime: Optional[int] = None, embedding_dtype: torch.dtype = torch.float32, **options) -> RunPlan:
+    """The peak RSS of ``benchmarks/bench_memory_timeline.py`` for this set-up: fp32 compute on the CPU,
+    ``qgalore_fx.transform(model, rank, **options)`` from the meta device, unprojected parameters fp32.
+
+    Counted from the model's real shapes (T = batch_size x seq_len tokens, h hidden, i intermediate,
+    V vocabulary, fp32 = 4 bytes) and from the library's own chunk sizes:
+
+    * ``saved_activations``: with checkpointing each decoder layer's input (``T h``) and the final norm's;
+      without, every layer's saved tensors (``T (10h + 4i)`` plus ``2 heads S²`` attention scores per
+      sequence).
+    * ``layer_phase``: one layer's recomputed activations (the no-checkpointing per-layer figure) plus the
+      largest projected layer's update: R and Adam's direction N (``2 x`` the low-rank shape), the input
+      gradient and the fp32 gradients of its output and input (``T (m + n)`` twice), the dequantized
+      projection, and the chunk workspaces of the dequant-matmul (``2 x MATMUL_CHUNK``), of Adam
+      (``3 x ADAM_CHUNK``) and of the write-back (``3 x WRITE_CHUNK``).
+    * ``refresh_extra`` (step 0 refreshes every layer): with few tokens (``T (m + n) < m n``, see
+      ``qgalore_fx.projection.FactoredGradient``) the factored SVD's ``Q``, ``G Q`` and the completion block
+      with its QR (``(d + a) T + 3 d r``); otherwise the formed ``G`` (``m n``) and three ``[d, r + 8]`` blocks.
+    * ``head_phase``: logits, their fp32 copy for the loss, its log-probabilities and gradient (``4 T V``);
+      plus the head's gradient (``V h``) unless the head is updated row chunk by row chunk
+      (``rest_in_backward`` and ``qgalore_fx.fused_rest.eligible``; then ``3 x ADAMW_CHUNK``).
+    * ``rest_grads_held``: without ``rest_in_backward`` every unprojected gradient lives until ``step()``;
+      with it, only those the hook path frees one at a time (counted in ``head_phase``'s maximum).
+
+    ``embedding_dtype``: the storage of the input embedding and the output head (``torch.bfloat16``: see
+    ``qgalore_fx.fused_rest``). ``runtime`` defaults to :func:`runtime_rss` of this process. Allocator slack and fragmentation are not
+    modelled; tests/test_planner_run.py measures how far a real run is from this prediction.
+    """
+    from qgalore_fx import fused_rest, lowrank, optim
+    from qgalore_fx.kernels import int8_matmul as mm
+    from qgalore_fx.projection import FactoredGradient
+
+    name, config, default_rank, default_seq = _resolve(preset_or_config, vocab_size)
+    rank = rank if rank is not None else default_rank
+    seq_len = seq_len if seq_len is not None else (default_seq or 256)
+    if rank is None:
+        raise ValueError("rank is required when preset_or_config is a config (presets have a default rank)")
+    for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+    model = qgalore_fx_transform_meta(config, rank, **options)
+    if embedding_dtype != torch.float32:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.to(embedding_dtype)
+    persistent = memory_report(model, planned=True).weights_and_states
+    f32 = 4
+    T = batch_size * seq_len
+    h, i, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    per_layer = f32 * (T * (10 * h + 4 * i) + 2 * batch_size * heads * seq_len * seq_len)
+    saved = f32 * T * h * (L + 1) if checkpointing else per_layer * L
+    import qgalore_fx
+
+    update, refresh = 0, 0
+    for _, layer in qgalore_fx.projected_layers(model):
+        spec = layer.spec
+        m, n = spec.m, spec.n
+        low = math.prod(spec.lowrank_shape)
+        d = n if spec.side == "right" else m
+        a = m + n - d
+        cost = f32 * (2 * low + 2 * T * (m + n) + T * max(m, n) + rank * d + 2 * mm.MATMUL_CHUNK
+                      + 3 * lowrank.ADAM_CHUNK + 3 * lowrank.WRITE_CHUNK)
+        update = max(update, cost)
+        if spec.proj_method != "full" and FactoredGradient.cheaper(T, m, n):
+            extra = f32 * ((d + a) * T + 3 * d * rank)
+        else:
+            extra = f32 * (m * n + 3 * (a + 2 * d) * (rank + 8))
+        refresh = max(refresh, extra)
+    rest = [(mod, p) for mod in model.modules() for p in mod._parameters.values()
+            if p is not None and p.requires_grad and p.numel()]
+    users: Dict[int, int] = {}
+    for _, p in rest:
+        users[id(p)] = users.get(id(p), 0) + 1
+    head = model.get_output_embeddings()
+    fused = {id(p) for mod, p in rest if rest_in_backward and fused_rest.eligible(mod, p, users[id(p)])}
+    head_grad = 0 if head is None or id(head.weight) in fused else head.weight.element_size() * head.weight.numel()
+    if rest_in_backward:
+        held = 0
+        head_phase = f32 * (4 * T * V + max(head_grad, 3 * optim.ADAMW_CHUNK))
+        notes = [f"{len(fused)} unprojected weight(s) updated row chunk by row chunk inside their backward"]
+    else:
+        held = sum(p.numel() * p.element_size() for _, p in {id(p): (mod, p) for mod, p in rest}.values())
+        head_phase = f32 * 4 * T * V
+        notes = ["every unprojected gradient is held until optimizer.step()"]
+    return RunPlan(name, rank, batch_size, seq_len, checkpointing, rest_in_backward,
+                   runtime_rss() if runtime is None else runtime, persistent, saved, per_layer + update, refresh,
+                   head_phase, held, embedding_dtype, notes)
+
+
+def qgalore_fx_transform_meta(config, rank: int, **options) -> nn.Module:
+    """``qgalore_fx.transform`` of the config's model on the meta device (fp32, as the CPU run keeps it)."""
+    import qgalore_fx
+
+    return qgalore_fx.transform(_meta_model(config), rank, device="meta", **options)
 
 
 def _resolve(preset_or_config, vocab_size: Optional[int]):
@@ -360,6 +535,18 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--breakdown", action="store_true",
                         help="also print the per-component memory report of the Q-GaLore model (with --preset)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    run = parser.add_argument_group("the peak of one CPU run (--run; benchmarks/bench_memory_timeline.py measures it)")
+    run.add_argument("--run", action="store_true",
+                     help="predict the peak RSS of an eager fp32 CPU training run of --preset (batch 1 x 256 unless "
+                          "--batch-size/--seq-len): weights, states, activations and the transients of each phase")
+    run.add_argument("--proj-method", choices=("randomized", "subspace", "full"), default=None,
+                     help="the transform's proj_method for --run (default: the library's)")
+    run.add_argument("--no-rest-in-backward", action="store_true",
+                     help="--run with qgalore_fx.optimizer(rest_in_backward=False): unprojected gradients held "
+                          "until step()")
+    run.add_argument("--no-checkpointing", action="store_true", help="--run without activation checkpointing")
+    run.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
+                     help="--run: storage of the input embedding and output head (bf16 needs rest_in_backward)")
     return parser
 
 
@@ -380,6 +567,19 @@ def run_memory(args: argparse.Namespace, out=None) -> int:
 def _run_memory(args: argparse.Namespace, out) -> int:
     if args.seq_len is not None and args.batch_size is None:
         raise ValueError("--seq-len needs --batch-size (the activation estimate needs both)")
+    if getattr(args, "run", False):
+        if args.preset is None:
+            raise ValueError("--run needs --preset")
+        if args.embedding_dtype == "bf16" and args.no_rest_in_backward:
+            raise ValueError("--embedding-dtype bf16 needs rest_in_backward (drop --no-rest-in-backward)")
+        options = {} if args.proj_method is None else {"proj_method": args.proj_method}
+        result = plan_run(args.preset, args.rank, batch_size=args.batch_size or 1, seq_len=args.seq_len,
+                          checkpointing=not args.no_checkpointing, rest_in_backward=not args.no_rest_in_backward,
+                          vocab_size=args.vocab_size, embedding_dtype={"fp32": torch.float32,
+                                                                      "bf16": torch.bfloat16}[args.embedding_dtype],
+                          **options)
+        print(json.dumps(result.to_dict(), indent=1) if args.json else result, file=out)
+        return 0
     if args.preset is None:
         comparison = paper_comparison()
         fig = PAPER_FIG5
