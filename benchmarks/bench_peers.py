@@ -1,0 +1,193 @@
+"""Side by side at one shape: peak memory and step time of Q-GaLore and its peers, each in its own process.
+
+    python benchmarks/bench_peers.py --preset 1b --steps 4 --threads 2
+    python benchmarks/bench_peers.py --preset 7b --steps 3 --threads 2 --methods adamw adamw8bit galore
+
+Methods (``bench_speed.make_optimizer``, the same definitions as the step-time benchmark):
+
+- ``adamw``: ``torch.optim.AdamW`` on every parameter, fp32 weights;
+- ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit``, fp32 weights (``--peer-dtype bf16`` for bf16 weights);
+- ``galore``: ``galore_torch.GaLoreAdamW`` (block linears projected at the preset's rank, scale 0.25, gap 200);
+- ``qgalore``: ``qgalore_fx.transform(model, rank)`` + ``qgalore_fx.optimizer`` with every default;
+- ``qgalore-lowmem``: as ``qgalore``, with ``rest_in_backward=True`` and the embedding and head stored bf16
+  (the LLaMA-7B set-up of BENCHMARKS.md).
+
+Every method trains the same LLaMA (:mod:`qgalore_fx.app.presets`) with activation checkpointing, batch
+``--batch-size`` x ``--seq-len`` random tokens, ``--threads`` threads, glibc's mmap threshold at 1 MiB
+(``qgalore_fx.memory.set_cpu_mmap_threshold``, so freed tensors leave the resident set in every process). The
+peers build the fp32 model directly; Q-GaLore builds on ``meta`` and materializes straight into INT8, as its
+users do. Each child runs under ``resource.setrlimit(RLIMIT_DATA, --cap-gib)``: an allocation past the cap
+fails inside the child (reported with the phase it failed in) instead of swapping or waking the OOM killer.
+
+Reported per method: peak RSS (``ru_maxrss``), weights + optimizer states (``memory_report`` for Q-GaLore;
+parameters + optimizer state tensors for the peers, galore-torch's projectors included), the median time of
+the steps after the first (the first holds every projection's first refresh) and the first step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GiB = 2**30
+METHODS = ("adamw", "adamw8bit", "galore", "qgalore", "qgalore-lowmem")
+
+
+def _state_bytes(opt) -> int:
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        elif isinstance(t, dict):
+            for v in t.values():
+                add(v)
+        elif isinstance(t, (list, tuple)):
+            for v in t:
+                add(v)
+        elif hasattr(t, "__dict__") and not isinstance(t, type):  # galore-torch's projector objects
+            for v in vars(t).values():
+                add(v)
+
+    for state in opt.state.values():
+        add(state)
+    return total
+
+
+def worker(args) -> dict:
+    import torch
+    import transformers
+
+    from qgalore_fx.app.presets import get_preset, llama_config
+    from qgalore_fx.memory import memory_report, set_cpu_mmap_threshold
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_speed import make_optimizer
+
+    set_cpu_mmap_threshold(1 << 20)
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    config = llama_config(preset.name, vocab_size=None if preset.vocab_size else 8192)
+    result = {"method": args.worker, "phase": "build"}
+    times = []
+    try:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        if args.worker.startswith("qgalore"):
+            import qgalore_fx
+
+            with torch.device("meta"):
+                model = transformers.LlamaForCausalLM(config)
+            model = qgalore_fx.transform(model, rank=preset.rank)
+            lowmem = args.worker == "qgalore-lowmem"
+            if lowmem:
+                model.get_input_embeddings().to(torch.bfloat16)
+                model.get_output_embeddings().to(torch.bfloat16)
+            opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=lowmem)
+        else:
+            dtype = torch.bfloat16 if args.peer_dtype == "bf16" else torch.float32
+            torch.set_default_dtype(dtype)  # built in its dtype: a bf16 model never exists in fp32
+            try:
+                model = transformers.LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(torch.float32)
+            model, opt = make_optimizer(args.worker, model, preset.rank)
+        model.gradient_checkpointing_enable()
+        model.train()
+        result["build_seconds"] = round(time.perf_counter() - t0, 1)
+        g = torch.Generator().manual_seed(0)
+        for step in range(args.steps):
+            result["phase"] = f"step {step}"
+            ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=g)
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+            print(f"  {args.worker} step {step}: loss {loss.item():.4f}, {times[-1]:.1f} s", flush=True)
+        result["phase"] = "done"
+        if args.worker.startswith("qgalore"):
+            result["weights_and_states_bytes"] = memory_report(model, opt).weights_and_states
+        else:
+            params = sum(p.numel() * p.element_size() for p in model.parameters())
+            result["weights_and_states_bytes"] = params + _state_bytes(opt)
+    except (MemoryError, RuntimeError) as e:  # the cap: torch reports a failed allocation as a RuntimeError
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        result["error"] = f"{type(e).__name__}: {text}"
+    result["step_seconds"] = [round(t, 2) for t in times]
+    if len(times) > 1:
+        result["median_step_seconds"] = round(statistics.median(times[1:]), 2)
+    if times:
+        result["first_step_seconds"] = round(times[0], 2)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cap-gib", type=float, default=21.0, help="RLIMIT_DATA of each child (GiB)")
+    ap.add_argument("--peer-dtype", choices=("fp32", "bf16"), default="fp32", help="the peers' weight dtype")
+    ap.add_argument("--out", default=None, help="JSON file for every figure")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        cap = int(args.cap_gib * GiB)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    rows = []
+    for method in args.methods:
+        print(f"[{time.strftime('%H:%M:%S')}] {method} ...", flush=True)
+        cmd = [sys.executable, __file__, "--worker", method] + [
+            a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--methods",) + METHODS]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if found:
+            row = json.loads(found[-1][len("RESULT "):])
+        else:  # killed, or failed outside the guarded part
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+            row = {"method": method, "error": f"exit {proc.returncode}: {tail}"}
+        rows.append(row)
+    print(f"\n{args.preset}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), RLIMIT_DATA "
+          f"{args.cap_gib:g} GiB per process, peers' weights {args.peer_dtype}")
+    print("| method | peak RSS GiB | weights + states GiB | median step s | first step s | result |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        def fmt(key, scale=1.0):
+            return f"{r[key] / scale:.2f}" if key in r else "-"
+        result = r.get("error", "ok")
+        if "error" in r and "phase" in r:
+            result = f"failed in {r['phase']}: {r['error']}"
+        print(f"| {r['method']} | {fmt('peak_rss_bytes', GiB)} | {fmt('weights_and_states_bytes', GiB)} | "
+              f"{fmt('median_step_seconds')} | {fmt('first_step_seconds')} | {result} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "command": "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
