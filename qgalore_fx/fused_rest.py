@@ -27,7 +27,9 @@ the optimizer: half the bytes, 0.24 GiB instead of 0.49 GiB each at LLaMA-7B) wh
 fp32: the embedding returns its bf16 rows (the next fp32 operation promotes them), the head multiplies
 fp32 inputs by fp32 row chunks of the weight (:func:`linear_any_dtype`), and each updated row chunk is
 computed in fp32 and written back with stochastic rounding (:func:`round_bf16_`), so updates far below
-bf16's resolution still move the weight in expectation. BENCHMARKS.md ("LLaMA-7B") measures its quality.
+bf16's resolution still move the weight in expectation. The rounding stream is seeded from the parameter's
+name and its step count, which the host reads (free on the CPU; one synchronization per bf16 weight and step on
+a GPU). BENCHMARKS.md ("LLaMA-7B on one 24 GiB machine") measures its quality.
 
 The routing is an instance attribute ``forward`` on the module (:class:`FusedForward`); it holds the
 optimizer weakly and falls back to the module's own forward once the optimizer is gone (a bf16 head
