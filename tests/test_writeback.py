@@ -71,6 +71,12 @@ def test_training_with_the_fast_paths_matches_the_reference_switch(monkeypatch, 
     base = qgalore_fx.transform(nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 96)), rank=48,
                                 stochastic_round=stochastic_round, update_interval=1000)
     batches = [torch.randn(16, 96, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    # 16 tokens < rank 48: P has 32 directions without gradient energy, whose R is rounding noise that Adam's
+    # first step turns into O(1) moves; the refresh that forms G gives these runs the noise this comparison
+    # was measured on (the factored one draws other noise directions, which compares nothing about the kernels)
+    from qgalore_fx import projection
+
+    monkeypatch.setattr(projection.FactoredGradient, "cheaper", staticmethod(lambda *a: False))
     runs = {}
     for forced in (False, True):
         monkeypatch.setenv(fastpath.ENV_REFERENCE, "1" if forced else "0")
