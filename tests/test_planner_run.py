@@ -2,7 +2,7 @@
 
 The benchmark behind the LLaMA-7B figures (benchmarks/bench_memory_timeline.py) runs here at the 60m shape
 (vocabulary 32000, so the embedding, head and logits are as large as in the 7B run) in a fresh process, and
-the planner's predicted peak must match the process's measured peak (``ru_maxrss``) within 10 %, and the part
+the planner's predicted peak must match the process's measured peak (``VmHWM``) within 10 %, and the part
 above the measured runtime within 30 %. The run uses the torch references (``QGALORE_FX_REFERENCE=1``): with the
 compiled fast paths and a cold inductor cache, compiling the run's own kernel shapes inside the process added
 ~0.1 GiB at this shape (+11 % in a fresh CI checkout; 2 % with a warm cache), memory the planner does not model.
@@ -30,7 +30,7 @@ def test_planned_peak_matches_a_measured_run(tmp_path, extra):
                     "--steps", "2", "--threads", "1", "--mmap-threshold", "1048576", "--out", str(out), *extra],
                    check=True, capture_output=True, timeout=600, env={**os.environ, "QGALORE_FX_REFERENCE": "1"})
     run = json.loads(out.read_text())
-    plan, measured = run["plan"], run["ru_maxrss_bytes"]
+    plan, measured = run["plan"], run["vm_hwm_bytes"]  # ru_maxrss would carry pytest's own size (fork + exec)
     assert abs(measured - plan["peak"]) <= 0.10 * plan["peak"], (measured, plan)
     above = plan["peak"] - plan["runtime"]
     assert abs((measured - plan["runtime"]) - above) <= 0.30 * above, (measured, plan)
