@@ -49,11 +49,12 @@ class RssSampler:
 
     @staticmethod
     def field(name: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {name} in /proc/self/status")
+        from qgalore_fx.memory import process_memory
+
+        value = process_memory(name)
+        if value is None:
+            raise RuntimeError(f"no {name} in /proc/self/status")
+        return value
 
     @staticmethod
     def rss() -> int:

@@ -114,13 +114,9 @@ def galore_torch_available() -> bool:
 # =========================================================================== worker
 def _rss_now() -> int:
     """Resident set size of this process now (bytes), from /proc; 0 where unavailable."""
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from qgalore_fx.memory import process_memory
+
+    return process_memory("VmRSS") or 0
 
 
 def _galore_torch_optimizer(model, cfg, rank: int, interval: int, scale: float, rest_lr: float):

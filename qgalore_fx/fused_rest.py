@@ -39,7 +39,7 @@ keeps :func:`linear_any_dtype`), and a copy or a pickle of the model gets the pl
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qgalore_fx.kernels import all_finite
+from qgalore_fx.kernels.quant import row_chunks
 
 #: Parameters below this many elements keep the post-accumulate-grad hook (their gradient is small).
 FUSED_MIN_NUMEL = 1 << 22
@@ -71,11 +72,24 @@ def eligible(module: nn.Module, param: Tensor, users: int) -> bool:
     return False
 
 
+def fused_weights(model: nn.Module) -> Dict[int, nn.Module]:
+    """``id(weight) -> module`` for every trainable weight of ``model`` that :func:`eligible` routes through a
+    fused backward (the optimizer installs them; the planner counts them)."""
+    owners: Dict[int, Tuple[nn.Module, Tensor, int]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                first, _, users = owners.get(id(p), (module, p, 0))
+                owners[id(p)] = (first, p, users + 1)
+    return {key: module for key, (module, p, users) in owners.items()
+            if p.requires_grad and eligible(module, p, users)}
+
+
 class _FusedEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: Optional[int], update: Callable):
         ctx.save_for_backward(ids)
-        ctx.padding_idx, ctx.update, ctx.rows = padding_idx, update, weight.shape[0]
+        ctx.padding_idx, ctx.update = padding_idx, update
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -100,18 +114,12 @@ class _FusedEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
-def _row_ranges(rows: int, cols: int, chunk: int):
-    step = max(1, chunk // max(cols, 1))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
 def linear_any_dtype(x: Tensor, weight: Tensor) -> Tensor:
     """``F.linear(x, weight)`` in ``x``'s dtype; a weight of another dtype is converted a row chunk at a time
     (:data:`LINEAR_CHUNK` elements), never whole. Differentiable."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight)
-    parts = [F.linear(x, weight[a:b].to(x.dtype)) for a, b in _row_ranges(*weight.shape, LINEAR_CHUNK)]
+    parts = [F.linear(x, weight[a:b].to(x.dtype)) for a, b in row_chunks(*weight.shape, 1, LINEAR_CHUNK)]
     return torch.cat(parts, dim=-1)
 
 
@@ -119,7 +127,7 @@ def _grad_input(grad_y: Tensor, weight: Tensor) -> Tensor:
     if weight.dtype == grad_y.dtype:
         return grad_y @ weight
     out = None
-    for a, b in _row_ranges(*weight.shape, LINEAR_CHUNK):
+    for a, b in row_chunks(*weight.shape, 1, LINEAR_CHUNK):
         part = grad_y[..., a:b] @ weight[a:b].to(grad_y.dtype)
         out = part if out is None else out.add_(part)
     return out
@@ -174,11 +182,6 @@ def _own_forward(module: nn.Module):
 
 def install(module: nn.Module, update: Callable) -> None:
     module.forward = FusedForward(module, update)
-
-
-def uninstall(module: nn.Module) -> None:
-    if isinstance(module.__dict__.get("forward"), FusedForward):
-        del module.forward
 
 
 def round_bf16_(dst: Tensor, values: Tensor, generator: Optional[torch.Generator]) -> None:

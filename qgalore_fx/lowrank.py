@@ -72,6 +72,7 @@ from qgalore_fx import projection as proj
 from qgalore_fx.kernels import all_finite, quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
+from qgalore_fx.kernels.quant import row_chunks
 from qgalore_fx.kernels.writeback import writeback_, writeback_applies
 
 _SEED_STRIDE = 1_000_003
@@ -302,11 +303,7 @@ WRITE_CHUNK = 1 << 20
 
 def _row_chunks(m: int, n: int, block_size: int):
     """Row ranges of about WRITE_CHUNK elements whose element counts are whole quantization blocks."""
-    rows = max(1, WRITE_CHUNK // n)
-    unit = block_size // math.gcd(n, block_size)  # rows per whole number of blocks
-    rows = max(unit, rows // unit * unit)
-    for start in range(0, m, rows):
-        yield start, min(m, start + rows)
+    return row_chunks(m, n, block_size, WRITE_CHUNK)
 
 
 #: Elements of R that Adam processes at a time in :func:`step_`: its fp32 temporaries (the new moments before
@@ -452,6 +449,11 @@ def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, gro
     control[REFRESH_SECONDS] += time.perf_counter() - t0
 
 
+def _project_factors(g2: Tensor, x2: Tensor, P: Tensor, side: str) -> Tensor:
+    """R = G Pᵀ (right) or Pᵀ G (left) for G = g2ᵀ x2, without forming G."""
+    return g2.t() @ (x2 @ P.t()) if side == "right" else (g2 @ P).t() @ x2
+
+
 def _skip_refresh(state: Dict[str, Tensor], defer: bool) -> None:
     """A refresh step whose gradient is non-finite: no new subspace, and the update is skipped (or poisoned)."""
     control = state["control"]
@@ -504,7 +506,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         _refresh(state, G, c, spec, group)
         del G
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
-        R = g2.t() @ (x2 @ P.t()) if spec.side == "right" else (g2 @ P).t() @ x2
+        R = _project_factors(g2, x2, P, spec.side)
     elif refresh or (group is not None and c["reduce"] == 1):
         G = _all_reduce(g2.t() @ x2, group, control)
         if refresh:
@@ -521,7 +523,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         return
     else:
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
-        R = g2.t() @ (x2 @ P.t()) if spec.side == "right" else (g2 @ P).t() @ x2
+        R = _project_factors(g2, x2, P, spec.side)
         R = _all_reduce(R, group, control)
     if defer:
         state["accum"].add_(R)

@@ -281,6 +281,20 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     return report
 
 
+def process_memory(field: str = "VmRSS") -> Optional[int]:
+    """A memory figure of this process in bytes from ``/proc/self/status``: ``"VmRSS"`` (resident now) or
+    ``"VmHWM"`` (its peak; unlike ``ru_maxrss`` it is this process's own, not inherited across fork + exec).
+    None where ``/proc`` does not have it (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 #: The threshold :func:`set_cpu_mmap_threshold` sets by default: 1 MiB.
 CPU_MMAP_THRESHOLD = 1 << 20
 

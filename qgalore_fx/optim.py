@@ -51,6 +51,7 @@ from torch import Tensor
 from qgalore_fx import fused_rest, lowrank
 from qgalore_fx.kernels import all_finite
 from qgalore_fx.kernels.adam8bit import AdamState, adamw_masked_
+from qgalore_fx.kernels.quant import row_chunks
 from qgalore_fx.layers import OptimizerLink, QGaLoreLinear
 from qgalore_fx.rewrite import config_of, projected_layers
 
@@ -164,11 +165,11 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self._rest_hooks = []
         self._fused_modules: List[nn.Module] = []
         if rest_in_backward:
-            owners = _owning_modules(model)
+            fused = fused_rest.fused_weights(model)
             for index, group in enumerate(self.param_groups[1:], start=1):
                 for p in group["params"]:
-                    module, users = owners.get(id(p), (None, 0))
-                    if module is not None and fused_rest.eligible(module, p, users):
+                    module = fused.get(id(p))
+                    if module is not None:
                         fused_rest.install(module, _FusedUpdate(self, p, index))
                         self._fused_modules.append(module)
                     else:
@@ -443,14 +444,10 @@ def _masked_adamw_rows_(p: Tensor, grad_rows, state: AdamState, step: Tensor, ok
     ``grad_rows(first_row, stop_row)`` just before they are used. A bf16 ``p`` is updated in fp32 a chunk at a
     time and written back by :func:`qgalore_fx.fused_rest.round_bf16_` from the stream ``seed``."""
     rows, cols = p.shape
-    bs = state.block_size
-    unit = bs // math.gcd(cols, bs)  # rows per whole number of moment blocks
-    per = max(unit, ADAMW_CHUNK // cols // unit * unit)
     flat = p.view(-1)
     generator = None if seed is None else torch.Generator(device=p.device).manual_seed(seed)
     t = step + 1
-    for first in range(0, rows, per):
-        last = min(rows, first + per)
+    for first, last in row_chunks(rows, cols, state.block_size, ADAMW_CHUNK):  # whole moment blocks
         start, stop = first * cols, last * cols
         p32 = flat[start:stop] if p.dtype == torch.float32 else flat[start:stop].float()
         adamw_masked_(p32, grad_rows(first, last).reshape(-1), state.part(start, stop), t, ok, lr, beta1, beta2, eps,
@@ -475,17 +472,6 @@ class _FusedUpdate:
         optimizer = self._optimizer()
         if optimizer is not None:
             optimizer._fused_update(self._param, optimizer.param_groups[self._group_index], grad_rows, ok)
-
-
-def _owning_modules(model: nn.Module) -> Dict[int, Tuple[nn.Module, int]]:
-    """id(parameter) -> (a module that holds it directly, how many modules hold it)."""
-    owners: Dict[int, Tuple[nn.Module, int]] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                first, count = owners.get(id(p), (module, 0))
-                owners[id(p)] = (first, count + 1)
-    return owners
 
 
 def _resolve_process_group(process_group):

@@ -500,15 +500,13 @@ def compute_projection(
     d = A.shape[1]
     out_shape = (rank, d) if side == "right" else (d, rank)
 
+    q = min(rank + oversample, min(m, n))
     if method == "full":
         V = torch.linalg.svd(A, full_matrices=False).Vh[:rank].T
+    elif isinstance(A, FactoredGradient) and A.left.shape[0] < q:
+        # G has rank <= T < q: the iteration cannot beat the exact SVD, which the factors give cheaply
+        V = _factored_svd(A, rank, generator)
     else:
-        q = min(rank + oversample, min(m, n))
-        if isinstance(A, FactoredGradient) and A.left.shape[0] < q:
-            # G has rank <= T < q: the iteration cannot beat the exact SVD, which the factors give cheaply
-            V = _canonical_signs(_factored_svd(A, rank, generator))
-            P = V.T if side == "right" else V
-            return P.contiguous()
         if method == "subspace" and _usable_prev(prev, out_shape):
             start = prev.detach().to(device=A.device, dtype=torch.float32)
             start = start.T if side == "right" else start  # [d, rank]

@@ -67,7 +67,6 @@ import logging
 import math
 import os
 import pathlib
-import re
 import resource
 import statistics
 import sys
@@ -88,6 +87,7 @@ from qgalore_fx.app.train import (
     is_device_name,
 )
 from qgalore_fx.config import QGaLoreConfig, cli_fields
+from qgalore_fx.memory import process_memory
 
 __all__ = [
     "DEFAULT_LR",
@@ -255,12 +255,10 @@ def _is_number(value) -> bool:
 
 def _rss() -> dict:
     """Current and peak resident memory of this process in bytes (Linux /proc; elsewhere the peak only)."""
-    try:
-        text = pathlib.Path("/proc/self/status").read_text()
-        kib = {k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1)) for k in ("VmRSS", "VmHWM")}
-        return {"rss": kib["VmRSS"] * 1024, "peak": kib["VmHWM"] * 1024}
-    except (OSError, AttributeError):
+    rss, peak = process_memory("VmRSS"), process_memory("VmHWM")
+    if rss is None or peak is None:
         return {"rss": None, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"rss": rss, "peak": peak}
 
 
 def _reset_peak_rss() -> bool:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from qgalore_fx.handlers import handler_named
 from qgalore_fx.kernels.adam8bit import AdamState
-from qgalore_fx.memory import GB, MB, GiB, MiB, MemoryReport, _nbytes, memory_report
+from qgalore_fx.memory import GB, MB, GiB, MiB, MemoryReport, _nbytes, memory_report, process_memory
 
 __all__ = [
     "METHODS",
@@ -189,11 +189,10 @@ def runtime_rss() -> int:
         opt.step()
         opt.zero_grad()
     del model, opt
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = process_memory("VmRSS")
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status")
+    return rss
 
 
 def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, seq_len: Optional[int] = None,
@@ -238,7 +237,7 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
     for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive int, got {value!r}")
-    model = qgalore_fx_transform_meta(config, rank, **options)
+    model = _qgalore_meta_model(config, rank, rest_dtype=None, **options)
     if embedding_dtype != torch.float32:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
@@ -267,32 +266,20 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
         else:
             extra = f32 * (m * n + 3 * (a + 2 * d) * (rank + 8))
         refresh = max(refresh, extra)
-    rest = [(mod, p) for mod in model.modules() for p in mod._parameters.values()
-            if p is not None and p.requires_grad and p.numel()]
-    users: Dict[int, int] = {}
-    for _, p in rest:
-        users[id(p)] = users.get(id(p), 0) + 1
     head = model.get_output_embeddings()
-    fused = {id(p) for mod, p in rest if rest_in_backward and fused_rest.eligible(mod, p, users[id(p)])}
+    fused = fused_rest.fused_weights(model) if rest_in_backward else {}
     head_grad = 0 if head is None or id(head.weight) in fused else head.weight.element_size() * head.weight.numel()
     if rest_in_backward:
         held = 0
         head_phase = f32 * (4 * T * V + max(head_grad, 3 * optim.ADAMW_CHUNK))
         notes = [f"{len(fused)} unprojected weight(s) updated row chunk by row chunk inside their backward"]
     else:
-        held = sum(p.numel() * p.element_size() for _, p in {id(p): (mod, p) for mod, p in rest}.values())
+        held = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         head_phase = f32 * 4 * T * V
         notes = ["every unprojected gradient is held until optimizer.step()"]
     return RunPlan(name, rank, batch_size, seq_len, checkpointing, rest_in_backward,
                    runtime_rss() if runtime is None else runtime, persistent, saved, per_layer + update, refresh,
                    head_phase, held, embedding_dtype, notes)
-
-
-def qgalore_fx_transform_meta(config, rank: int, **options) -> nn.Module:
-    """``qgalore_fx.transform`` of the config's model on the meta device (fp32, as the CPU run keeps it)."""
-    import qgalore_fx
-
-    return qgalore_fx.transform(_meta_model(config), rank, device="meta", **options)
 
 
 def _resolve(preset_or_config, vocab_size: Optional[int]):
@@ -321,13 +308,14 @@ def _meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _qgalore_meta_model(config, rank: int, **options) -> nn.Module:
-    """``transform(meta model, rank, device="meta")``, then unprojected parameters to bf16 (codes and scales keep
-    their dtypes: ``QGaLoreLinear._apply`` restores them)."""
+def _qgalore_meta_model(config, rank: int, rest_dtype: Optional[torch.dtype] = torch.bfloat16,
+                        **options) -> nn.Module:
+    """``transform(meta model, rank, device="meta")``, then unprojected parameters to ``rest_dtype`` (codes and
+    scales keep their dtypes: ``QGaLoreLinear._apply`` restores them); ``None``: fp32, as a CPU run keeps them."""
     import qgalore_fx
 
     model = qgalore_fx.transform(_meta_model(config), rank, device="meta", **options)
-    return model.to(torch.bfloat16)
+    return model if rest_dtype is None else model.to(rest_dtype)
 
 
 def planned_qgalore_report(preset_or_config, rank: Optional[int] = None, vocab_size: Optional[int] = None,

@@ -21,14 +21,13 @@ dtype (as the reference does) and feeds ``tl.dot`` with an fp32 accumulator.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .fastpath import reference_forced
-from .quant import FLOAT_DTYPES, _check_block_size, dequantize_reference, num_blocks
+from .quant import FLOAT_DTYPES, _check_block_size, dequantize_reference, num_blocks, row_chunks
 
 try:
     import triton
@@ -116,10 +115,7 @@ MATMUL_CHUNK = 1 << 22
 
 def _row_chunks(rows: int, cols: int, block_size: int):
     """Row ranges of about MATMUL_CHUNK elements that start on quantization-block boundaries."""
-    unit = block_size // math.gcd(cols, block_size)  # rows per whole number of blocks
-    step = max(unit, MATMUL_CHUNK // cols // unit * unit)
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
+    return row_chunks(rows, cols, block_size, MATMUL_CHUNK)
 
 
 def _weight_rows(codes: torch.Tensor, scales: torch.Tensor, block_size: int, start: int, stop: int, dtype):

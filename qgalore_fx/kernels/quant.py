@@ -336,6 +336,15 @@ def _chunks(numel: int, block_size: int):
         yield start, min(numel, start + step)
 
 
+def row_chunks(rows: int, cols: int, block_size: int, chunk: int):
+    """``(start, stop)`` row ranges of a ``[rows, cols]`` matrix, about ``chunk`` elements each, whose first
+    elements fall on ``block_size`` boundaries of the flattened matrix (at least one whole number of blocks)."""
+    unit = block_size // math.gcd(cols, block_size)  # rows per whole number of blocks
+    step = max(unit, chunk // cols // unit * unit)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
 def _as_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
     if pad:
