@@ -307,7 +307,8 @@ def _row_chunks(m: int, n: int, block_size: int):
 
 
 #: Elements of R that Adam processes at a time in :func:`step_`: its fp32 temporaries (the new moments before
-#: they are quantized) stay a few MiB; whole, they were 2x R (86 MiB for a LLaMA-7B MLP layer at rank 1024).
+#: they are quantized) stay a few MiB; whole, they were 2x R (+129 MiB with N for a LLaMA-7B MLP layer at rank 1024,
+#: benchmarks/bench_transients.py).
 ADAM_CHUNK = 1 << 20
 
 

@@ -57,8 +57,8 @@ When ``T`` is below the iteration's block (``rank + oversample``) no iteration c
 exact SVD, which the factors give in ``O((m + n) T²)``: ``qr(xᵀ)`` spans ``G``'s rows, and
 the SVD of the ``[m, T]`` matrix ``G Q`` is ``G``'s (:func:`_factored_svd`; past the first
 ``T`` vectors ``G`` has no energy and ``P`` is completed by a seeded random orthonormal
-block). At LLaMA-7B, rank 1024 and 256 tokens this takes a layer's first refresh from 14.8 s
-(randomized on the formed ``G``) to a fraction of a second on one core.
+block). At LLaMA-7B, rank 1024 and 256 tokens this takes an MLP layer's first refresh from 9.8 s
+(randomized on the formed ``G``) to 0.8 s on one core (``benchmarks/bench_transients.py``).
 ``"full"`` (the SVD reference of the exact-GaLore mode) always forms ``G``.
 
 Aligning a refreshed projection (:func:`align_projection`)

@@ -108,7 +108,7 @@ def int8_matmul_t_reference(g2d: torch.Tensor, codes: torch.Tensor, scales: torc
 
 
 #: Weight elements dequantized at a time by the ops' default (non-Triton) kernel. Dequantizing a whole
-#: 11008 x 4096 LLaMA-7B MLP weight to fp32 raised peak RSS by 344 MiB (the int8 -> fp32 promotion and the
+#: 11008 x 4096 LLaMA-7B MLP weight to fp32 raised peak RSS by 343 MiB (the int8 -> fp32 promotion and the
 #: product); in row chunks of this many elements the temporaries stay a few tens of MiB at any size.
 MATMUL_CHUNK = 1 << 22
 

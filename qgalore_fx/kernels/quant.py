@@ -577,7 +577,7 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 
     One min/max reduction (``torch.aminmax``: NaN propagates into both, an infinity into one of them), so the
     check allocates nothing the size of ``t``; ``torch.isfinite(t).all()`` materializes ``|t|`` and two bool
-    masks, 1.75x the bytes of an fp32 ``t`` (+436 MiB for a 32000 x 2048 embedding gradient, measured).
+    masks, 1.75x the bytes of an fp32 ``t`` (+437 MiB for a 32000 x 2048 gradient, benchmarks/bench_transients.py).
     """
     if t.numel() == 0 or not t.is_floating_point():
         return torch.ones((), dtype=torch.bool, device=t.device)
