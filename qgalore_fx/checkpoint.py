@@ -595,6 +595,15 @@ def _write_error(path: str, e: BaseException, existed: bool) -> CheckpointWriteE
 
 
 # =========================================================================== save
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    from qgalore_fx.sharding import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(f"{what} writes one process's full state; this model is sharded with FSDP2 "
+                         "(fully_shard). Use torch.distributed.checkpoint: get_state_dict(model, opt) + dcp.save, "
+                         "and dcp.load + set_state_dict (README, \"Sharded training (FSDP2)\")")
+
+
 def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler: Optional[Any] = None, **extra) -> str:
     """Write a complete checkpoint to the directory ``path``, atomically; returns the absolute path.
@@ -607,6 +616,7 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_sharded(model, "save_checkpoint")
     path = os.path.abspath(os.fspath(path))
     _check_replaceable(path)
 
@@ -1081,12 +1091,16 @@ def _check_optimizer_state(saved_meta: Optional[dict], state: Any, optimizer, wh
     bad_shapes = []
     for index, s in state["state"].items():
         entry = f"optimizer.state.{index}"
-        if not _is_int(index) or not first_adamw <= index < len(params):
-            raise _invalid("an optimizer.state key", f"a parameter index in [{first_adamw}, {len(params)})", index,
-                           where)
+        if not _is_int(index) or not 0 <= index < len(params):
+            raise _invalid("an optimizer.state key", f"a parameter index in [0, {len(params)})", index, where)
         p = params[index]
         if not isinstance(s, dict):
             raise _invalid(entry, "a dict", s, where)
+        if index < first_adamw:  # a projected layer's anchor: only a mirror of the layer's step, ignored on load
+            if set(s) != {"step"}:
+                raise _invalid(entry, "{'step': <count>} (a projected layer's entry)", sorted(s), where)
+            _check_count(s["step"], entry + ".step", where, tensor=True)
+            continue
         if qgalore:
             shape = _check_adamw_state(s, p, optimizer.optim_bits, entry, where)
         else:
@@ -1262,6 +1276,7 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_sharded(model, "load_checkpoint")
     ckpt = read_checkpoint(path)
     where = f"checkpoint {ckpt['path']}"
     meta = ckpt["metadata"]

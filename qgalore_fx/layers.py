@@ -6,12 +6,13 @@ rewritten layer (``nn.Linear``, GPT-2's ``Conv1D`` or any type with a handler in
 :mod:`qgalore_fx.handlers`) therefore becomes one of these, holding:
 
 - ``weight_codes``: INT8 codes [out, in] (``weight_bits=8``) — or, for the
-  16/32-bit ablations, the weight itself in bf16/fp32;
+  16/32-bit ablations, the weight itself in bf16/fp32; a frozen Parameter
+  (``requires_grad=False``), so FSDP2 shards it (:mod:`qgalore_fx.sharding`);
 - ``weight_scales``: fp32 per-block scales over the flattened weight (empty for
-  16/32-bit storage);
+  16/32-bit storage), a frozen Parameter too;
 - ``bias``: the original bias Parameter, untouched (trained by the optimizer's
   ordinary AdamW group);
-- ``anchor``: a zero-element Parameter (see :mod:`qgalore_fx.ops`);
+- ``anchor``: a one-element Parameter, always 0 (see :mod:`qgalore_fx.ops`);
 - once pass 2 enabled its update: the update state of
   :data:`qgalore_fx.lowrank.STATE_NAMES` as buffers (projection codes and
   scales, Adam's moments, ``step``, ``skipped``, ``accum``), the host-side
@@ -85,11 +86,18 @@ class QGaLoreLinear(nn.Module):
         else:
             codes = torch.zeros(out_features, in_features, dtype=_STORAGE_DTYPES[weight_bits], device=device)
             scales = torch.zeros(0, dtype=torch.float32, device=device)
-        self.register_buffer("weight_codes", codes)
-        self.register_buffer("weight_scales", scales)
+        # Frozen Parameters (as bitsandbytes' Int8Params): FSDP2 shards and all-gathers them like any parameter,
+        # and reduces nothing for them (qgalore_fx.sharding); the update writes them inside backward.
+        self.weight_codes = nn.Parameter(codes, requires_grad=False)
+        self.weight_scales = nn.Parameter(scales, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
-        self.anchor = nn.Parameter(torch.zeros(0, device=device))
+        # One element (not zero: FSDP2 cannot shard an empty parameter); its value and gradient are always 0.
+        self.anchor = nn.Parameter(torch.zeros(1, device=device))
         self.register_buffer("hparams", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
+        # Under FSDP2: views of this rank's shard of the codes and scales, which the update writes (empty otherwise).
+        self.register_buffer("shard_codes", torch.zeros(0, dtype=codes.dtype, device=device), persistent=False)
+        self.register_buffer("shard_scales", torch.zeros(0, dtype=torch.float32, device=device), persistent=False)
+        self.shard_mesh = None
         self.spec: Optional[lowrank.UpdateSpec] = None
         self.spec_json = ""
         self.control: Optional[Tensor] = None
@@ -157,17 +165,56 @@ class QGaLoreLinear(nn.Module):
         """The update-state tensors in the order the ops take them (empty when frozen)."""
         if self.spec is None:
             return []
-        return [self.control if k == "control" else getattr(self, k) for k in lowrank.STATE_NAMES]
+        return [self.control if k == "control" else getattr(self, k) for k in lowrank.OP_STATE_NAMES]
+
+    def bind_shards(self) -> None:
+        """Point ``shard_codes`` / ``shard_scales`` at FSDP2's local shards of the codes and scales (at rest, the
+        module's parameters are the sharded DTensors; their local tensors are FSDP2's own storage)."""
+        from qgalore_fx.sharding import is_dtensor
+
+        if self.spec is None or not self.spec.shard_world > 1 or not is_dtensor(self.weight_codes):
+            return
+        codes, scales = self.weight_codes._local_tensor, self.weight_scales._local_tensor
+        if self.shard_codes.data_ptr() != codes.data_ptr() or self.shard_codes.shape != codes.shape:
+            self.shard_codes = codes
+        if self.shard_scales.data_ptr() != scales.data_ptr() or self.shard_scales.shape != scales.shape:
+            self.shard_scales = scales
 
     def state_tensors(self) -> Dict[str, Tensor]:
-        return dict(zip(lowrank.STATE_NAMES, self.update_state()))
+        return dict(zip(lowrank.OP_STATE_NAMES, self.update_state()))
 
     def apply_pending(self) -> bool:
         """Apply an accumulated update (deferred mode); True if there was one."""
         if self.spec is None:
             return False
-        return lowrank.apply_pending_(self.weight_codes, self.weight_scales, self.state_tensors(), self.hparams,
-                                      self.spec)
+        from qgalore_fx.sharding import local
+
+        # under FSDP2 the step writes shard_codes/shard_scales (in the state); the op takes plain tensors
+        return lowrank.apply_pending_(local(self.weight_codes), local(self.weight_scales), self.state_tensors(),
+                                      self.hparams, self.spec)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.spec is not None and self.spec.shard_world > 1:  # this rank's part of R, as a global DTensor
+            from qgalore_fx.sharding import SHARDED_STATE, dtensor_state
+
+            for key in SHARDED_STATE:
+                if prefix + key in destination:
+                    destination[prefix + key] = dtensor_state(self, destination[prefix + key])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        anchor = state_dict.get(prefix + "anchor")
+        if isinstance(anchor, Tensor) and anchor.numel() == 0 and self.anchor.numel() == 1:
+            state_dict[prefix + "anchor"] = self.anchor.detach().new_zeros(self.anchor.shape)  # saved as 0 elements
+        if self.spec is not None and self.spec.shard_world > 1:
+            from qgalore_fx.sharding import SHARDED_STATE, local_part
+
+            for key in SHARDED_STATE:
+                if prefix + key in state_dict:
+                    state_dict[prefix + key] = local_part(self, key, state_dict[prefix + key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def get_extra_state(self) -> Tensor:
         """The host control state, for ``state_dict`` (see :data:`qgalore_fx.lowrank.NOT_SAVED`)."""
@@ -221,8 +268,10 @@ class QGaLoreLinear(nn.Module):
         }
 
     def weight_nbytes(self) -> int:
-        return self.weight_codes.numel() * self.weight_codes.element_size() + \
-            self.weight_scales.numel() * self.weight_scales.element_size()
+        """Bytes of the stored weight this process holds (its shard under FSDP2)."""
+        from qgalore_fx.sharding import local
+
+        return sum(local(t).numel() * t.element_size() for t in (self.weight_codes, self.weight_scales))
 
     def state_nbytes(self) -> Dict[str, int]:
         """Exact bytes of the update state: projection, optimizer moments, accumulator."""
@@ -240,6 +289,7 @@ class QGaLoreLinear(nn.Module):
         # format: codes, scales, moments and hparams keep their dtypes (converting fp32 scales to fp16 and back
         # would lose bits). Device moves go through unchanged; the bias is an ordinary parameter and converts.
         buffers = {id(t) for t in self._buffers.values() if t is not None}
+        buffers |= {id(self.weight_codes), id(self.weight_scales)}
 
         def keep_dtype(t):
             out = fn(t)

@@ -83,6 +83,11 @@ STATE_NAMES = (
     "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
     "step", "skipped", "accum", "control",
 )
+#: Under FSDP2, the local shards of the weight's codes and scales that the update writes (empty tensors otherwise;
+#: non-persistent: FSDP2 owns the storage, see qgalore_fx.sharding).
+SHARD_NAMES = ("shard_codes", "shard_scales")
+#: What the ops take as a layer's ``state`` list.
+OP_STATE_NAMES = STATE_NAMES + SHARD_NAMES
 
 # Slots of the host-side ``control`` tensor (float64 on the CPU; integers up to 2**53 are exact).
 CALLS = 0            # update attempts so far (the refresh clock, and the stochastic-rounding offset)
@@ -146,6 +151,9 @@ class UpdateSpec:
     fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
     align: str = "sign"  # how a refreshed P is aligned with the old one (qgalore_fx.projection.align_projection)
     group: str = ""  # torch.distributed process group name; "" = no data parallelism
+    shard_world: int = 1  # FSDP2: ranks the weight's rows are sharded over (qgalore_fx.sharding); 1 = not sharded
+    shard_rank: int = 0  # FSDP2: this rank's index in the shard group
+    shard_group: str = ""  # FSDP2: the shard group's name
 
     @classmethod
     def from_config(cls, config, name: str, m: int, n: int, index: int) -> "UpdateSpec":
@@ -288,11 +296,12 @@ def adam_state(state: Dict[str, Tensor]) -> AdamState:
     return AdamState(m.shape, 32, ADAM_BLOCK_SIZE, m, v)
 
 
-def sr_seed(spec: UpdateSpec, calls: int, numel: int, device) -> Optional[Tensor]:
-    """The (seed, offset) pair of this attempt's stochastic rounding (None: round to nearest)."""
+def sr_seed(spec: UpdateSpec, calls: int, device) -> Optional[Tensor]:
+    """The (seed, offset) pair of this attempt's stochastic rounding (None: round to nearest); the offset counts
+    elements of the whole weight, sharded or not."""
     if not spec.stochastic_round:
         return None
-    return torch.tensor([spec.seed, calls * numel], dtype=torch.int64).to(device, non_blocking=True)
+    return torch.tensor([spec.seed, calls * spec.m * spec.n], dtype=torch.int64).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- the steady-state step
@@ -349,11 +358,18 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     step_size = lr * spec.scale
     m, n = spec.m, spec.n
     bs = spec.block_size
+    row0 = 0
+    if spec.shard_world > 1:  # FSDP2: this rank's rows of the weight, from its part of R (qgalore_fx.sharding)
+        weight, scales = state["shard_codes"], state["shard_scales"]
+        m = weight.shape[0]
+        row0 = spec.shard_rank * m
+        if spec.side == "left":  # ΔW rows = P[rows] · N needs all of N (r x n)
+            N = _all_gather_rows(N, _resolve_group(spec.shard_group), state["control"])
     for start, stop in _row_chunks(m, n, bs):
         rows = slice(start, stop)
         # ΔW rows: N[rows] @ P (right projection) or P[rows] @ N (left)
         delta = proj.project_back(N[rows], P, "right") if spec.side == "right" else \
-            proj.project_back(N, P[rows], "left")
+            proj.project_back(N, P[row0 + start:row0 + stop], "left")
         if weight.is_floating_point():
             W = weight[rows].float()
             W.mul_(decay).sub_(delta.mul_(step_size))
@@ -361,7 +377,8 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
             continue
         first, last = start * n // bs, -(-stop * n // bs)  # the chunk starts on a block boundary
         codes_now, scales_now = weight[rows], scales[first:last]
-        chunk_seed = None if seed is None else seed + torch.tensor([0, start * n], dtype=seed.dtype).to(seed.device)
+        offset = (row0 + start) * n  # the stream of these rows in the whole weight: sharded or not, the same draws
+        chunk_seed = None if seed is None else seed + torch.tensor([0, offset], dtype=seed.dtype).to(seed.device)
         if writeback_applies(codes_now, bs) and writeback_(codes_now, scales_now, delta, decay, step_size, bs,
                                                            chunk_seed, ok):
             continue  # the same codes and scales as the three ops below, in one compiled pass
@@ -381,12 +398,55 @@ def _world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _process_group(spec: UpdateSpec):
-    if not spec.group:
+def _resolve_group(name: str):
+    if not name:
         return None
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(spec.group)
+    return _resolve_process_group(name)
+
+
+def _process_group(spec: UpdateSpec):
+    """The group this layer reduces its gradient over: FSDP2's shard group, else the data-parallel one."""
+    return _resolve_group(spec.shard_group or spec.group)
+
+
+def _reduce_scatter(R: Tensor, group, control: Tensor) -> Tensor:
+    """This rank's rows of ``R`` summed over the FSDP2 shard group and averaged (as FSDP2 averages gradients)."""
+    import torch.distributed as dist
+
+    world = _world_size(group)
+    R = R.contiguous()
+    out = R.new_empty((R.shape[0] // world, *R.shape[1:]))
+    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, R, group=group)  # torch < 2.13: old name
+    control[COMM_BYTES] += R.numel() * R.element_size()
+    return out.div_(world)
+
+
+def _all_gather_rows(t: Tensor, group, control: Tensor) -> Tensor:
+    """Every rank's rows of ``t`` (dim 0), in rank order."""
+    import torch.distributed as dist
+
+    world = _world_size(group)
+    out = t.new_empty((t.shape[0] * world, *t.shape[1:]))
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, t.contiguous(), group=group)
+    control[COMM_BYTES] += out.numel() * out.element_size()
+    return out
+
+
+def _local_rows(R: Tensor, spec: UpdateSpec) -> Tensor:
+    """This rank's rows of a full (already reduced) ``R``."""
+    return R.chunk(spec.shard_world)[spec.shard_rank].clone()
+
+
+def _agree_finite(R: Tensor, group) -> Tensor:
+    """``R`` poisoned with NaN on every rank when any rank's part is non-finite, so all ranks skip alike (one
+    one-element all-reduce; no host synchronization)."""
+    import torch.distributed as dist
+
+    bad = (~all_finite(R)).to(torch.float32).reshape(1)
+    dist.all_reduce(bad, group=group)
+    return torch.where(bad > 0, math.nan, R)
 
 
 def _all_reduce(t: Tensor, group, control: Tensor) -> Tensor:
@@ -493,6 +553,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
             "qgalore_fx.optimizer(model, accumulation_steps=k) for k micro-batches per step (HF Trainer: "
             "accumulation_steps=args.gradient_accumulation_steps), or call optimizer.step() between backward() calls")
     group = _process_group(spec)
+    sharded = spec.shard_world > 1
     m, n = spec.m, spec.n
     x2 = x.reshape(-1, n).float()
     g2 = grad_y.reshape(-1, m).float()
@@ -518,6 +579,8 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
         R = proj.project(G, P, spec.side)
         del G
+        if sharded:
+            R = _local_rows(R, spec)
     elif c["refresh_count"] == 0:  # the refresh of this accumulated step was skipped: nothing to project on
         _poison(state)
         control[PENDING] += 1
@@ -525,14 +588,16 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     else:
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
         R = _project_factors(g2, x2, P, spec.side)
-        R = _all_reduce(R, group, control)
+        R = _reduce_scatter(R, group, control) if sharded else _all_reduce(R, group, control)
+    if sharded:
+        R = _agree_finite(R, group)
     if defer:
         state["accum"].add_(R)
         control[PENDING] += 1
         return
     calls = int(c["calls"])
     torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), R, hparams,
-                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.text, P)
+                                       sr_seed(spec, calls, weight.device), spec.text, P)
     control[CALLS] = calls + 1
     control[STEP_UPDATES] = 1
 
@@ -549,7 +614,7 @@ def apply_pending_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hpa
         return False
     calls = int(c["calls"])
     torch.ops.qgalore_fx.lowrank_step_(weight, scales, _state_list(state), state["accum"], hparams,
-                                       sr_seed(spec, calls, weight.numel(), weight.device), spec.text)
+                                       sr_seed(spec, calls, weight.device), spec.text)
     state["accum"].zero_()
     control[PENDING] = 0
     control[CALLS] = calls + 1
@@ -557,10 +622,11 @@ def apply_pending_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hpa
 
 
 def _state_list(state: Dict[str, Tensor]) -> List[Tensor]:
-    return [state[k] for k in STATE_NAMES]
+    return [state[k] for k in (OP_STATE_NAMES if SHARD_NAMES[0] in state else STATE_NAMES)]
 
 
 def state_from_list(tensors: List[Tensor]) -> Dict[str, Tensor]:
-    if len(tensors) != len(STATE_NAMES):
-        raise ValueError(f"a layer's update state has {len(STATE_NAMES)} tensors {STATE_NAMES}, got {len(tensors)}")
-    return dict(zip(STATE_NAMES, tensors))
+    if len(tensors) not in (len(STATE_NAMES), len(OP_STATE_NAMES)):
+        raise ValueError(f"a layer's update state has {len(OP_STATE_NAMES)} tensors {OP_STATE_NAMES} (or the first "
+                         f"{len(STATE_NAMES)}), got {len(tensors)}")
+    return dict(zip(OP_STATE_NAMES, tensors))

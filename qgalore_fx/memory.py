@@ -54,7 +54,10 @@ MB = 10**6
 
 
 def _nbytes(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+    """Bytes this process holds of ``t`` (a DTensor's local shard under FSDP2)."""
+    from qgalore_fx.sharding import local
+
+    return 0 if t is None else local(t).numel() * t.element_size()
 
 
 # =========================================================================== memory_report
@@ -232,10 +235,12 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
             report.accumulators += b
             pending["accumulators"] = pending.get("accumulators", 0) + b
 
-    params = [p for p in model.parameters() if id(p) not in anchors]
+    params = [p for p in model.parameters() if id(p) not in anchors and id(p) not in layer_tensors]
     report.unprojected_params = sum(_nbytes(p) for p in params)
     report.gradients = sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
     report.other_buffers = sum(_nbytes(b) for b in model.buffers() if id(b) not in layer_tensors)
+    # each projected layer's anchor (one element, always 0) is bookkeeping, like its counters
+    report.other_buffers += sum(_nbytes(p) for p in model.parameters() if id(p) in anchors)
     report.weight_storage = "/".join(sorted(weight_kinds)) or "-"
     report.projection_storage = "/".join(sorted(proj_kinds)) or "-"
 

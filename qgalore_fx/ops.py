@@ -8,7 +8,7 @@
     empty it then calls ``lowrank_update_``, so the layer's low-rank optimizer
     step runs right there and the full weight gradient never outlives the
     layer's backward. ``state`` is the layer's update-state tensors in the
-    order of :data:`qgalore_fx.lowrank.STATE_NAMES` (empty for a frozen
+    order of :data:`qgalore_fx.lowrank.OP_STATE_NAMES` (empty for a frozen
     quantized linear, which is what pass 1 emits before pass 2 wires the
     update), ``hparams`` the float64 ``[lr, beta1, beta2, eps, weight_decay]``
     the optimizer hands the layer, and ``spec`` the layer's static settings
@@ -27,7 +27,7 @@
     branch-free, hyperparameters as tensors. ``P`` is the dequantized
     projection when the caller already holds it (else read from the state).
 
-``anchor`` is a zero-element Parameter owned by each layer, the stand-in for
+``anchor`` is a one-element Parameter (always 0) owned by each layer, the stand-in for
 its weight. It makes autograd run the layer's backward even when nothing
 upstream requires grad (e.g. frozen embeddings), gets an empty gradient so
 DDP's reducer sees every parameter used, and is what the optimizer's
@@ -71,9 +71,9 @@ def _check_linear_args(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional
         raise TypeError(f"weight must be int8 codes or a float matrix, got {weight.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if state and len(state) != len(lowrank.STATE_NAMES):
-        raise ValueError(f"state must be empty (frozen layer) or the {len(lowrank.STATE_NAMES)} tensors "
-                         f"{lowrank.STATE_NAMES}, got {len(state)}")
+    if state and len(state) not in (len(lowrank.STATE_NAMES), len(lowrank.OP_STATE_NAMES)):
+        raise ValueError(f"state must be empty (frozen layer) or the {len(lowrank.OP_STATE_NAMES)} tensors "
+                         f"{lowrank.OP_STATE_NAMES} (or the first {len(lowrank.STATE_NAMES)}), got {len(state)}")
 
 
 @torch.library.custom_op("qgalore_fx::linear", mutates_args=())

@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx import fused_rest, lowrank
+from qgalore_fx import fused_rest, lowrank, sharding
 from qgalore_fx.kernels import all_finite
 from qgalore_fx.kernels.adam8bit import AdamState, adamw_masked_
 from qgalore_fx.kernels.quant import row_chunks
@@ -124,6 +124,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self.reduce = reduce
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        sharding.check_not_fsdp1(model)
         layers = [(n, m) for n, m in projected_layers(model) if m.trainable]
         if not layers:
             raise ValueError("model has no projected layers: call qgalore_fx.transform(model, rank=...) first")
@@ -149,8 +150,15 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             groups.append({"params": others, "name": "adamw", **({} if rest_lr is None else {"lr": rest_lr})})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=anchors[0].device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=sharding.local(anchors[0]).device)
         self._bind_layers()
+        # FSDP2: the AdamW states exist from the start (torch.distributed.checkpoint's get_state_dict reads their
+        # layout as the template a checkpoint loads into)
+        self._mesh = sharding.mesh_of(p for g in self.param_groups[1:] for p in g["params"])
+        if self._mesh is not None:
+            for group in self.param_groups[1:]:
+                for p in group["params"]:
+                    self._adam_state_of(p)
         if not isinstance(rest_in_backward, bool):
             raise TypeError(f"rest_in_backward must be a bool, got {rest_in_backward!r}")
         if rest_in_backward and accumulation_steps > 1:
@@ -182,17 +190,21 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         defer = self.accumulation_steps > 1
         for name, layer in self._layers:
             layer.optimizer_link = OptimizerLink(self)
-            if layer.spec.group != group_name:
-                layer.set_spec(dataclasses.replace(layer.spec, group=group_name))
+            sharded = sharding.shard_layer(name, layer)  # FSDP2: its reduction runs over the shard group instead
+            layer_group = "" if sharded else group_name
+            if layer.spec.group != layer_group:
+                layer.set_spec(dataclasses.replace(layer.spec, group=layer_group))
             layer_defer = defer or not layer.spec.fused
             layer.control[lowrank.DEFER] = float(layer_defer)
             layer.control[lowrank.REDUCE] = float(self.reduce == "full")
             shape = layer.spec.lowrank_shape if layer_defer else (0,)
+            if layer_defer and sharded:
+                shape = (shape[0] // layer.spec.shard_world, shape[1])
+            device = sharding.local(layer.weight_codes).device
             if tuple(layer.accum.shape) != tuple(shape):
-                layer.accum = torch.zeros(shape, dtype=torch.float32, device=layer.weight_codes.device)
+                layer.accum = torch.zeros(shape, dtype=torch.float32, device=device)
             if layer.hparams.numel() != len(lowrank.HPARAMS):
-                layer.hparams = torch.zeros(len(lowrank.HPARAMS), dtype=torch.float64,
-                                            device=layer.weight_codes.device)
+                layer.hparams = torch.zeros(len(lowrank.HPARAMS), dtype=torch.float64, device=device)
         self.param_groups[0] = _LayerGroup(self.param_groups[0], self)
         self._push_hparams()
 
@@ -288,8 +300,12 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def _adam_state_of(self, p: Tensor) -> dict:
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-            state["adam"] = AdamState.zeros(p.shape, bits=self.optim_bits, device=p.device)
+            device = sharding.local(p).device
+            state["step"] = torch.zeros((), dtype=torch.int64, device=device)
+            layout = sharding.rest_layout(p, self.optim_bits)
+            shape = sharding.local(p).shape if layout == "local" else p.shape
+            state["adam"] = AdamState.zeros(shape, bits=sharding.state_bits(p, self.optim_bits), device=device,
+                                            min_8bit_size=0)
         return state
 
     @staticmethod
@@ -301,8 +317,13 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def _adamw_one(self, p: Tensor, group: dict, ok: Tensor) -> None:
         state = self._adam_state_of(p)
         beta1, beta2 = group["betas"]
-        _masked_adamw_(p, p.grad, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
-                       beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if sharding.rest_layout(p, self.optim_bits) == "full":  # FSDP2, a shard that is not whole moment blocks
+            full = p.full_tensor()
+            _masked_adamw_(full, p.grad.full_tensor(), state["adam"], state["step"], ok, **hp)
+            p.to_local().copy_(full[sharding.rows_of(p)])
+            return
+        _masked_adamw_(sharding.local(p), sharding.local(p.grad), state["adam"], state["step"], ok, **hp)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -312,6 +333,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for _, layer in self._layers:
             layer.apply_pending()
+            layer.bind_shards()  # FSDP2: follow its shard storage should anything have replaced it
         if self.rest_in_backward and self._rest_done:
             self._skipped.add_(self._rest_bad.to(torch.int64).to(self._skipped.device))
             self._rest_bad.fill_(False)
@@ -323,7 +345,9 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             if self._hparams_invalid(group):
                 self._skipped.add_(1)  # e.g. a scheduler wrote NaN: skip the group's step, counted like a bad grad
                 continue
-            ok = torch.stack([all_finite(p.grad) for p in params]).all()
+            ok = torch.stack([all_finite(sharding.local(p.grad)) for p in params]).all()
+            if self._mesh is not None:  # FSDP2: every rank holds part of the gradients; all skip alike
+                ok = sharding.agree(ok, self._mesh)
             for p in params:
                 self._adamw_one(p, group, ok)
             self._skipped.add_((~ok).to(torch.int64).to(self._skipped.device))
@@ -348,7 +372,16 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         state = {}
         for p, s in self.state.items():
             if s:
-                state[index[id(p)]] = {"step": s["step"], "adam": s["adam"].state_dict()}
+                adam = s["adam"].state_dict()
+                if sharding.rest_layout(p, self.optim_bits) == "local":  # FSDP2: global DTensors, for DCP
+                    adam = sharding.global_adam_state(p, adam)
+                state[index[id(p)]] = {"step": s["step"], "adam": adam}
+        # Each projected layer's own state is in model.state_dict(); its anchor's entry only mirrors how many
+        # updates the layer applied, so that torch.distributed.checkpoint finds a state for every trainable
+        # parameter. Loading ignores it.
+        for _, layer in self._layers:
+            if id(layer.anchor) in index:
+                state[index[id(layer.anchor)]] = {"step": layer.step}
         return {"state": state, "param_groups": groups, "skipped_steps": self._skipped,
                 "accumulation_steps": self.accumulation_steps}
 
@@ -370,13 +403,20 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             for p, i in zip(group["params"], saved["params"]):
                 by_index[i] = p
         new_state = {}
+        anchors = {id(layer.anchor) for _, layer in self._layers}
         for i, s in state_dict["state"].items():
-            p = by_index[int(i)]
-            adam = AdamState.from_state_dict(s["adam"]).to(p.device)
-            if adam.shape != p.shape:
+            p = by_index[i if i in by_index else int(i)]  # ids by position: ints, or names (torch.distributed.checkpoint)
+            if id(p) in anchors:  # the layer's state comes with the model's state dict
+                continue
+            layout = sharding.rest_layout(p, self.optim_bits)
+            saved = sharding.local_adam_state(p, s["adam"]) if layout == "local" else \
+                {k: sharding.full(v) for k, v in s["adam"].items()}
+            adam = AdamState.from_state_dict(saved).to(sharding.local(p).device)
+            if adam.shape != (sharding.local(p).shape if layout == "local" else p.shape):
                 raise ValueError(f"optimizer state of {self._param_names.get(id(p), i)!r} has shape "
                                  f"{tuple(adam.shape)}, the parameter {tuple(p.shape)}")
-            step = torch.as_tensor(s["step"], dtype=torch.int64).to(p.device).reshape(()).clone()  # never aliases
+            step = torch.as_tensor(sharding.full(s["step"]), dtype=torch.int64).to(
+                sharding.local(p).device).reshape(()).clone()  # never aliases
             new_state[p] = {"step": step, "adam": adam}
         for group, saved in zip(self.param_groups, groups):
             for key, value in saved.items():

@@ -28,7 +28,7 @@ from qgalore_fx.experts import QGaLoreExperts, checkpoint_expert_keys, expert_sh
 from qgalore_fx.handlers import handler_for
 from qgalore_fx.hf import key_renamer, mark_config
 from qgalore_fx.layers import QGaLoreLinear
-from qgalore_fx.lowrank import STATE_NAMES, check_rank
+from qgalore_fx.lowrank import OP_STATE_NAMES, check_rank
 from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
 from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
 from qgalore_fx.passes.fuse_update import attach_update, fuse_update
@@ -192,7 +192,7 @@ def _exclude_state_from_ddp_sync(model: nn.Module) -> None:
     names = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     for name, layer in projected_layers(model):
         if layer.spec is not None:
-            names += [f"{name}.{k}" for k in STATE_NAMES if k != "control"] + [f"{name}.hparams"]
+            names += [f"{name}.{k}" for k in OP_STATE_NAMES if k != "control"] + [f"{name}.hparams"]
     model._ddp_params_and_buffers_to_ignore = names
 
 
@@ -254,12 +254,15 @@ def explain(model: nn.Module) -> str:
     lines.append(f"{len(layers)} projected linears: {total_before:,} bytes as fp32 -> {total_after:,} bytes now "
                  f"(weights + projections + optimizer state, {total_after / max(total_before, 1):.3f}x)")
     lines.append(f"logical parameters: {logical_parameters(model):,} (each projected weight counted as out x in; "
-                 "model.num_parameters() counts only torch Parameters, which the INT8 codes are not)")
+                 "model.num_parameters() counts the stored tensors: INT8 codes, their scales and anchors)")
     return "\n".join(lines)
 
 
 def logical_parameters(model: nn.Module) -> int:
-    """The parameter count of the model as it was before the transform: every Parameter (shared ones once) plus
-    out x in for each projected weight (stored as INT8 codes in a buffer, so ``num_parameters()`` misses it)."""
-    params = sum(p.numel() for p in model.parameters())
-    return params + sum(layer.out_features * layer.in_features for _, layer in projected_layers(model))
+    """The parameter count of the model as it was before the transform: every Parameter (shared ones once) but
+    the projected layers' storage (INT8 codes, their scales, the one-element anchor), plus out x in for each
+    projected weight. ``num_parameters()`` counts the stored tensors instead: codes and scales and anchors."""
+    layers = projected_layers(model)
+    storage = {id(t) for _, layer in layers for t in (layer.weight_codes, layer.weight_scales, layer.anchor)}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in storage)
+    return params + sum(layer.out_features * layer.in_features for _, layer in layers)

@@ -48,12 +48,16 @@ def main():
         per = batch.shape[0] // args.world
         ids = batch[args.rank * per:(args.rank + 1) * per]
         wrapped(input_ids=ids, labels=ids).loss.backward()
+        # what gradients exist between backward and step: the projected layers' must be their 1-element anchors
+        # only (DDP's reducer writes its bucket back into .grad; a full-size gradient there would undo the method)
+        grads = {n: p.grad.numel() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         opt.zero_grad()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(args.out, f"rank{args.rank}.safetensors"))
     with open(os.path.join(args.out, f"rank{args.rank}.json"), "w") as f:
-        json.dump({"comm_bytes": opt.comm_bytes}, f)
+        json.dump({"comm_bytes": opt.comm_bytes, "grads": grads,
+                   "projected": [n for n, _ in qgalore_fx.projected_layers(model)]}, f)
     if args.world > 1:
         dist.destroy_process_group()
 

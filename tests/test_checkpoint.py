@@ -543,7 +543,8 @@ def test_checkpoint_of_other_layer_shapes_is_rejected_naming_them(saved):
 def test_checkpoint_of_other_parameter_names_is_rejected(saved):
     path, _ = saved
     _assert_load_fails_cleanly(path, _fresh_run(depth=4), CheckpointMismatchError,
-                               r"missing from the checkpoint: blocks\.3\.0\.bias, blocks\.3\.0\.anchor")
+                               r"missing from the checkpoint: blocks\.3\.0\.weight_codes, blocks\.3\.0\.weight_scales, "
+                               r"blocks\.3\.0\.bias, blocks\.3\.0\.anchor")
 
 
 def test_untransformed_model_and_missing_optimizer_state_are_rejected(saved, tmp_path):

@@ -23,8 +23,12 @@ def run(tmp_path, world, *flags):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     states = [load_file(out / f"rank{r}.safetensors") for r in range(world)]
-    comm = [json.loads((out / f"rank{r}.json").read_text())["comm_bytes"] for r in range(world)]
-    return states, comm
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    run.info[tag] = info
+    return states, [i["comm_bytes"] for i in info]
+
+
+run.info = {}
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +77,14 @@ def test_lowrank_all_reduce_sends_fewer_bytes(runs):
     _, comm_low = runs["lowrank"]
     _, comm_full = runs["full"]
     assert comm_low[0] < 0.6 * comm_full[0]
+
+
+def test_ddp_holds_no_full_gradient_of_a_projected_weight(runs):
+    """Under DDP the fused update still consumes each projected layer's gradient inside backward: between backward
+    and step the only gradient a projected layer has is its anchor's single element (the INT8 codes and scales are
+    frozen Parameters DDP does not reduce), so the reducer's buckets never hold an m x n gradient."""
+    for info in run.info["w2"]:
+        for name in info["projected"]:
+            held = {k: v for k, v in info["grads"].items() if k.startswith(name + ".")}
+            assert held == {f"{name}.anchor": 1}, held
+        assert any(v > 1 for v in info["grads"].values())  # the AdamW group's gradients are there, as they should

@@ -48,7 +48,7 @@ def test_same_numbers_as_updating_at_step(optim_bits):
     sa, sb = (o.state_dict() for o in opts)
     for i in sa["state"]:
         assert torch.equal(sa["state"][i]["step"], sb["state"][i]["step"])
-        for name, t in sa["state"][i]["adam"].items():
+        for name, t in sa["state"][i].get("adam", {}).items():  # a projected layer's entry is its step alone
             if isinstance(t, torch.Tensor):
                 assert torch.equal(t, sb["state"][i]["adam"][name]), (i, name)
     assert sa["state"] and all(int(v["step"]) == 4 for v in sb["state"].values())

@@ -171,12 +171,12 @@ def test_every_other_parameter_is_trained(llama):
     model = qgalore_fx.transform(llama, rank=8)
     model.train()
     opt = qgalore_fx.optimizer(model, lr=1e-2)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.numel()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith(".anchor")}
     ids = torch.randint(0, 128, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    for name, p in model.named_parameters():
-        if p.numel():
+    for name, p in model.named_parameters():  # the INT8 codes and scales too (frozen Parameters, written in backward)
+        if not name.endswith(".anchor"):  # the anchor is always 0
             assert not torch.equal(before[name], p), f"{name} was not updated"
     names = {g["name"] for g in opt.param_groups}
     assert names == {"qgalore", "adamw"} and all("lr" in g for g in opt.param_groups)

@@ -424,7 +424,8 @@ def plan(preset_or_config, rank: Optional[int] = None, batch_size: Optional[int]
         else:
             rep = memory_report(qmodel, planned=True)
             states, projections = rep.optimizer_states, rep.projections
-            trainable = [p for p in qmodel.parameters() if p.requires_grad and p.numel()]
+            anchors = {id(layer.anchor) for layer in layers.values()}
+            trainable = [p for p in qmodel.parameters() if p.requires_grad and id(p) not in anchors]
             largest_g = max((l.out_features * l.in_features * 4 for l in layers.values()), default=0)
             grad_peak = sum(_nbytes(p) for p in trainable) + largest_g
             notes.append("weights: INT8 codes + fp32 scales for projected layers, bf16 for the rest")

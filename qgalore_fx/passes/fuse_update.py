@@ -9,7 +9,7 @@ Guarantees
     projection codes and scales, Adam's moments, counters, accumulator, the
     host-side control tensor, and its static ``spec``), and the node now reads
     all of it: argument 5 becomes the list of ``get_attr`` nodes of
-    :data:`qgalore_fx.lowrank.STATE_NAMES` and argument 8 a ``get_attr`` of the
+    :data:`qgalore_fx.lowrank.OP_STATE_NAMES` and argument 8 a ``get_attr`` of the
     layer's ``spec_json``. The op's backward then runs the layer's update on
     exactly those tensors, with no lookup outside the graph. Every other node
     is unchanged; ``graph.lint()`` passes and the module is recompiled.
@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.layers import QGaLoreLinear
-from qgalore_fx.lowrank import STATE_NAMES
+from qgalore_fx.lowrank import OP_STATE_NAMES
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
 
 
@@ -56,7 +56,7 @@ def fuse_update(gm: fx.GraphModule, prefix: str, config: QGaLoreConfig, start_in
             # ``control`` is a host tensor attribute and ``spec_json`` a string: FX warns that they are not
             # parameters or buffers; both are read from the layer at run time.
             warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-            state = [gm.graph.get_attr(f"{target}.{k}") for k in STATE_NAMES]
+            state = [gm.graph.get_attr(f"{target}.{k}") for k in OP_STATE_NAMES]
             spec = gm.graph.get_attr(f"{target}.spec_json")
         args = list(node.args)
         args[5], args[8] = state, spec
