@@ -141,8 +141,23 @@ class QGaLoreLinear(nn.Module):
             if key == "control":
                 self.control = t
             else:
-                self.register_buffer(key, t)
+                self.register_buffer(key, t, persistent=key not in lowrank.UNDO_NAMES)
         return True
+
+    def set_deferred(self, defer: bool) -> None:
+        """Size the accumulation-window state for an optimizer that defers this layer's update (or not): the
+        low-rank accumulator and the undo copy of the projection (:data:`qgalore_fx.lowrank.UNDO_NAMES`)."""
+        self.control[lowrank.DEFER] = float(defer)
+        device = self.weight_codes.device
+        shape = self.spec.lowrank_shape if defer else (0,)
+        if tuple(self.accum.shape) != tuple(shape):
+            self.accum = torch.zeros(shape, dtype=torch.float32, device=device)
+        for name in lowrank.UNDO_NAMES:
+            like = getattr(self, name[len("undo_"):])
+            shape = like.shape if defer else (0,)
+            if tuple(getattr(self, name).shape) != tuple(shape):
+                setattr(self, name, torch.empty(shape, dtype=like.dtype, device=device))
+        self.control[lowrank.saved_size(self.spec)] = 0
 
     def set_spec(self, spec: lowrank.UpdateSpec) -> None:
         self.spec = spec
@@ -169,11 +184,16 @@ class QGaLoreLinear(nn.Module):
         return lowrank.apply_pending_(self.weight_codes, self.weight_scales, self.state_tensors(), self.hparams,
                                       self.spec)
 
+    def drop_pending(self) -> None:
+        """Forget the accumulated micro-batches and undo their refresh (``optimizer.zero_grad()``)."""
+        if self.spec is not None:
+            lowrank.drop_pending_(self.state_tensors(), self.spec)
+
     def get_extra_state(self) -> Tensor:
-        """The host control state, for ``state_dict`` (see :data:`qgalore_fx.lowrank.NOT_SAVED`)."""
+        """The host control state's saved slots, for ``state_dict`` (see :data:`qgalore_fx.lowrank.NOT_SAVED`)."""
         if self.control is None:
             return torch.zeros(0, dtype=torch.float64)
-        out = self.control.clone()
+        out = self.control[:lowrank.saved_size(self.spec)].clone()
         out[list(lowrank.NOT_SAVED)] = 0.0
         return out
 
@@ -185,8 +205,10 @@ class QGaLoreLinear(nn.Module):
         lowrank.check_control(state, self.spec, f"layer {self.spec.name!r}")
         keep = list(lowrank.NOT_SAVED)
         live = self.control[keep].clone()
-        self.control.copy_(state)
+        saved = lowrank.saved_size(self.spec)
+        self.control[:saved] = state
         self.control[keep] = live
+        self.control[saved:] = 0  # no undo record: the loaded window keeps any refresh it made
 
     # ------------------------------------------------------------------ reading
     @property
@@ -233,7 +255,7 @@ class QGaLoreLinear(nn.Module):
             return {"projection": 0, "optimizer_state": 0, "accumulator": 0}
         return {"projection": nb("proj_codes", "proj_scales"),
                 "optimizer_state": nb("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"),
-                "accumulator": nb("accum")}
+                "accumulator": nb("accum", *lowrank.UNDO_NAMES)}
 
     def _apply(self, fn, recurse=True):
         # Float conversions (.half(), .bfloat16(), .to(dtype)) change the compute dtype, never the storage

@@ -184,12 +184,8 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             layer.optimizer_link = OptimizerLink(self)
             if layer.spec.group != group_name:
                 layer.set_spec(dataclasses.replace(layer.spec, group=group_name))
-            layer_defer = defer or not layer.spec.fused
-            layer.control[lowrank.DEFER] = float(layer_defer)
+            layer.set_deferred(defer or not layer.spec.fused)
             layer.control[lowrank.REDUCE] = float(self.reduce == "full")
-            shape = layer.spec.lowrank_shape if layer_defer else (0,)
-            if tuple(layer.accum.shape) != tuple(shape):
-                layer.accum = torch.zeros(shape, dtype=torch.float32, device=layer.weight_codes.device)
             if layer.hparams.numel() != len(lowrank.HPARAMS):
                 layer.hparams = torch.zeros(len(lowrank.HPARAMS), dtype=torch.float64,
                                             device=layer.weight_codes.device)
@@ -328,6 +324,19 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                 self._adamw_one(p, group, ok)
             self._skipped.add_((~ok).to(torch.int64).to(self._skipped.device))
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the micro-batches since the last ``step()``, for every parameter.
+
+        The AdamW group's gradients are reset as ``torch.optim.Optimizer.zero_grad`` does; each projected
+        layer that defers its update forgets its accumulated low-rank gradient (a poisoned one too) and undoes a
+        refresh those micro-batches made (:func:`qgalore_fx.lowrank.drop_pending_`), so the next step is the
+        step of a run that never saw them. A projected layer that updates inside backward has applied its
+        micro-batch already; there is nothing pending to drop.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        for _, layer in self._layers:
+            layer.drop_pending()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
