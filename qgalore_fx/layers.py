@@ -40,7 +40,7 @@ from torch import Tensor
 
 from qgalore_fx import handlers, lowrank, ops  # noqa: F401  (ops registers the custom ops)
 from qgalore_fx.config import QGaLoreConfig
-from qgalore_fx.kernels import quantize_blockwise
+from qgalore_fx.kernels import all_finite, quantize_blockwise
 
 _STORAGE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
@@ -97,13 +97,14 @@ class QGaLoreLinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, config: QGaLoreConfig, weight: Optional[Tensor] = None,
-                    bias: Optional[nn.Parameter] = None) -> "QGaLoreLinear":
+                    bias: Optional[nn.Parameter] = None, name: str = "") -> "QGaLoreLinear":
         """Quantize a handled layer's weight (nearest rounding), read as [out, in] through its handler.
 
         ``module`` is any layer with a handler in :mod:`qgalore_fx.handlers` (``nn.Linear``, GPT-2's
         ``Conv1D``, ...); the result remembers that handler's name in ``source_type``. ``weight`` ([out, in])
         and ``bias`` replace the layer's own tensors (used when it lives on the meta device). The caller
-        releases the layer's float weight (``handler.release_weight``).
+        releases the layer's float weight (``handler.release_weight``). ``name`` (the layer's fully-qualified
+        name) is what errors about the weight call it.
         """
         handler = handlers.handler_for(module)
         if handler is None:
@@ -114,18 +115,22 @@ class QGaLoreLinear(nn.Module):
         bias = handler.bias(module) if bias is None else bias
         new = cls(in_features, out_features, bias, config.weight_bits, config.block_size, device=weight.device,
                   source_type=handler.name)
-        new.load_weight_(weight)
+        new.load_weight_(weight, name)
         return new
 
     @torch.no_grad()
-    def load_weight_(self, weight: Tensor) -> None:
-        """Store a dense [out, in] float weight (quantized when weight_bits == 8)."""
+    def load_weight_(self, weight: Tensor, name: str = "") -> None:
+        """Store a dense [out, in] float weight (quantized when weight_bits == 8); it must be finite."""
+        what = f"the weight of {name!r}" if name else "weight"
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
-                f"weight must have shape ({self.out_features}, {self.in_features}), got {tuple(weight.shape)}"
+                f"{what} must have shape ({self.out_features}, {self.in_features}), got {tuple(weight.shape)}"
             )
+        if not weight.is_meta and not bool(all_finite(weight)):
+            raise ValueError(f"{what} holds non-finite values (NaN or Inf); a projected weight must be finite: "
+                             "check the weights it was read from")
         if self.weight_bits == 8:
-            q = quantize_blockwise(weight.float(), bits=8, block_size=self.block_size, check_finite=not weight.is_meta)
+            q = quantize_blockwise(weight.float(), bits=8, block_size=self.block_size, check_finite=False)
             self.weight_codes.copy_(q.codes.reshape(self.weight_codes.shape))
             self.weight_scales.copy_(q.scales)
         else:

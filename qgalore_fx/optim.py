@@ -114,6 +114,9 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, optim_bits: Optional[int] = None,
                  accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank",
                  rest_lr: Optional[float] = None, rest_in_backward: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module transformed by qgalore_fx.transform(model, rank=...), "
+                            f"got {type(model).__name__}")
         _check_hparams(lr, betas, eps, weight_decay)
         if rest_lr is not None:
             _check_hparams(rest_lr, betas, eps, weight_decay, lr_name="rest_lr")
@@ -520,7 +523,9 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     parameters; see :meth:`QGaLoreOptimizer._rest_hook`): the memory of the embedding's and head's gradients
     is then one tensor at a time instead of all of them until ``step()``.
     """
-    return QGaLoreOptimizer(model, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+    if isinstance(betas, Iterable) and not isinstance(betas, (str, bytes)):
+        betas = tuple(betas)  # any iterable pair; anything else is refused by name, as a bad pair is
+    return QGaLoreOptimizer(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             optim_bits=optim_bits, accumulation_steps=accumulation_steps,
                             process_group=process_group, reduce=reduce, rest_lr=rest_lr,
                             rest_in_backward=rest_in_backward)

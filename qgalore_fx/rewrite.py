@@ -170,7 +170,7 @@ def _project_experts(model: nn.Module, name: str, module: nn.Module, config: QGa
     def build(e: int, kind: str, w: torch.Tensor) -> QGaLoreLinear:
         out_features, in_features = w.shape
         layer = QGaLoreLinear(in_features, out_features, None, config.weight_bits, config.block_size, device=w.device)
-        layer.load_weight_(w)
+        layer.load_weight_(w, f"{name}.{kind}.{e}")
         return layer
 
     new = QGaLoreExperts.from_module(module, build, weights)

@@ -208,3 +208,21 @@ def test_a_failure_midway_restores_the_model_exactly(monkeypatch, where, build):
     fresh = qgalore_fx.transform(build(), rank=4)
     a, b = done.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"betas": None}, "betas"), ({"betas": "ab"}, "betas"), ({"betas": (0.9,)}, "betas"), ({"betas": 0.9}, "betas"),
+    ({"eps": None}, "eps"), ({"weight_decay": "0"}, "weight_decay"), ({"accumulation_steps": None}, "accumulation_steps"),
+    ({"rest_lr": float("inf")}, "rest_lr"), ({"optim_bits": 4}, "optim_bits"), ({"reduce": None}, "reduce"),
+])
+def test_optimizer_argument_errors_name_the_argument(kwargs, name):
+    m = qgalore_fx.transform(model(), rank=4)
+    with pytest.raises((TypeError, ValueError), match=name):
+        qgalore_fx.optimizer(m, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, "model", nn.Linear(4, 4)])
+def test_optimizer_of_something_not_transformed_names_the_model(bad):
+    with pytest.raises((TypeError, ValueError), match="model") as info:
+        qgalore_fx.optimizer(bad)
+    assert "qgalore_fx.transform" in str(info.value)
