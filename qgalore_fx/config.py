@@ -71,9 +71,10 @@ def _check_int(name: str, value, low: int, allowed: Optional[Sequence[int]] = No
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if allowed is not None and value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value}")
-    if value < low or (high is not None and value > high):
-        allowed_range = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {allowed_range}, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
 
 
 def _check_bool(name: str, value) -> None:
