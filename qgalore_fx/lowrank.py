@@ -614,14 +614,15 @@ def drop_pending_(state: Dict[str, Tensor], spec: UpdateSpec) -> None:
     update is applied). A layer with nothing pending is left as it is.
     """
     control, saved = state["control"], saved_size(spec)
-    if control[saved] == 1:
+    values = control.tolist()  # a host tensor, read without an op (bool(control[i]) would count as a sync)
+    if values[saved] == 1:
         state["proj_codes"].copy_(state["undo_proj_codes"])
         state["proj_scales"].copy_(state["undo_proj_scales"])
         before = control[saved + 1:]
         control[list(SCHEDULE)] = before[list(SCHEDULE)]
         control[QUEUE:saved] = before[QUEUE:saved]
         control[saved] = 0
-    if control[PENDING]:
+    if values[PENDING]:
         state["accum"].zero_()
         control[PENDING] = 0
 
