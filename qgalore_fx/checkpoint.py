@@ -475,6 +475,28 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not standard JSON (non-finite floats are stored as {{'float': ...}})")
 
 
+#: The integers a checkpoint's metadata can hold: int64 counters, and uint64 generator seeds.
+_INT_RANGE = (-2**63, 2**64)
+
+
+def _parse_float(text: str) -> float:
+    """A JSON float of the metadata: one that overflows (``1e999``) is damage, not infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range (it overflows a float)")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    """A JSON integer of the metadata, within :data:`_INT_RANGE` (its length is checked before it is converted)."""
+    low, high = _INT_RANGE
+    value = int(text) if len(text) <= 21 else None
+    if value is None or not low <= value < high:
+        raise ValueError(f"the integer {text[:40]}{'…' if len(text) > 40 else ''} is out of range "
+                         f"[-2**63, 2**64)")
+    return value
+
+
 def _read_metadata(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, METADATA)
     if not os.path.lexists(path):
@@ -483,7 +505,8 @@ def _read_metadata(ckpt_dir: str) -> dict:
             "so a save that did not finish leaves none)")
     try:
         with os.fdopen(_open_regular(path), "rb") as f:
-            meta = json.loads(f.read().decode(), parse_constant=_reject_constant)
+            meta = json.loads(f.read().decode(), parse_constant=_reject_constant, parse_float=_parse_float,
+                              parse_int=_parse_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointCorruptError(f"{path} is not valid JSON ({e}); the checkpoint metadata is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -9,26 +9,32 @@ because ablations flip exactly these:
 option                 allowed         meaning
 =====================  ==============  =========================================
 rank                   int >= 1        rank r of the gradient projection
-update_interval        int >= 1        steps between subspace refreshes (start)
+update_interval        1 .. 2**53-1    steps between subspace refreshes (start)
 cos_threshold          0 <= t <= 1     similarity that counts as "stable"
-queue_size             int >= 1        stable refreshes needed to double interval
+queue_size             1 .. 4096       stable refreshes needed to double interval
 adaptive               bool            layer-adaptive lazy refresh on/off
 weight_bits            8, 16, 32       INT8 codes, bf16 or fp32 weight storage
 proj_bits              4, 8, 16, 32    INT4 (packed), INT8, bf16 or fp32 proj.
 stochastic_round       bool            SR on the INT8 write-back
 optim_bits             8, 32           8-bit block-wise or fp32 Adam moments
 fused                  bool            update inside backward (else at step())
-scale                  float > 0       alpha, the back-projection scale
-block_size             even int >= 2   quantization block of weights
-proj_block_size        even int >= 2   quantization block of projections
+scale                  0 < s <= 1000   alpha, the back-projection scale
+block_size             even, 2..2**20  quantization block of weights
+proj_block_size        even, 2..2**20  quantization block of projections
 proj_method            see below       how a refreshed subspace is computed
 align                  see below       aligning a refreshed projection with the old
 include_lm_head        bool            also project the output head
 target_modules         regex list      fully-qualified names to project
 filter_fn              callable        `filter_fn(module, fqn) -> bool`
 trace                  bool            capture regions with torch.fx
-seed                   int             seeds stochastic rounding and sketches
+seed                   0 .. MAX_SEED   seeds stochastic rounding and sketches
 =====================  ==============  =========================================
+
+The upper bounds come from where the values are kept: every counter and
+schedule value of a layer lives in its float64 host ``control`` tensor, exact
+up to 2**53, which also holds the similarity queue (:data:`MAX_QUEUE_SIZE`).
+All of them are checked here, so ``transform`` fails before it touches the
+model.
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ FilterFn = Callable[[nn.Module, str], bool]
 MAX_SEED = (2**63 - 1 - 2**20) // 1_000_003
 #: Largest quantization block: one fp32 scale per block; larger blocks only lose precision.
 MAX_BLOCK_SIZE = 1 << 20
+#: Largest ``update_interval``: the refresh schedule lives in each layer's float64 ``control`` tensor, whose
+#: integers are exact below 2**53 (a checkpoint's counters are checked against the same bound).
+MAX_COUNTER = 2**53 - 1
+#: Largest ``queue_size``: the queue of recent similarities lives in each layer's host ``control`` tensor (kept
+#: twice while an accumulation window is open); 4096 refreshes are 819,200 steps at the default interval.
+MAX_QUEUE_SIZE = 4096
 #: Largest ``scale`` (alpha): beyond it an update overflows fp32 before the learning rate tames it.
 MAX_SCALE = 1e3
 
@@ -132,8 +144,8 @@ class QGaLoreConfig:
             elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float, numbers.Integral)):
                 object.__setattr__(self, f.name, float(value))
         _check_int("rank", self.rank, 1)
-        _check_int("update_interval", self.update_interval, 1)
-        _check_int("queue_size", self.queue_size, 1)
+        _check_int("update_interval", self.update_interval, 1, high=MAX_COUNTER)
+        _check_int("queue_size", self.queue_size, 1, high=MAX_QUEUE_SIZE)
         _check_int("weight_bits", self.weight_bits, 0, (8, 16, 32))
         _check_int("proj_bits", self.proj_bits, 0, (4, 8, 16, 32))
         _check_int("optim_bits", self.optim_bits, 0, (8, 32))

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from qgalore_fx import handlers, lowrank, ops  # noqa: F401  (ops registers the custom ops)
 from qgalore_fx.config import QGaLoreConfig
-from qgalore_fx.kernels import quantize_blockwise
+from qgalore_fx.kernels import all_finite, quantize_blockwise
 
 _STORAGE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
@@ -105,13 +105,14 @@ class QGaLoreLinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, config: QGaLoreConfig, weight: Optional[Tensor] = None,
-                    bias: Optional[nn.Parameter] = None) -> "QGaLoreLinear":
+                    bias: Optional[nn.Parameter] = None, name: str = "") -> "QGaLoreLinear":
         """Quantize a handled layer's weight (nearest rounding), read as [out, in] through its handler.
 
         ``module`` is any layer with a handler in :mod:`qgalore_fx.handlers` (``nn.Linear``, GPT-2's
         ``Conv1D``, ...); the result remembers that handler's name in ``source_type``. ``weight`` ([out, in])
         and ``bias`` replace the layer's own tensors (used when it lives on the meta device). The caller
-        releases the layer's float weight (``handler.release_weight``).
+        releases the layer's float weight (``handler.release_weight``). ``name`` (the layer's fully-qualified
+        name) is what errors about the weight call it.
         """
         handler = handlers.handler_for(module)
         if handler is None:
@@ -122,18 +123,22 @@ class QGaLoreLinear(nn.Module):
         bias = handler.bias(module) if bias is None else bias
         new = cls(in_features, out_features, bias, config.weight_bits, config.block_size, device=weight.device,
                   source_type=handler.name)
-        new.load_weight_(weight)
+        new.load_weight_(weight, name)
         return new
 
     @torch.no_grad()
-    def load_weight_(self, weight: Tensor) -> None:
-        """Store a dense [out, in] float weight (quantized when weight_bits == 8)."""
+    def load_weight_(self, weight: Tensor, name: str = "") -> None:
+        """Store a dense [out, in] float weight (quantized when weight_bits == 8); it must be finite."""
+        what = f"the weight of {name!r}" if name else "weight"
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
-                f"weight must have shape ({self.out_features}, {self.in_features}), got {tuple(weight.shape)}"
+                f"{what} must have shape ({self.out_features}, {self.in_features}), got {tuple(weight.shape)}"
             )
+        if not weight.is_meta and not bool(all_finite(weight)):
+            raise ValueError(f"{what} holds non-finite values (NaN or Inf); a projected weight must be finite: "
+                             "check the weights it was read from")
         if self.weight_bits == 8:
-            q = quantize_blockwise(weight.float(), bits=8, block_size=self.block_size, check_finite=not weight.is_meta)
+            q = quantize_blockwise(weight.float(), bits=8, block_size=self.block_size, check_finite=False)
             self.weight_codes.copy_(q.codes.reshape(self.weight_codes.shape))
             self.weight_scales.copy_(q.scales)
         else:
@@ -149,8 +154,27 @@ class QGaLoreLinear(nn.Module):
             if key == "control":
                 self.control = t
             else:
-                self.register_buffer(key, t)
+                self.register_buffer(key, t, persistent=key not in lowrank.UNDO_NAMES)
         return True
+
+    def set_deferred(self, defer: bool) -> None:
+        """Size the accumulation-window state for an optimizer that defers this layer's update (or not): the
+        low-rank accumulator and the undo copy of the projection (:data:`qgalore_fx.lowrank.UNDO_NAMES`)."""
+        from qgalore_fx.sharding import local
+
+        self.control[lowrank.DEFER] = float(defer)
+        device = local(self.weight_codes).device
+        shape = self.spec.lowrank_shape if defer else (0,)
+        if defer and self.spec.shard_world > 1:  # FSDP2: this rank's rows of R
+            shape = (shape[0] // self.spec.shard_world, shape[1])
+        if tuple(self.accum.shape) != tuple(shape):
+            self.accum = torch.zeros(shape, dtype=torch.float32, device=device)
+        for name in lowrank.UNDO_NAMES:
+            like = getattr(self, name[len("undo_"):])
+            shape = like.shape if defer else (0,)
+            if tuple(getattr(self, name).shape) != tuple(shape):
+                setattr(self, name, torch.empty(shape, dtype=like.dtype, device=device))
+        self.control[lowrank.saved_size(self.spec)] = 0
 
     def set_spec(self, spec: lowrank.UpdateSpec) -> None:
         self.spec = spec
@@ -216,11 +240,16 @@ class QGaLoreLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def drop_pending(self) -> None:
+        """Forget the accumulated micro-batches and undo their refresh (``optimizer.zero_grad()``)."""
+        if self.spec is not None:
+            lowrank.drop_pending_(self.state_tensors(), self.spec)
+
     def get_extra_state(self) -> Tensor:
-        """The host control state, for ``state_dict`` (see :data:`qgalore_fx.lowrank.NOT_SAVED`)."""
+        """The host control state's saved slots, for ``state_dict`` (see :data:`qgalore_fx.lowrank.NOT_SAVED`)."""
         if self.control is None:
             return torch.zeros(0, dtype=torch.float64)
-        out = self.control.clone()
+        out = self.control[:lowrank.saved_size(self.spec)].clone()
         out[list(lowrank.NOT_SAVED)] = 0.0
         return out
 
@@ -232,8 +261,10 @@ class QGaLoreLinear(nn.Module):
         lowrank.check_control(state, self.spec, f"layer {self.spec.name!r}")
         keep = list(lowrank.NOT_SAVED)
         live = self.control[keep].clone()
-        self.control.copy_(state)
+        saved = lowrank.saved_size(self.spec)
+        self.control[:saved] = state
         self.control[keep] = live
+        self.control[saved:] = 0  # no undo record: the loaded window keeps any refresh it made
 
     # ------------------------------------------------------------------ reading
     @property
@@ -282,7 +313,7 @@ class QGaLoreLinear(nn.Module):
             return {"projection": 0, "optimizer_state": 0, "accumulator": 0}
         return {"projection": nb("proj_codes", "proj_scales"),
                 "optimizer_state": nb("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"),
-                "accumulator": nb("accum")}
+                "accumulator": nb("accum", *lowrank.UNDO_NAMES)}
 
     def _apply(self, fn, recurse=True):
         # Float conversions (.half(), .bfloat16(), .to(dtype)) change the compute dtype, never the storage

@@ -54,6 +54,23 @@ A refresh needs a full G, so with gradient accumulation the first
 micro-batch's G defines the new subspace and later micro-batches of that step
 are projected onto it. A non-finite micro-batch poisons the accumulator, so
 the whole accumulated update is skipped — as the optimizer's AdamW group does.
+
+Dropping an accumulation window
+-------------------------------
+``optimizer.zero_grad()`` before ``step()`` drops the micro-batches since the
+last step for every parameter (:func:`drop_pending_`): the accumulator is
+cleared (a poisoned one too), and a refresh that one of those micro-batches
+made is undone — the projection and the refresh schedule return to what they
+were before the window, so the next micro-batch refreshes as if the dropped
+ones had never run. For that a deferred layer keeps, while a window is open,
+a copy of the projection as it was before the window's refresh
+(:data:`UNDO_NAMES`, allocated with the accumulator: about an eighth of its
+size with INT4 projections) and the schedule's slots in ``control``. Neither
+is saved: a window resumed from a state dict saved in its middle drops its
+accumulated gradient but keeps the refresh it made before the save. Where the
+update runs inside backward (``accumulation_steps=1``, ``fused=True``) a
+micro-batch is applied by its own backward; ``zero_grad()`` cannot take it
+back, and a second backward before ``step()`` stays an error.
 """
 
 from __future__ import annotations
@@ -81,13 +98,17 @@ _SEED_STRIDE = 1_000_003
 STATE_NAMES = (
     "proj_codes", "proj_scales",
     "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
-    "step", "skipped", "accum", "control",
+    "step", "skipped", "accum", "undo_proj_codes", "undo_proj_scales", "control",
 )
 #: Under FSDP2, the local shards of the weight's codes and scales that the update writes (empty tensors otherwise;
 #: non-persistent: FSDP2 owns the storage, see qgalore_fx.sharding).
 SHARD_NAMES = ("shard_codes", "shard_scales")
 #: What the ops take as a layer's ``state`` list.
 OP_STATE_NAMES = STATE_NAMES + SHARD_NAMES
+#: The update-state tensors that are not saved (non-persistent buffers): the projection as it was before the
+#: open accumulation window refreshed it, so that :func:`drop_pending_` can undo that refresh (empty unless the
+#: layer defers its update).
+UNDO_NAMES = ("undo_proj_codes", "undo_proj_scales")
 
 # Slots of the host-side ``control`` tensor (float64 on the CPU; integers up to 2**53 are exact).
 CALLS = 0            # update attempts so far (the refresh clock, and the stochastic-rounding offset)
@@ -103,6 +124,10 @@ COMM_BYTES = 9       # bytes this layer all-reduced or broadcast
 QUEUE_LEN = 10
 STEP_UPDATES = 11    # updates applied inside backward since the last optimizer.step() (0 or 1)
 QUEUE = 12           # the last ``queue_size`` similarities
+# After the QUEUE + queue_size saved slots (:func:`saved_size`) come the open window's undo record, never saved:
+# one slot, 1 when the window's first micro-batch refreshed the projection, then the saved slots as they were
+# before that refresh (:func:`drop_pending_` restores the schedule's from them).
+SCHEDULE = (INTERVAL, LAST_REFRESH, REFRESH_COUNT, LAST_SIMILARITY, QUEUE_LEN)  # and the queue
 # Slots that are not training state: the bound optimizer's settings and this process's telemetry. They are saved as
 # 0 (two runs that computed the same thing have equal state dicts) and loading keeps the live values.
 NOT_SAVED = (DEFER, REDUCE, REFRESH_SECONDS, COMM_BYTES)
@@ -193,6 +218,16 @@ def decode_spec(text: str) -> UpdateSpec:
 
 
 # ---------------------------------------------------------------------------------------------- state
+def saved_size(spec: UpdateSpec) -> int:
+    """Slots of ``control`` that are training state (what ``state_dict`` holds): QUEUE + queue_size."""
+    return QUEUE + spec.queue_size
+
+
+def control_size(spec: UpdateSpec) -> int:
+    """Slots of the live ``control`` tensor: the saved ones, the undo flag and the saved ones' copy."""
+    return 2 * saved_size(spec) + 1
+
+
 def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
     """Fresh update-state tensors of a layer (see :data:`STATE_NAMES`); ``control`` is on the CPU."""
     P0 = torch.zeros(spec.projection_shape, dtype=torch.float32, device=device)
@@ -203,7 +238,7 @@ def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
         proj_codes, proj_scales = q.codes, q.scales
     adam = AdamState.zeros(spec.lowrank_shape, bits=spec.optim_bits, device=device)
     empty = torch.zeros(0, dtype=torch.float32, device=device)
-    control = torch.zeros(QUEUE + spec.queue_size, dtype=torch.float64)
+    control = torch.zeros(control_size(spec), dtype=torch.float64)
     control[INTERVAL] = spec.update_interval
     control[LAST_REFRESH] = -1
     control[LAST_SIMILARITY] = -1
@@ -215,6 +250,7 @@ def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "skipped": torch.zeros((), dtype=torch.int64, device=device),
         "accum": empty.clone(),
+        "undo_proj_codes": proj_codes.new_empty(0), "undo_proj_scales": proj_scales.new_empty(0),
         "control": control,
     }
 
@@ -244,14 +280,14 @@ def _store_policy(control: Tensor, policy: proj.LazyRefreshPolicy) -> None:
     control[REFRESH_COUNT] = policy.refresh_count
     control[LAST_SIMILARITY] = -1 if policy.last_similarity is None else policy.last_similarity
     control[QUEUE_LEN] = len(policy.queue)
-    control[QUEUE:] = 0.0
+    control[QUEUE:QUEUE + policy.queue_size] = 0.0
     if policy.queue:
         control[QUEUE:QUEUE + len(policy.queue)] = torch.tensor(policy.queue, dtype=torch.float64)
 
 
 def check_control(control: Tensor, spec: UpdateSpec, where: str) -> None:
-    """Raise ValueError when a loaded ``control`` tensor cannot be this layer's."""
-    size = QUEUE + spec.queue_size
+    """Raise ValueError when a loaded ``control`` tensor (its saved slots) cannot be this layer's."""
+    size = saved_size(spec)
     if not isinstance(control, Tensor) or control.dtype != torch.float64 or tuple(control.shape) != (size,):
         got = f"{control.dtype} {tuple(control.shape)}" if isinstance(control, Tensor) else type(control).__name__
         raise ValueError(f"{where}: the update control state must be a float64 tensor of shape ({size},), got {got}")
@@ -485,6 +521,8 @@ def _refresh_similarity(G: Tensor, P_new: Tensor, P_old: Tensor, spec: UpdateSpe
 def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, group) -> None:
     """Recompute P from G, store it, and record the refresh in the schedule (synchronizes)."""
     t0 = time.perf_counter()
+    if c["defer"]:
+        _keep_undo(state, spec)
     prev = None
     if c["refresh_count"]:  # a copy: with proj_bits=32 projection_matrix is the stored tensor, overwritten below
         prev = projection_matrix(state["proj_codes"], state["proj_scales"], spec).clone()
@@ -508,6 +546,15 @@ def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, gro
     control = state["control"]
     _store_policy(control, policy)
     control[REFRESH_SECONDS] += time.perf_counter() - t0
+
+
+def _keep_undo(state: Dict[str, Tensor], spec: UpdateSpec) -> None:
+    """Before the refresh of an accumulation window: keep what it overwrites, for :func:`drop_pending_`."""
+    state["undo_proj_codes"].copy_(state["proj_codes"])
+    state["undo_proj_scales"].copy_(state["proj_scales"])
+    control, saved = state["control"], saved_size(spec)
+    control[saved + 1:] = control[:saved]
+    control[saved] = 1
 
 
 def _project_factors(g2: Tensor, x2: Tensor, P: Tensor, side: str) -> Tensor:
@@ -544,7 +591,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     control = state["control"]
     c = control_dict(control)
     defer = bool(c["defer"])
-    if defer and state["accum"].numel() == 0:
+    if defer and (state["accum"].numel() == 0 or state["undo_proj_codes"].numel() != state["proj_codes"].numel()):
         raise RuntimeError(f"layer {spec.name!r} defers its update but has no accumulator; rebuild the optimizer")
     if not defer and c["step_updates"]:
         raise RuntimeError(
@@ -617,8 +664,32 @@ def apply_pending_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hpa
                                        sr_seed(spec, calls, weight.device), spec.text)
     state["accum"].zero_()
     control[PENDING] = 0
+    control[saved_size(spec)] = 0  # the window is closed: its refresh stays
     control[CALLS] = calls + 1
     return True
+
+
+@torch.no_grad()
+def drop_pending_(state: Dict[str, Tensor], spec: UpdateSpec) -> None:
+    """At ``optimizer.zero_grad()``: forget the micro-batches accumulated since the last update.
+
+    The accumulator is cleared (a poisoned one too) and a refresh made by one of those micro-batches is undone:
+    the projection and the schedule are as before the window, so the next micro-batch refreshes as the dropped
+    one did. Nothing else changed during the window (the moments, ``step`` and the weights change only when an
+    update is applied). A layer with nothing pending is left as it is.
+    """
+    control, saved = state["control"], saved_size(spec)
+    values = control.tolist()  # a host tensor, read without an op (bool(control[i]) would count as a sync)
+    if values[saved] == 1:
+        state["proj_codes"].copy_(state["undo_proj_codes"])
+        state["proj_scales"].copy_(state["undo_proj_scales"])
+        before = control[saved + 1:]
+        control[list(SCHEDULE)] = before[list(SCHEDULE)]
+        control[QUEUE:saved] = before[QUEUE:saved]
+        control[saved] = 0
+    if values[PENDING]:
+        state["accum"].zero_()
+        control[PENDING] = 0
 
 
 def _state_list(state: Dict[str, Tensor]) -> List[Tensor]:

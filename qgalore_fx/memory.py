@@ -5,7 +5,8 @@
     optimizer (``numel * element_size`` of each tensor, every tensor counted
     once): projected weights (INT8 codes, or the 16/32-bit storage of the
     ablations), their fp32 quantization scales, projections (INT4 codes + fp32
-    scales), the low-rank 8-bit Adam moments, low-rank accumulators, the
+    scales), the low-rank 8-bit Adam moments, low-rank accumulators (with the
+    projection copy that undoes a dropped window's refresh), the
     unprojected parameters (embeddings, norms, biases, head), their AdamW
     moments, parameter gradients currently held and other buffers. On CUDA it
     adds ``torch.cuda.max_memory_allocated()``: the allocator's peak of the run
@@ -17,7 +18,8 @@
     stored. ``planned=True`` also counts the pieces that do not exist yet, as
     they will be: the AdamW moments before the optimizer's first step (and, for
     layers that defer their update but have no optimizer yet, the fp32
-    low-rank accumulator that lives between backward and ``step()``). They are
+    low-rank accumulator that lives between backward and ``step()``, with its
+    copy of the projection for undoing a dropped window's refresh). They are
     built on the ``meta`` device by the same code that builds the real ones
     (``AdamState.zeros(..., device="meta")`` with the optimizer's bits) and
     measured by the same ``nbytes``: there is no separate formula to drift. So
@@ -193,6 +195,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     (for layers that defer their update) the low-rank accumulator, as they will be.
     """
     from qgalore_fx.layers import QGaLoreLinear
+    from qgalore_fx.lowrank import UNDO_NAMES
     from qgalore_fx.optim import QGaLoreOptimizer
     from qgalore_fx.rewrite import config_of
 
@@ -223,7 +226,8 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
         # counted below as projections, low-rank moments and accumulators; the counters and hparams (a few
         # bytes per layer) stay under other buffers
         layer_tensors.update(id(getattr(layer, k)) for k in ("proj_codes", "proj_scales", "exp_avg", "exp_avg_sq",
-                                                              "exp_avg_absmax", "exp_avg_sq_absmax", "accum"))
+                                                              "exp_avg_absmax", "exp_avg_sq_absmax", "accum",
+                                                              *UNDO_NAMES))
         optim_bits = spec.optim_bits
         nbytes = layer.state_nbytes()
         report.lowrank_optimizer_state += nbytes["optimizer_state"]
@@ -232,6 +236,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
         report.accumulators += nbytes["accumulator"]
         if planned and not nbytes["accumulator"] and not spec.fused:
             b = _nbytes(torch.empty(spec.lowrank_shape, dtype=torch.float32, device="meta"))
+            b += _nbytes(layer.proj_codes) + _nbytes(layer.proj_scales)  # the undo copy (UNDO_NAMES)
             report.accumulators += b
             pending["accumulators"] = pending.get("accumulators", 0) + b
 

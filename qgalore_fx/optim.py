@@ -114,6 +114,9 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, optim_bits: Optional[int] = None,
                  accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank",
                  rest_lr: Optional[float] = None, rest_in_backward: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module transformed by qgalore_fx.transform(model, rank=...), "
+                            f"got {type(model).__name__}")
         _check_hparams(lr, betas, eps, weight_decay)
         if rest_lr is not None:
             _check_hparams(rest_lr, betas, eps, weight_decay, lr_name="rest_lr")
@@ -194,15 +197,9 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             layer_group = "" if sharded else group_name
             if layer.spec.group != layer_group:
                 layer.set_spec(dataclasses.replace(layer.spec, group=layer_group))
-            layer_defer = defer or not layer.spec.fused
-            layer.control[lowrank.DEFER] = float(layer_defer)
+            layer.set_deferred(defer or not layer.spec.fused)
             layer.control[lowrank.REDUCE] = float(self.reduce == "full")
-            shape = layer.spec.lowrank_shape if layer_defer else (0,)
-            if layer_defer and sharded:
-                shape = (shape[0] // layer.spec.shard_world, shape[1])
             device = sharding.local(layer.weight_codes).device
-            if tuple(layer.accum.shape) != tuple(shape):
-                layer.accum = torch.zeros(shape, dtype=torch.float32, device=device)
             if layer.hparams.numel() != len(lowrank.HPARAMS):
                 layer.hparams = torch.zeros(len(lowrank.HPARAMS), dtype=torch.float64, device=device)
         self.param_groups[0] = _LayerGroup(self.param_groups[0], self)
@@ -352,6 +349,19 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                 self._adamw_one(p, group, ok)
             self._skipped.add_((~ok).to(torch.int64).to(self._skipped.device))
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the micro-batches since the last ``step()``, for every parameter.
+
+        The AdamW group's gradients are reset as ``torch.optim.Optimizer.zero_grad`` does; each projected
+        layer that defers its update forgets its accumulated low-rank gradient (a poisoned one too) and undoes a
+        refresh those micro-batches made (:func:`qgalore_fx.lowrank.drop_pending_`), so the next step is the
+        step of a run that never saw them. A projected layer that updates inside backward has applied its
+        micro-batch already; there is nothing pending to drop.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        for _, layer in self._layers:
+            layer.drop_pending()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -551,7 +561,9 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     parameters; see :meth:`QGaLoreOptimizer._rest_hook`): the memory of the embedding's and head's gradients
     is then one tensor at a time instead of all of them until ``step()``.
     """
-    return QGaLoreOptimizer(model, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+    if isinstance(betas, Iterable) and not isinstance(betas, (str, bytes)):
+        betas = tuple(betas)  # any iterable pair; anything else is refused by name, as a bad pair is
+    return QGaLoreOptimizer(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             optim_bits=optim_bits, accumulation_steps=accumulation_steps,
                             process_group=process_group, reduce=reduce, rest_lr=rest_lr,
                             rest_in_backward=rest_in_backward)

@@ -18,6 +18,7 @@ twice raises: its linears are already rewritten.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import List, Optional
 
 import torch
@@ -90,6 +91,21 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
         not_projected.append((name, tuple(experts.pop(name).gate_up_proj.shape), f"experts smaller than rank "
                                                                                    f"{config.rank}"))
 
+    snapshot = _snapshot(model)
+    try:
+        model = _rewrite(model, config, selected, experts, too_small, not_projected, source if on_meta else None,
+                         target_device)
+    except BaseException:
+        _restore(snapshot)  # nothing half-applied: the model is exactly as it was
+        raise
+    mark_config(model, config.to_dict())  # HF models: save_pretrained output is never loaded as random weights
+    return model
+
+
+def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, experts: dict, too_small: dict,
+             not_projected: list, source: Optional[WeightSource], target_device) -> nn.Module:
+    """Capture and both passes, after every check (``source``: the weights of a model on the meta device)."""
+    on_meta = source is not None
     materialize = None
     if on_meta:
         make_weight = linear_weight_factory(model, source, target_device)
@@ -112,7 +128,7 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
             attach_update(layer, region.name, config, index)
             index += 1
     for name, module in experts.items():
-        index = _project_experts(model, name, module, config, index, source if on_meta else None, target_device)
+        index = _project_experts(model, name, module, config, index, source, target_device)
     if on_meta:
         materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
     _exclude_state_from_ddp_sync(model)
@@ -120,8 +136,24 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
     object.__setattr__(model, _CONFIG_ATTR, config)
     object.__setattr__(model, _SKIPPED_ATTR, [(name, shape, f"smaller than rank {config.rank}")
                                               for name, shape in too_small.items()] + not_projected)
-    mark_config(model, config.to_dict())  # HF models: save_pretrained output is never loaded as random weights
     return model
+
+
+def _snapshot(model: nn.Module) -> list:
+    """What ``transform`` may change in ``model``: each module's attributes and the contents of its
+    containers (submodules, parameters, buffers), by reference — no tensor is copied."""
+    return [(module, {k: copy.copy(v) if type(v) in _CONTAINERS else v for k, v in vars(module).items()})
+            for module in model.modules()]
+
+
+_CONTAINERS = (dict, OrderedDict, set, list)
+
+
+def _restore(snapshot: list) -> None:
+    """Put every module back as :func:`_snapshot` found it (replaced submodules, released weights, attributes)."""
+    for module, attrs in snapshot:
+        vars(module).clear()
+        vars(module).update({k: copy.copy(v) if type(v) in _CONTAINERS else v for k, v in attrs.items()})
 
 
 def _project_experts(model: nn.Module, name: str, module: nn.Module, config: QGaLoreConfig, index: int,
@@ -138,7 +170,7 @@ def _project_experts(model: nn.Module, name: str, module: nn.Module, config: QGa
     def build(e: int, kind: str, w: torch.Tensor) -> QGaLoreLinear:
         out_features, in_features = w.shape
         layer = QGaLoreLinear(in_features, out_features, None, config.weight_bits, config.block_size, device=w.device)
-        layer.load_weight_(w)
+        layer.load_weight_(w, f"{name}.{kind}.{e}")
         return layer
 
     new = QGaLoreExperts.from_module(module, build, weights)

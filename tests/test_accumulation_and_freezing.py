@@ -93,3 +93,73 @@ def test_trainer_gradient_accumulation_without_the_recipe_fails_loudly(tmp_path)
     trainer = _trainer(tmp_path, model, opt, accumulation=4, steps=1)
     with pytest.raises(RuntimeError, match="accumulation_steps"):
         trainer.train()
+
+
+# ---------------------------------------------------------------------------------------------- zero_grad
+def _micro_batch(model, seed, nan=False):
+    ids = _ids(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    (loss * float("nan") if nan else loss).backward()
+
+
+def _window_run(schedule, update_interval, set_to_none=True):
+    """Micro-batches as listed (an int: its seed; "nan": a non-finite one; "zero": opt.zero_grad(); "step":
+    opt.step() then opt.zero_grad()), on a fresh model; returns the model and the optimizer."""
+    model = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=update_interval)
+    model.train()
+    opt = qgalore_fx.optimizer(model, lr=1e-2, accumulation_steps=2)
+    for item in schedule:
+        if item == "step":
+            opt.step()
+            opt.zero_grad()
+        elif item == "zero":
+            opt.zero_grad(set_to_none=set_to_none)
+        elif item == "nan":
+            _micro_batch(model, 99, nan=True)
+        else:
+            _micro_batch(model, item)
+    return model, opt
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("dropped", ["finite", "nan"])
+@pytest.mark.parametrize("update_interval", [1, 100])  # 1: the dropped micro-batch refreshed the projection
+def test_zero_grad_drops_the_micro_batch_for_every_parameter(dropped, update_interval):
+    mb = 2 if dropped == "finite" else "nan"
+    model, opt = _window_run([0, 1, "step", mb, "zero", 3, 4, "step"], update_interval)
+    never, never_opt = _window_run([0, 1, "step", 3, 4, "step"], update_interval)
+    _assert_same_state(model, never)  # projected layers (codes, projections, moments, schedule) and the rest
+    assert opt.skipped_updates == never_opt.skipped_updates == 0
+    never_stats = never_opt.layer_stats()
+    for name, stats in opt.layer_stats().items():  # refresh_seconds is telemetry: the dropped refresh took time
+        assert {**stats, "refresh_seconds": 0} == {**never_stats[name], "refresh_seconds": 0}, name
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_drops_a_partial_window_and_an_empty_one(set_to_none):
+    model, _ = _window_run(["zero", 0, "zero", "zero", 1, 2, "step", 3, "nan", "zero", 4, "step"], 1,
+                           set_to_none=set_to_none)
+    never, _ = _window_run([1, 2, "step", 4, "step"], 1)
+    _assert_same_state(model, never)
+    assert {s["pending"] for _, s in model_stats(model)} == {0}
+
+
+def model_stats(model):
+    return [(n, layer.stats()) for n, layer in qgalore_fx.projected_layers(model)]
+
+
+def test_zero_grad_after_a_window_resumed_from_a_state_dict_drops_its_micro_batches():
+    model, opt = _window_run([0, 1, "step", 2], 1)
+    state = model.state_dict()
+    twin, twin_opt = _window_run([], 1)
+    twin.load_state_dict(state)
+    assert {s["pending"] for _, s in model_stats(twin)} == {1}
+    twin_opt.zero_grad()
+    assert {s["pending"] for _, s in model_stats(twin)} == {0}
+    assert all(not layer.accum.any() for _, layer in qgalore_fx.projected_layers(twin))

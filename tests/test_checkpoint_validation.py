@@ -374,3 +374,28 @@ def test_layer_step_beyond_exact_integers_is_rejected(tmp_path):
     bad.write(tmp_path / "bad")
     with pytest.raises(CheckpointError, match=rf"model entry '{key}' must be an integer in \[0, 2\*\*53\)"):
         load_checkpoint(tmp_path / "bad", *build_qgalore())
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1" * 30, "-" + "9" * 25, "1" + "0" * 5000])
+@pytest.mark.parametrize("where", ["format_version", "a scheduler value"])
+def test_metadata_numbers_out_of_range_are_a_checkpoint_error_naming_the_file(tmp_path, number, where):
+    from qgalore_fx.checkpoint import CheckpointCorruptError, read_checkpoint
+
+    run = build_qgalore()
+    train(run, steps=1, seed=0)
+    save_checkpoint(tmp_path / "ckpt", *run)
+    path = tmp_path / "ckpt" / METADATA
+    text = path.read_text()
+    if where == "format_version":
+        text, count = re.subn(r'"format_version":\s*1\b', f'"format_version":{number}', text)
+    else:
+        text, count = re.subn(r'\["last_epoch",\s*1\]', f'["last_epoch",{number}]', text)
+    assert count == 1
+    path.write_text(text)  # the number itself breaks the file: there is no valid signature to give it
+    target = build_qgalore()
+    before = live_digest(*target)
+    for read in (lambda: load_checkpoint(tmp_path / "ckpt", *target), lambda: read_checkpoint(tmp_path / "ckpt")):
+        with pytest.raises(CheckpointCorruptError, match=re.escape(str(path))) as info:
+            read()
+        assert "out of range" in str(info.value)
+    assert live_digest(*target) == before

@@ -71,3 +71,17 @@ def test_meta_errors_name_the_problem(tmp_path):
         qgalore_fx.transform(meta_llama(), rank=8, weights=tmp_path / "nope.bin")
     with pytest.raises(ValueError, match="meta device"):
         qgalore_fx.transform(tiny_llama(), rank=8, weights=real.state_dict())
+
+
+@pytest.mark.parametrize("weight_bits", [8, 32])
+def test_non_finite_weight_is_named_and_the_meta_model_is_untouched(weight_bits):
+    state = {k: v.contiguous().clone() for k, v in tiny_llama().state_dict().items()}
+    key = "model.layers.1.mlp.up_proj.weight"
+    state[key][3, 5] = float("nan")
+    model = meta_llama()
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj'.*non-finite") as info:
+        qgalore_fx.transform(model, rank=8, weights=state, weight_bits=weight_bits)
+    assert "weight" in str(info.value)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types and not qgalore_fx.is_transformed(model)
+    assert all(t.is_meta for t in list(model.parameters()) + list(model.buffers()))

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
@@ -104,3 +105,124 @@ def test_invalid_optimizer_hyperparameters(lr, beta):
         assert "betas" in str(e)
     else:
         raise AssertionError(f"betas=(0.9, {beta!r}) was accepted")
+
+
+# ---------------------------------------------------------------------------------------------- all or nothing
+def _model_state(m):
+    """Module types by name and every tensor of the state dict (cloned), to compare before and after."""
+    return ([(n, type(mod)) for n, mod in m.named_modules(remove_duplicate=False)],
+            {k: v.clone() for k, v in m.state_dict().items()})
+
+
+def _assert_unchanged(m, before):
+    types, state = _model_state(m)
+    assert types == before[0]
+    assert state.keys() == before[1].keys()
+    assert all(torch.equal(state[k], before[1][k]) for k in state)
+    assert not qgalore_fx.is_transformed(m)
+
+
+OUT_OF_RANGE = {
+    "update_interval": st.one_of(st.integers(2**53, 2**70), st.just(10**30)),
+    "queue_size": st.one_of(st.integers(4097, 2**40), st.just(10**9)),
+    "seed": st.integers(2**53, 2**80),
+    "block_size": st.integers(2**21, 2**40).map(lambda b: b * 2),
+    "proj_block_size": st.integers(2**21, 2**40).map(lambda b: b * 2),
+    "scale": st.one_of(st.floats(1000.5, 1e300), st.just(float("inf"))),
+    "cos_threshold": st.one_of(st.just(float("nan")), st.just(float("inf")), st.floats(1.0001, 1e300)),
+    "rank": st.one_of(st.integers(17, 2**70), st.just(10**30)),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(OUT_OF_RANGE)))
+def test_out_of_range_option_is_named_and_the_model_is_untouched(data, name):
+    value = data.draw(OUT_OF_RANGE[name])
+    m = model()
+    before = _model_state(m)
+    options = {"rank": 4, name: value}
+    try:
+        qgalore_fx.transform(m, **options)
+    except (ValueError, TypeError) as e:
+        assert name in str(e), (name, value, str(e))
+    else:
+        raise AssertionError(f"{name}={value!r} was accepted")
+    _assert_unchanged(m, before)
+    qgalore_fx.transform(m, rank=4)  # and the model can still be transformed
+
+
+def test_queue_and_interval_at_their_bounds_are_accepted():
+    from qgalore_fx.config import MAX_COUNTER, MAX_QUEUE_SIZE
+
+    m = qgalore_fx.transform(model(), rank=4, update_interval=MAX_COUNTER, queue_size=MAX_QUEUE_SIZE)
+    opt = qgalore_fx.optimizer(m, lr=1e-3)
+    m(torch.randn(4, 16)).pow(2).mean().backward()
+    opt.step()
+    assert {s["step"] for s in opt.layer_stats().values()} == {1}
+
+
+class _Midway(RuntimeError):
+    pass
+
+
+def _fail_on_call(monkeypatch, target, attr, call):
+    """Make ``target.attr`` raise on its ``call``-th call (1-based)."""
+    original = getattr(target, attr)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise _Midway(f"{attr} failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, failing)
+
+
+def _hf_model():
+    from conftest import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("where", ["pass 1", "pass 2", "pass 2 late"])
+@pytest.mark.parametrize("build", [model, _hf_model], ids=["sequential", "llama"])
+def test_a_failure_midway_restores_the_model_exactly(monkeypatch, where, build):
+    from qgalore_fx.layers import QGaLoreLinear
+    from qgalore_fx.passes import quantize_weights
+
+    m = build()
+    before = _model_state(m)
+    params = {n: p for n, p in m.named_parameters()}
+    layers = len(qgalore_fx.projected_layers(qgalore_fx.transform(build(), rank=4)))
+    if where == "pass 1":
+        _fail_on_call(monkeypatch, quantize_weights.QGaLoreLinear, "from_module", 2)
+    else:  # the second layer's update state, or the last one's
+        _fail_on_call(monkeypatch, QGaLoreLinear, "enable_update", 2 if where == "pass 2" else layers)
+    with pytest.raises(_Midway):
+        qgalore_fx.transform(m, rank=4)
+    monkeypatch.undo()
+    _assert_unchanged(m, before)
+    assert all(p is params[n] for n, p in m.named_parameters())  # the same Parameter objects, weights included
+    done = qgalore_fx.transform(m, rank=4)  # a second transform is not refused
+    fresh = qgalore_fx.transform(build(), rank=4)
+    a, b = done.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"betas": None}, "betas"), ({"betas": "ab"}, "betas"), ({"betas": (0.9,)}, "betas"), ({"betas": 0.9}, "betas"),
+    ({"eps": None}, "eps"), ({"weight_decay": "0"}, "weight_decay"), ({"accumulation_steps": None}, "accumulation_steps"),
+    ({"rest_lr": float("inf")}, "rest_lr"), ({"optim_bits": 4}, "optim_bits"), ({"reduce": None}, "reduce"),
+])
+def test_optimizer_argument_errors_name_the_argument(kwargs, name):
+    m = qgalore_fx.transform(model(), rank=4)
+    with pytest.raises((TypeError, ValueError), match=name):
+        qgalore_fx.optimizer(m, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, "model", nn.Linear(4, 4)])
+def test_optimizer_of_something_not_transformed_names_the_model(bad):
+    with pytest.raises((TypeError, ValueError), match="model") as info:
+        qgalore_fx.optimizer(bad)
+    assert "qgalore_fx.transform" in str(info.value)

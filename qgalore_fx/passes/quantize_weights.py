@@ -53,7 +53,7 @@ def quantize_module(module: nn.Module, config: QGaLoreConfig, fqn: str = "",
         if materialize is None:
             raise ValueError(f"layer {fqn!r} is on the meta device and no weights/initializer was given")
         weight, bias = materialize(fqn, module)
-    new = QGaLoreLinear.from_module(module, config, weight=weight, bias=bias)
+    new = QGaLoreLinear.from_module(module, config, weight=weight, bias=bias, name=fqn)
     handler.release_weight(module)  # drop the reference held by the old module
     return new
 
