@@ -145,6 +145,7 @@ class UpdateSpec:
     adaptive: bool
     fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
     align: str = "sign"  # how a refreshed P is aligned with the old one (qgalore_fx.projection.align_projection)
+    eps_placement: str = "adam"  # "galore": eps added to sqrt(v) before bias correction (config.EPS_PLACEMENTS)
     group: str = ""  # torch.distributed process group name; "" = no data parallelism
 
     @classmethod
@@ -156,7 +157,7 @@ class UpdateSpec:
             stochastic_round=config.stochastic_round, proj_method=config.proj_method,
             seed=config.seed * _SEED_STRIDE + index, update_interval=config.update_interval,
             cos_threshold=float(config.cos_threshold), queue_size=config.queue_size, adaptive=config.adaptive,
-            fused=config.fused, align=config.align,
+            fused=config.fused, align=config.align, eps_placement=config.eps_placement,
         )
 
     @property
@@ -341,7 +342,10 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = all_finite(R) & all_finite(hparams)
-    N = _adam_direction(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
+    t = state["step"] + 1
+    if spec.eps_placement == "galore":  # GaLoreAdamW: m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t)
+        eps = eps / torch.sqrt(1.0 - torch.pow(beta2, t.to(beta2.dtype)))
+    N = _adam_direction(R, adam_state(state), t, beta1, beta2, eps, ok)
     if P is None:  # the caller may pass the dequantized projection it already holds
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     lr = torch.where(ok, lr, 0.0)
