@@ -86,7 +86,8 @@ class QGaLoreConfig:
     update_interval: int = dataclasses.field(default=200, metadata={
         "help": "steps between subspace refreshes", "cli": True})
     cos_threshold: float = dataclasses.field(default=0.4, metadata={
-        "help": "similarity in [0, 1] of successive subspaces above which a layer's refresh interval doubles",
+        "help": "similarity in [0, 1] of successive subspaces at or above which a layer's refresh interval "
+                "doubles; a refresh below it puts the interval back to update_interval",
         "cli": True})
     queue_size: int = dataclasses.field(default=5, metadata={
         "help": "refreshes that must all pass cos_threshold before the interval doubles", "cli": True})
