@@ -452,6 +452,31 @@ def test_torch_backend_compiles_without_recompiling_per_step(monkeypatch):
     torch.testing.assert_close(pc, pe, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
     # inductor may round N differently by an ulp; codes may then differ at a midpoint, by one
     assert int((sc.m.int() - se.m.int()).abs().max()) <= 1 and int((sc.v.int() - se.v.int()).abs().max()) <= 1
+    assert torch.equal(sc.v[256:], se.v[256:])  # the short last block is compiled like the others
+
+
+@pytest.mark.parametrize("n", [300, 256 * 3 + 1])
+def test_stochastic_v_codes_compile_to_the_eager_codes_in_a_short_last_block(n):
+    """The rounding draws are integer hashes and the threshold the same IEEE ops in the same order, so compiled
+    and eager codes are equal, the short last block included (an element-to-block index compiled by inductor into
+    a loop that stopped at the last whole block once left that block's codes uninitialized)."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(3)
+    v = torch.rand(n, generator=gen) ** 4 * 1e-4
+    nearest, absmax = quantize_blockwise_dynamic(v, False)
+
+    def codes(v, nearest, absmax, step):
+        return A._stochastic_v_codes_of(v, nearest, absmax, 256, step, 5)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(codes, fullgraph=True, dynamic=False)
+        for t in (1, 2, 7):
+            eager = codes(v, nearest, absmax, torch.tensor(t))
+            assert torch.equal(compiled(v, nearest, absmax, torch.tensor(t)), eager), t
+    finally:
+        torch._dynamo.reset()
 
 
 def test_auto_backend_is_torch_on_cpu():

@@ -640,10 +640,18 @@ def _stochastic_v_codes_of(v: Tensor, nearest: Tensor, absmax: Tensor, block_siz
     """uint8 stochastic codes of the fp32 second moment ``v`` whose nearest codes and new block absmax are given;
     element ``i`` draws ``_uniform(offset + i, step)``."""
     flat = v.reshape(-1)
-    scale = torch.repeat_interleave(torch.where(absmax > 0, absmax, 1.0), block_size)[: flat.numel()]
+    # x / absmax per block, split into the whole blocks and the short last one as in quantize_blockwise_dynamic:
+    # inductor (torch 2.13, CPU) compiles an element-to-block index (``repeat_interleave(absmax, block_size)[:n]``
+    # or ``absmax[arange(n) // block_size]``) into a loop that stops at the last whole block, leaving the short
+    # block's values uninitialized
+    scale = torch.where(absmax > 0, absmax, 1.0)
+    head, tail = _split_blocks(flat, block_size)
+    parts = [(head / scale[: head.shape[0], None]).reshape(-1)] if head.numel() else []
+    if tail.numel():
+        parts.append(tail / scale[-1])
     index = torch.arange(flat.numel(), dtype=torch.int64, device=v.device)
     u = _uniform(index, _rounding_salt(step, offset, v.device))
-    codes = _stochastic_v_codes(flat / scale, nearest.reshape(-1), dynamic_map(False, v.device), u)
+    codes = _stochastic_v_codes(_cat(parts), nearest.reshape(-1), dynamic_map(False, v.device), u)
     return codes.to(torch.uint8).view(v.shape)
 
 
