@@ -79,11 +79,7 @@ Three choices (``QGaLoreConfig.align``):
     the same index (``B_new <- B_new diag(sign(diag(B_newᵀ B_old))))``, ``B`` the basis as
     columns). The new basis stays the singular basis of the new gradient, in order of
     singular value, so Adam's coordinate-wise normalization keeps acting per singular
-    direction; only the arbitrary signs are fixed. A new vector nearly orthogonal to its
-    predecessor (``|inner product| < SIGN_TIE = 0.1``) has no sign to keep; deciding on the
-    sign of a near-zero inner product let float noise flip it (an eager and a compiled run of
-    the same training parted there, cosine -0.993 between their vectors), so such a vector
-    keeps the canonical sign (largest-magnitude entry positive) instead.
+    direction; only the arbitrary signs are fixed.
 ``"procrustes"``
     rotate the new basis onto the old one (orthogonal Procrustes, ``B_new <- B_new Q`` with
     ``Q = argmin ||B_new Q - B_old||_F`` over orthogonal ``[r, r]``). It keeps every
@@ -538,9 +534,7 @@ def align_projection(P_new: torch.Tensor, P_old: Optional[torch.Tensor], side: S
     With ``B`` the basis as columns (``P.T`` on the right side, ``P`` on the left):
 
     - ``"sign"``: ``B_new`` with each column negated where its inner product with the same column of
-      ``B_old`` is negative; the vectors and their order are the new ones. Where that inner product is below
-      :data:`SIGN_TIE` in magnitude, the column's largest-magnitude entry is made positive instead, so float
-      noise cannot pick the sign.
+      ``B_old`` is negative; the vectors and their order are the new ones.
     - ``"procrustes"``: ``B_new @ Q`` with the orthogonal ``Q`` ([r, r]) minimizing ``||B_new Q - B_old||_F``
       (``B_newᵀ B_old = U S Vᵀ``, ``Q = U Vᵀ``, in fp64); when the subspaces are equal it *is* ``P_old``
       (to rounding), whatever basis the new SVD returned. ``P_old`` may be a dequantized, slightly
@@ -559,27 +553,11 @@ def align_projection(P_new: torch.Tensor, P_old: Optional[torch.Tensor], side: S
     B_new = (P_new.T if side == "right" else P_new).to(torch.float64)
     B_old = (P_old.T if side == "right" else P_old).to(device=P_new.device, dtype=torch.float64)
     if method == "sign":
-        B = B_new * _aligned_signs(B_new, B_old)
+        B = B_new * torch.where((B_new * B_old).sum(dim=0) < 0, -1.0, 1.0).to(B_new)
     else:
         U, _, Vh = torch.linalg.svd(B_new.T @ B_old)
         B = B_new @ (U @ Vh)
     return (B.T if side == "right" else B).to(torch.float32).contiguous()
-
-
-#: ``align="sign"`` follows the old vector only where ``|<b_new, b_old>|`` reaches this; below it the old vector says
-#: nothing about the new one's sign (the two are nearly orthogonal), and which side of 0 the inner product falls is
-#: float noise: an eager and a compiled run took opposite signs there. Such a vector takes the canonical sign
-#: instead (its largest-magnitude entry positive, as :func:`compute_projection` returns it).
-SIGN_TIE = 0.0  # 0.1 did not make compiled equal eager (tests/test_compile.py); the cause is elsewhere
-
-
-def _aligned_signs(B_new: torch.Tensor, B_old: torch.Tensor) -> torch.Tensor:
-    """±1 per column of ``B_new``: the sign of its inner product with ``B_old``'s column, or, where that is below
-    :data:`SIGN_TIE` in magnitude, the sign of its largest-magnitude entry."""
-    inner = (B_new * B_old).sum(dim=0)
-    canonical = torch.gather(B_new, 0, B_new.abs().argmax(dim=0, keepdim=True)).squeeze(0)
-    decide = torch.where(inner.abs() >= SIGN_TIE, inner, canonical)
-    return torch.where(decide < 0, -1.0, 1.0).to(B_new)
 
 
 def _usable_prev(prev: Optional[torch.Tensor], shape: tuple[int, int]) -> bool:

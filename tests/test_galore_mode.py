@@ -90,10 +90,8 @@ def run_reference(dense, data, interval, align):
         if t % interval == 0:
             U, _, Vh = torch.linalg.svd(G, full_matrices=False)
             new = Vh[:RANK].t() if right else U[:, :RANK]  # basis as columns
-            if align == "sign" and P is not None:  # below |inner| 0.1: the largest entry positive
-                inner = (new * P).sum(0)
-                canonical = torch.gather(new, 0, new.abs().argmax(0, keepdim=True)).squeeze(0)
-                new = new * torch.where(torch.where(inner.abs() >= 0.0, inner, canonical) < 0, -1.0, 1.0).double()
+            if align == "sign" and P is not None:
+                new = new * torch.where((new * P).sum(0) < 0, -1.0, 1.0).double()
             elif align == "procrustes" and P is not None:
                 u, _, vh = torch.linalg.svd(new.t() @ P)
                 new = new @ (u @ vh)
