@@ -23,6 +23,7 @@ block_size             even, 2..2**20  quantization block of weights
 proj_block_size        even, 2..2**20  quantization block of projections
 proj_method            see below       how a refreshed subspace is computed
 align                  see below       aligning a refreshed projection with the old
+eps_placement          "adam", "galore"  where Adam's eps enters (see below)
 include_lm_head        bool            also project the output head
 target_modules         regex list      fully-qualified names to project
 filter_fn              callable        `filter_fn(module, fqn) -> bool`
@@ -48,6 +49,11 @@ import torch.nn as nn
 
 PROJ_METHODS = ("subspace", "randomized", "full")
 ALIGN_METHODS = ("sign", "procrustes", "none")  # qgalore_fx.projection.ALIGN_METHODS
+# Where the low-rank Adam adds eps. "adam": N = m̂ / (sqrt(v̂) + eps), torch.optim.Adam's and bitsandbytes' 8-bit
+# kernel's placement, which Q-GaLore's official optimizer inherits from bitsandbytes. "galore": eps is added to
+# sqrt(v) before bias correction, N = m̂ / (sqrt(v̂) + eps / sqrt(1 - beta2^t)), as galore-torch's GaLoreAdamW
+# (and transformers' old AdamW) computes it; the exact-GaLore settings use it.
+EPS_PLACEMENTS = ("adam", "galore")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -92,7 +98,8 @@ class QGaLoreConfig:
     update_interval: int = dataclasses.field(default=200, metadata={
         "help": "steps between subspace refreshes", "cli": True})
     cos_threshold: float = dataclasses.field(default=0.4, metadata={
-        "help": "similarity in [0, 1] of successive subspaces above which a layer's refresh interval doubles",
+        "help": "similarity in [0, 1] of successive subspaces at or above which a layer's refresh interval "
+                "doubles; a refresh below it puts the interval back to update_interval",
         "cli": True})
     queue_size: int = dataclasses.field(default=5, metadata={
         "help": "refreshes that must all pass cos_threshold before the interval doubles", "cli": True})
@@ -125,6 +132,10 @@ class QGaLoreConfig:
         "help": "how a refreshed projection is aligned with the previous one, so Adam's moments keep their "
                 f"meaning: one of {', '.join(ALIGN_METHODS)} (qgalore_fx.projection)", "cli": True,
         "choices": ALIGN_METHODS})
+    eps_placement: str = dataclasses.field(default="adam", metadata={
+        "help": "where the low-rank Adam adds eps: 'adam' (m̂/(sqrt(v̂)+eps), bitsandbytes' and Q-GaLore's) or "
+                "'galore' (eps added to sqrt(v) before bias correction, galore-torch's GaLoreAdamW)", "cli": True,
+        "choices": EPS_PLACEMENTS})
     include_lm_head: bool = dataclasses.field(default=False, metadata={
         "help": "also project the output head"})
     target_modules: Optional[tuple] = dataclasses.field(default=None, metadata={
@@ -168,6 +179,8 @@ class QGaLoreConfig:
             raise ValueError(f"proj_method must be one of {PROJ_METHODS}, got {self.proj_method!r}")
         if self.align not in ALIGN_METHODS:
             raise ValueError(f"align must be one of {ALIGN_METHODS}, got {self.align!r}")
+        if self.eps_placement not in EPS_PLACEMENTS:
+            raise ValueError(f"eps_placement must be one of {EPS_PLACEMENTS}, got {self.eps_placement!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
         if self.target_modules is not None:

@@ -123,16 +123,23 @@ REFRESH_SECONDS = 8
 COMM_BYTES = 9       # bytes this layer all-reduced or broadcast
 QUEUE_LEN = 10
 STEP_UPDATES = 11    # updates applied inside backward since the last optimizer.step() (0 or 1)
-QUEUE = 12           # the last ``queue_size`` similarities
+CAPTURED = 12        # share of ||G||² the projection captured at its refresh (-1: not measured)
+DRIFTED = 13         # 1: a drift check found the projection stale; the next attempt refreshes
+QUEUE = 14           # the last ``queue_size`` similarities
 # After the QUEUE + queue_size saved slots (:func:`saved_size`) come the open window's undo record, never saved:
 # one slot, 1 when the window's first micro-batch refreshed the projection, then the saved slots as they were
 # before that refresh (:func:`drop_pending_` restores the schedule's from them).
-SCHEDULE = (INTERVAL, LAST_REFRESH, REFRESH_COUNT, LAST_SIMILARITY, QUEUE_LEN)  # and the queue
+SCHEDULE = (INTERVAL, LAST_REFRESH, REFRESH_COUNT, LAST_SIMILARITY, QUEUE_LEN, CAPTURED, DRIFTED)  # and the queue
 # Slots that are not training state: the bound optimizer's settings and this process's telemetry. They are saved as
 # 0 (two runs that computed the same thing have equal state dicts) and loading keeps the live values.
 NOT_SAVED = (DEFER, REDUCE, REFRESH_SECONDS, COMM_BYTES)
 CONTROL_FIELDS = ("calls", "pending", "defer", "reduce", "interval", "last_refresh", "refresh_count",
-                  "last_similarity", "refresh_seconds", "comm_bytes", "queue_len", "step_updates")
+                  "last_similarity", "refresh_seconds", "comm_bytes", "queue_len", "step_updates", "captured",
+                  "drifted")
+
+#: A drift check (:func:`_drift_check`) marks the projection stale when it captures less than this share of what
+#: it captured of the gradient at its refresh.
+DRIFT_THRESHOLD = 0.5
 
 HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
@@ -175,6 +182,7 @@ class UpdateSpec:
     adaptive: bool
     fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
     align: str = "sign"  # how a refreshed P is aligned with the old one (qgalore_fx.projection.align_projection)
+    eps_placement: str = "adam"  # "galore": eps added to sqrt(v) before bias correction (config.EPS_PLACEMENTS)
     group: str = ""  # torch.distributed process group name; "" = no data parallelism
     shard_world: int = 1  # FSDP2: ranks the weight's rows are sharded over (qgalore_fx.sharding); 1 = not sharded
     shard_rank: int = 0  # FSDP2: this rank's index in the shard group
@@ -189,7 +197,7 @@ class UpdateSpec:
             stochastic_round=config.stochastic_round, proj_method=config.proj_method,
             seed=config.seed * _SEED_STRIDE + index, update_interval=config.update_interval,
             cos_threshold=float(config.cos_threshold), queue_size=config.queue_size, adaptive=config.adaptive,
-            fused=config.fused, align=config.align,
+            fused=config.fused, align=config.align, eps_placement=config.eps_placement,
         )
 
     @property
@@ -242,6 +250,7 @@ def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
     control[INTERVAL] = spec.update_interval
     control[LAST_REFRESH] = -1
     control[LAST_SIMILARITY] = -1
+    control[CAPTURED] = -1
     return {
         "proj_codes": proj_codes, "proj_scales": proj_scales,
         "exp_avg": adam.m, "exp_avg_sq": adam.v,
@@ -304,6 +313,10 @@ def check_control(control: Tensor, spec: UpdateSpec, where: str) -> None:
         bad.append("last_similarity")
     if c["queue_len"] > spec.queue_size or not all(0.0 <= s <= 1.0 for s in c["queue"]):
         bad.append("queue")
+    if not (c["captured"] == -1 or 0.0 <= c["captured"] <= 1.0 + 1e-3):  # a dequantized P may capture a hair more
+        bad.append("captured")
+    if c["drifted"] not in (0.0, 1.0):
+        bad.append("drifted")
     if bad:
         raise ValueError(f"{where}: the update control state has invalid {sorted(set(bad))}: {c}")
 
@@ -367,7 +380,8 @@ def _adam_direction(R: Tensor, adam: AdamState, t: Tensor, beta1, beta2, eps, ok
     N = torch.empty(n, dtype=torch.float32, device=R.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        N[start:stop] = adam_direction_masked_(flat[start:stop], adam.part(start, stop), t, beta1, beta2, eps, ok)
+        N[start:stop] = adam_direction_masked_(flat[start:stop], adam.part(start, stop), t, beta1, beta2, eps, ok,
+                                               offset=start)
     return N.view(R.shape)
 
 
@@ -386,7 +400,10 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     """
     lr, beta1, beta2, eps, wd = hparams.unbind()
     ok = all_finite(R) & all_finite(hparams)
-    N = _adam_direction(R, adam_state(state), state["step"] + 1, beta1, beta2, eps, ok)
+    t = state["step"] + 1
+    if spec.eps_placement == "galore":  # GaLoreAdamW: m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t)
+        eps = eps / torch.sqrt(1.0 - torch.pow(beta2, t.to(beta2.dtype)))
+    N = _adam_direction(R, adam_state(state), t, beta1, beta2, eps, ok)
     if P is None:  # the caller may pass the dequantized projection it already holds
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     lr = torch.where(ok, lr, 0.0)
@@ -508,6 +525,32 @@ def _broadcast_projection(state: Dict[str, Tensor], group) -> None:
             state["control"][COMM_BYTES] += t.numel() * t.element_size()
 
 
+def _gradient_energy(g2: Tensor, x2: Tensor) -> Tensor:
+    """``||G||_F²`` of ``G = g2ᵀ x2`` ([T, m] and [T, n]): from the two [T, T] Gram matrices when that is cheaper
+    than forming G (``trace(g2 g2ᵀ x2 x2ᵀ)``), else from G itself."""
+    T, m, n = g2.shape[0], g2.shape[1], x2.shape[1]
+    if T * (m + n) < m * n:
+        return ((g2 @ g2.t()) * (x2 @ x2.t())).sum()
+    return (g2.t() @ x2).square().sum()
+
+
+def _captured_share(R: Tensor, energy: Tensor) -> float:
+    """``||R||² / ||G||²`` (synchronizes), clamped to [0, 1]; -1 when G has no finite, positive energy."""
+    total, kept = float(energy), float(R.square().sum())
+    if not (math.isfinite(total) and math.isfinite(kept) and total > 0.0):
+        return -1.0
+    return min(max(kept / total, 0.0), 1.0)
+
+
+def _drift_check_due(c: dict, spec: UpdateSpec, group) -> bool:
+    """Whether this attempt checks the projection for drift (see :func:`update_`): a lazy layer (its interval grown
+    past ``update_interval``) checks where the fixed schedule would have refreshed, every ``update_interval``
+    attempts after its last refresh. Not under torch.distributed (ranks would decide apart)."""
+    since = c["calls"] - c["last_refresh"]
+    return (group is None and spec.adaptive and c["interval"] > spec.update_interval and c["captured"] > 0
+            and c["last_refresh"] >= 0 and since > 0 and since % spec.update_interval == 0)
+
+
 def _refresh_similarity(G: Tensor, P_new: Tensor, P_old: Tensor, spec: UpdateSpec) -> float:
     """The similarity a refresh records for the lazy-refresh policy, in [0, 1].
 
@@ -545,6 +588,7 @@ def _refresh(state: Dict[str, Tensor], G: Tensor, c: dict, spec: UpdateSpec, gro
     policy.record_refresh(int(c["calls"]), similarity)
     control = state["control"]
     _store_policy(control, policy)
+    control[DRIFTED] = 0
     control[REFRESH_SECONDS] += time.perf_counter() - t0
 
 
@@ -604,7 +648,8 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
     m, n = spec.m, spec.n
     x2 = x.reshape(-1, n).float()
     g2 = grad_y.reshape(-1, m).float()
-    refresh = c["pending"] == 0 and (c["last_refresh"] < 0 or c["calls"] - c["last_refresh"] >= c["interval"])
+    refresh = c["pending"] == 0 and (c["last_refresh"] < 0 or c["calls"] - c["last_refresh"] >= c["interval"]
+                                     or c["drifted"] == 1)
     factored = refresh and group is None and spec.proj_method != "full" and \
         proj.FactoredGradient.cheaper(x2.shape[0], m, n)
     if factored:  # few tokens against a large weight: the refresh applies G through its factors, never forms it
@@ -616,6 +661,7 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         del G
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
         R = _project_factors(g2, x2, P, spec.side)
+        control[CAPTURED] = _captured_share(R, _gradient_energy(g2, x2))
     elif refresh or (group is not None and c["reduce"] == 1):
         G = _all_reduce(g2.t() @ x2, group, control)
         if refresh:
@@ -625,6 +671,8 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
             _refresh(state, G, c, spec, group)
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
         R = proj.project(G, P, spec.side)
+        if refresh:
+            control[CAPTURED] = _captured_share(R, G.square().sum())
         del G
         if sharded:
             R = _local_rows(R, spec)
@@ -636,6 +684,10 @@ def update_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], hparams: T
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
         R = _project_factors(g2, x2, P, spec.side)
         R = _reduce_scatter(R, group, control) if sharded else _all_reduce(R, group, control)
+        if _drift_check_due(c, spec, group):  # reads two sums back (a sync), once per update_interval attempts
+            share = _captured_share(R, _gradient_energy(g2, x2))
+            if 0.0 <= share < DRIFT_THRESHOLD * c["captured"]:
+                control[DRIFTED] = 1
     if sharded:
         R = _agree_finite(R, group)
     if defer:

@@ -477,7 +477,7 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     for start in range(0, p32.numel(), chunk):
         stop = min(p32.numel(), start + chunk)
         adamw_masked_(p32[start:stop], g[start:stop], state.part(start, stop), t, ok, lr, beta1, beta2, eps,
-                      weight_decay)
+                      weight_decay, offset=start)
     if not in_place:
         p.copy_(p32.view(p.shape))
     step.add_(ok.to(torch.int64))
@@ -501,7 +501,7 @@ def _masked_adamw_rows_(p: Tensor, grad_rows, state: AdamState, step: Tensor, ok
         start, stop = first * cols, last * cols
         p32 = flat[start:stop] if p.dtype == torch.float32 else flat[start:stop].float()
         adamw_masked_(p32, grad_rows(first, last).reshape(-1), state.part(start, stop), t, ok, lr, beta1, beta2, eps,
-                      weight_decay)
+                      weight_decay, offset=start)
         if p.dtype != torch.float32:
             fused_rest.round_bf16_(flat[start:stop], p32, generator)
     step.add_(ok.to(torch.int64))

@@ -784,9 +784,10 @@ class LazyRefreshPolicy:
         ``similarity`` compares the new projection with the previous one (e.g.
         :func:`subspace_similarity`); ``None`` when there was no previous one (the first
         refresh), in which case the queue is left as it is. With ``adaptive=True`` the value
-        joins the queue of the last ``queue_size`` similarities; when that queue is full and
-        every entry is ``>= cos_threshold`` the interval doubles (up to ``max_interval``)
-        and the queue is cleared.
+        joins the queue of the last ``queue_size`` similarities; a value below ``cos_threshold``
+        puts the interval back to ``update_interval`` (the subspace moved: the lazy schedule
+        re-arms); when the queue is full and every entry is ``>= cos_threshold`` the interval
+        doubles (up to ``max_interval``).
         """
         step = _check_step(step)
         if self.last_refresh_step is not None and step <= self.last_refresh_step:
@@ -801,6 +802,11 @@ class LazyRefreshPolicy:
         self.queue.append(similarity)
         if len(self.queue) > self.queue_size:
             del self.queue[: len(self.queue) - self.queue_size]
+        if similarity < self.cos_threshold:  # the subspace moved: back to the base interval
+            if self.interval != self.update_interval:
+                self.interval = self.update_interval
+                self.interval_history.append((step, self.interval))
+            return False
         if len(self.queue) < self.queue_size or min(self.queue) < self.cos_threshold:
             return False
         new_interval = self.interval * 2

@@ -248,13 +248,21 @@ def test_reference_matches_bitsandbytes_one_step(shape):
     m = dequantize_blockwise_dynamic(state.m, state.absmax_m, True)
     v = dequantize_blockwise_dynamic(state.v, state.absmax_v, False)
     A._adam_fp32_(m, v, g, step, 0.9, 0.999, 1e-8)
-    for x, r, b, signed, absmax in ((m, ref.m, bnb.m, True, ref.absmax_m), (v, ref.v, bnb.v, False, ref.absmax_v)):
-        scale = absmax.repeat_interleave(256)[: x.numel()].view(x.shape)
-        err_ref = (dequantize_blockwise_dynamic(r, absmax, signed) - x).abs()
-        err_bnb = (dequantize_blockwise_dynamic(b, absmax, signed) - x).abs()
-        assert torch.all(err_ref <= err_bnb + 1e-7 * scale)  # the reference is nearest
-        assert torch.all(err_bnb <= err_ref + 2.0**-14 * scale)  # bitsandbytes is nearly nearest
-        assert float((r == b).float().mean()) >= 0.95
+    scale = ref.absmax_m.repeat_interleave(256)[: m.numel()].view(m.shape)
+    err_ref = (dequantize_blockwise_dynamic(ref.m, ref.absmax_m, True) - m).abs()
+    err_bnb = (dequantize_blockwise_dynamic(bnb.m, ref.absmax_m, True) - m).abs()
+    assert torch.all(err_ref <= err_bnb + 1e-7 * scale)  # the reference's m is nearest
+    assert torch.all(err_bnb <= err_ref + 2.0**-14 * scale)  # bitsandbytes is nearly nearest
+    assert float((ref.m == bnb.m).float().mean()) >= 0.95
+    # v is rounded stochastically: to one of the two map values around it (up to the zero-code floor), and so
+    # within one code of bitsandbytes' nearly nearest choice
+    qmap = A.dynamic_map(False)
+    a = ref.absmax_v.repeat_interleave(256)[: v.numel()].view(v.shape)
+    code = ref.v.long()
+    below = qmap[(code - 1).clamp(min=0)] * a
+    above = qmap[(code + 1).clamp(max=255)] * a
+    assert torch.all((below <= v * (1 + 1e-6)) & (v <= above * (1 + 1e-6)) | (code == 1))
+    assert torch.all(((ref.v.int() - bnb.v.int()).abs() <= 1) | (bnb.v == 7))
 
 
 @pytest.mark.parametrize("bits", [8, 32])
@@ -285,7 +293,7 @@ def test_reference_and_bitsandbytes_trajectories_agree(shape):
         for b in BACKENDS:
             adamw_step_(ps[b], g, states[b], t, lr=lr, weight_decay=0.01, backend=b)
     d_ref, d_bnb = ps["torch"] - p0, ps["bitsandbytes"] - p0
-    assert float((d_ref - d_bnb).norm() / d_ref.norm()) <= 5e-3
+    assert float((d_ref - d_bnb).norm() / d_ref.norm()) <= 1e-2  # v rounded stochastically here: 6.7e-3
 
 
 @pytest.mark.parametrize("bits", [8, 32])
@@ -331,9 +339,10 @@ def test_positive_second_moment_never_takes_the_zero_code():
     assert torch.all(state.v[(ratio > 0) & (ratio < 1.6e-7)] == 1)  # the floor is the smallest positive code
     m_deq = dequantize_blockwise_dynamic(state.m, state.absmax_m, True)
     assert torch.all(m_deq.sign() * m.sign() >= 0)
-    # away from the floor, codes stay nearest
+    # away from the floor, v is rounded stochastically: within one code of the nearest
     nearest, _ = quantize_blockwise_dynamic(v, False)
-    assert torch.equal(state.v[ratio >= 1.625e-7], nearest[ratio >= 1.625e-7])
+    above = ratio >= 1.625e-7
+    assert int((state.v[above].int() - nearest[above].int()).abs().max()) <= 1
 
 
 def test_bitsandbytes_backend_floors_a_zero_v_code_after_the_kernel(monkeypatch):
@@ -443,6 +452,31 @@ def test_torch_backend_compiles_without_recompiling_per_step(monkeypatch):
     torch.testing.assert_close(pc, pe, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
     # inductor may round N differently by an ulp; codes may then differ at a midpoint, by one
     assert int((sc.m.int() - se.m.int()).abs().max()) <= 1 and int((sc.v.int() - se.v.int()).abs().max()) <= 1
+    assert torch.equal(sc.v[256:], se.v[256:])  # the short last block is compiled like the others
+
+
+@pytest.mark.parametrize("n", [300, 256 * 3 + 1])
+def test_stochastic_v_codes_compile_to_the_eager_codes_in_a_short_last_block(n):
+    """The rounding draws are integer hashes and the threshold the same IEEE ops in the same order, so compiled
+    and eager codes are equal, the short last block included (an element-to-block index compiled by inductor into
+    a loop that stopped at the last whole block once left that block's codes uninitialized)."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(3)
+    v = torch.rand(n, generator=gen) ** 4 * 1e-4
+    nearest, absmax = quantize_blockwise_dynamic(v, False)
+
+    def codes(v, nearest, absmax, step):
+        return A._stochastic_v_codes_of(v, nearest, absmax, 256, step, 5)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(codes, fullgraph=True, dynamic=False)
+        for t in (1, 2, 7):
+            eager = codes(v, nearest, absmax, torch.tensor(t))
+            assert torch.equal(compiled(v, nearest, absmax, torch.tensor(t)), eager), t
+    finally:
+        torch._dynamo.reset()
 
 
 def test_auto_backend_is_torch_on_cpu():

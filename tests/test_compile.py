@@ -137,3 +137,59 @@ def test_one_forward_and_one_backward_graph_with_every_update_inside():
     assert sum("lowrank_update_" in t for t in ops(graphs["backward"][0])) == layers
     assert not any("lowrank_update_" in t for t in ops(graphs["forward"][0]))
     assert {s["step"] for s in opt.layer_stats().values()} == {2}
+
+
+def _eager_and_compiled_llama(steps):
+    """A 2-layer LLaMA (hidden 128, rank 16, refresh every 4 steps) trained ``steps`` steps eager and compiled
+    (inductor, fullgraph) on the same batches; returns (eager, compiled) transformed models."""
+    torch._dynamo.reset()
+    base = qgalore_fx.transform(tiny_llama(hidden=128, intermediate=256), rank=16, update_interval=4, adaptive=False)
+    base.train()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 128, (4, 32), generator=gen) for _ in range(steps)]
+    eager, compiled_src = copy.deepcopy(base), copy.deepcopy(base)
+    opt_e = qgalore_fx.optimizer(eager, lr=1e-2)
+    opt_c = qgalore_fx.optimizer(compiled_src, lr=1e-2)
+    compiled = torch.compile(compiled_src, backend="inductor", fullgraph=True)
+    train_steps(eager, opt_e, batches)
+    train_steps(compiled, opt_c, batches, params_of=compiled_src)
+    return eager, compiled_src
+
+
+def _basis_cosines(a, b):
+    Pa, Pb = a.projection_matrix(), b.projection_matrix()
+    basis = (lambda P: P) if Pa.shape[0] == 16 else (lambda P: P.t())
+    return torch.nn.functional.cosine_similarity(basis(Pa), basis(Pb), dim=1)
+
+
+def test_compiled_and_eager_agree_at_the_first_refresh():
+    """Inductor computes the forward and backward matmuls in another order than eager, so the G of the first
+    refresh differs by ~5e-7 (relative) and the SVD's P by ~1e-5. Quantizing P to INT4 (round to nearest) then
+    gives the same codes except where a value lies within that noise of a rounding midpoint: on this model one
+    code of one layer (layers.1.mlp.gate_proj, -1.5000006 eager, -1.4999887 compiled, in code units)."""
+    eager, compiled = _eager_and_compiled_llama(1)
+    for (name, a), (_, b) in zip(qgalore_fx.projected_layers(eager), qgalore_fx.projected_layers(compiled)):
+        assert a.stats()["refresh_count"] == b.stats()["refresh_count"] == 1, name
+        assert (a.proj_codes != b.proj_codes).float().mean().item() <= 0.01, name
+        assert float(_basis_cosines(a, b).min()) > 0.99, name
+        assert (a.weight_codes != b.weight_codes).float().mean().item() <= 0.02, name
+
+
+@pytest.mark.xfail(reason="the two runs part at the first step, not at a later refresh: one INT4 projection code "
+                   "lies within float noise of a rounding midpoint (test above), as do one first- and one "
+                   "second-moment code of the 8-bit AdamW of the unprojected weights; the one-code change of P moves "
+                   "the layer's first update, hundreds of its 8-bit moment and INT8 weight codes follow, and by the "
+                   "refresh at step 4 the gradients differ by ~1 %, enough to reorder or flip near-degenerate "
+                   "singular vectors. No rule in the projection removes a rounding midpoint; bit-equal compiled and "
+                   "eager forward/backward would.", strict=False)
+def test_compiled_and_eager_keep_the_same_projections_across_refreshes():
+    """Over five refreshes (17 steps) the projections' INT4 codes and the weights' INT8 codes of the eager and the
+    compiled run would differ only where float rounding puts a value on a rounding boundary (<= 2 %), and no
+    basis vector would be flipped. Measured instead: 84-87 % of the INT4 projection bytes differ and some basis
+    vectors are flipped (cosine -0.99); the xfail reason says where the runs part."""
+    eager, compiled = _eager_and_compiled_llama(17)
+    for (name, a), (_, b) in zip(qgalore_fx.projected_layers(eager), qgalore_fx.projected_layers(compiled)):
+        assert a.stats()["refresh_count"] == b.stats()["refresh_count"] == 5, name
+        assert (a.proj_codes != b.proj_codes).float().mean().item() <= 0.02, name
+        assert (a.weight_codes != b.weight_codes).float().mean().item() <= 0.02, name
+        assert float(_basis_cosines(a, b).min()) > 0.5, name

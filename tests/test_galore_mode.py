@@ -1,13 +1,13 @@
 """``proj_bits=32`` and the exact GaLore configuration, against galore-torch's ``GaLoreAdamW``.
 
 GaLore mode: ``weight_bits=32, proj_bits=32, optim_bits=32, stochastic_round=False, adaptive=False,
-proj_method="full"``: fp32 weights and projection, fp32 Adam, the full SVD, a fixed refresh interval.
+proj_method="full", eps_placement="galore"``: fp32 weights and projection, fp32 Adam with GaLoreAdamW's eps
+placement (eps added to ``sqrt(v)`` before bias correction), the full SVD, a fixed refresh interval.
 
 * Without a refresh in the window (50 steps, interval 1000) the weights follow ``GaLoreAdamW`` within 1e-5 of
-  their total movement (measured 5e-7 and 2e-6). What remains is float rounding and two documented
-  differences that are below it here: galore-torch adds ``eps`` to ``sqrt(v)`` before bias correction
-  (``m̂ / (sqrt(v̂) + eps / sqrt(1 - beta2^t))``, qgalore_fx ``m̂ / (sqrt(v̂) + eps)``; with eps 1e-8 and
-  gradients of order 1 this is ~1e-7 relative), and its weight decay acts after the step (0 here). The sign of
+  their total movement at its default eps 1e-6 and at 1e-8 and 1e-4. What remains is float rounding; its weight
+  decay acts after the step (0 here). The default ``eps_placement="adam"`` (``m̂ / (sqrt(v̂) + eps)``,
+  bitsandbytes' and Q-GaLore's) differs from it by far more at a large eps. The sign of
   the first projection's vectors does not matter: Adam is odd and element-wise in R, so a flipped vector flips
   its coordinate of R, m and N and the product N·P is unchanged.
 * With refreshes (interval 10) qgalore_fx aligns each new basis with the previous one (``align``: by default a
@@ -31,7 +31,8 @@ import qgalore_fx
 galore_torch = pytest.importorskip("galore_torch")
 
 GALORE = dict(weight_bits=32, proj_bits=32, optim_bits=32, stochastic_round=False, adaptive=False,
-              proj_method="full")
+              proj_method="full", eps_placement="galore")
+GALORE_EPS = 1e-6  # GaLoreAdamW's default eps
 RANK, LR, SCALE, STEPS = 5, 1e-2, 0.25, 50
 SHAPES = [(48, 32), (32, 48)]  # right and left projection
 
@@ -50,10 +51,10 @@ def _dense(m, n):
     return nn.Linear(n, m, bias=False)
 
 
-def run_qgalore(dense, data, interval, align="sign"):
+def run_qgalore(dense, data, interval, align="sign", eps=GALORE_EPS, **options):
     model = qgalore_fx.transform(nn.Sequential(copy.deepcopy(dense)), rank=RANK, update_interval=interval,
-                                 scale=SCALE, align=align, **GALORE)
-    opt = qgalore_fx.optimizer(model, lr=LR, eps=1e-8)
+                                 scale=SCALE, align=align, **(GALORE | options))
+    opt = qgalore_fx.optimizer(model, lr=LR, eps=eps)
     ((_, layer),) = qgalore_fx.projected_layers(model)
     for x, target in data:
         _loss(model(x), target).backward()
@@ -62,12 +63,12 @@ def run_qgalore(dense, data, interval, align="sign"):
     return layer.dequantized_weight().clone()
 
 
-def run_galore_torch(dense, data, interval):
+def run_galore_torch(dense, data, interval, eps=GALORE_EPS):
     W = nn.Parameter(dense.weight.detach().clone())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         opt = galore_torch.GaLoreAdamW([{"params": [W], "rank": RANK, "update_proj_gap": interval, "scale": SCALE,
-                                         "proj_type": "std"}], lr=LR, eps=1e-8, weight_decay=0.0,
+                                         "proj_type": "std"}], lr=LR, eps=eps, weight_decay=0.0,
                                        no_deprecation_warning=True)
     for x, target in data:
         _loss(x @ W.t(), target).backward()
@@ -99,7 +100,7 @@ def run_reference(dense, data, interval, align):
         mom = 0.1 * R if mom is None else 0.9 * mom + 0.1 * R
         vel = 0.001 * R * R if vel is None else 0.999 * vel + 0.001 * R * R
         step = t + 1
-        N = mom / (vel.sqrt() + 1e-8) * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step)
+        N = mom / (vel.sqrt() + GALORE_EPS) * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step)
         W = W - LR * SCALE * (N @ P.t() if right else P @ N)
     return W.float()
 
@@ -125,14 +126,28 @@ def test_proj_bits_32_stores_an_fp32_projection():
         qgalore_fx.QGaLoreConfig(rank=4, proj_bits=2)
 
 
+@pytest.mark.parametrize("eps", [GALORE_EPS, 1e-8, 1e-4])
 @pytest.mark.parametrize("m, n", SHAPES, ids=["right", "left"])
-def test_galore_mode_matches_galore_torch_without_refresh(m, n):
+def test_galore_mode_matches_galore_torch_without_refresh(m, n, eps):
     dense, data = _dense(m, n), _data(m, n)
-    ours = run_qgalore(dense, data, interval=1000)
-    theirs = run_galore_torch(dense, data, interval=1000)
+    ours = run_qgalore(dense, data, interval=1000, eps=eps)
+    theirs = run_galore_torch(dense, data, interval=1000, eps=eps)
     w0 = dense.weight.detach()
     assert float((theirs - w0).norm()) > 0.1  # it trained
     assert rel(ours, theirs, w0) <= 1e-5
+
+
+@pytest.mark.parametrize("m, n", SHAPES, ids=["right", "left"])
+def test_eps_placement_adam_is_torch_adams_and_differs_from_galore_torch(m, n):
+    """``eps_placement="adam"`` (the Q-GaLore default) adds eps after bias correction: at GaLoreAdamW's eps the
+    first steps' eps is ~30x smaller than GaLoreAdamW's, a difference far above float rounding."""
+    dense, data = _dense(m, n), _data(m, n)
+    w0 = dense.weight.detach()
+    theirs = run_galore_torch(dense, data, interval=1000, eps=1e-4)
+    assert rel(run_qgalore(dense, data, interval=1000, eps=1e-4, eps_placement="adam"), theirs, w0) > 1e-4
+    assert qgalore_fx.QGaLoreConfig(rank=4).eps_placement == "adam"
+    with pytest.raises(ValueError, match="eps_placement"):
+        qgalore_fx.QGaLoreConfig(rank=4, eps_placement="hf")
 
 
 @pytest.mark.parametrize("align", ["sign", "procrustes"])

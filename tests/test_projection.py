@@ -612,13 +612,15 @@ def test_policy_doubles_after_queue_size_agreeing_refreshes_then_at_each_one_tha
     # similarity measured at the new, longer spacing
     steps = drive(p, [0.9, 0.9], start=1001)
     assert steps == [1400, 2200] and p.interval == 1600
-    # one disagreeing value stops the growth for the next queue_size refreshes
+    # one disagreeing value puts the interval back to update_interval (the subspace moved: the lazy schedule
+    # re-arms), and it stays there until the window holds queue_size agreeing values again
     steps = drive(p, [0.3, 0.9, 0.9, 0.9, 0.9], start=2201)
-    assert steps == [3800, 5400, 7000, 8600, 10200] and p.interval == 1600
-    steps = drive(p, [0.9], start=10201)
-    assert steps == [11800] and p.interval == 3200
-    assert p.interval_history == [(1000, 400), (1400, 800), (2200, 1600), (11800, 3200)]
-    assert p.refresh_count == 14 and p.last_refresh_step == 11800 and p.last_similarity == 0.9
+    assert steps == [3800, 4000, 4200, 4400, 4600] and p.interval == 200
+    assert p.queue == [0.3, 0.9, 0.9, 0.9, 0.9]
+    steps = drive(p, [0.9, 0.9], start=4601)
+    assert steps == [4800, 5200] and p.interval == 800
+    assert p.interval_history == [(1000, 400), (1400, 800), (2200, 1600), (3800, 200), (4800, 400), (5200, 800)]
+    assert p.refresh_count == 15 and p.last_refresh_step == 5200 and p.last_similarity == 0.9
 
 
 def test_policy_one_disagreeing_refresh_restarts_the_count():
@@ -637,8 +639,10 @@ def test_policy_threshold_is_inclusive():
 
 def test_policy_queue_size_one_doubles_at_each_agreeing_refresh():
     p = LazyRefreshPolicy(update_interval=3, queue_size=1)
-    steps = drive(p, [0.8, 0.1, 0.8])
-    assert steps == [0, 3, 9, 15] and p.interval == 12
+    steps = drive(p, [0.8, 0.8, 0.1, 0.8])
+    # 0.8 doubles (3 -> 6 -> 12); 0.1 at step 21 puts the interval back to 3; the next 0.8 doubles again
+    assert steps == [0, 3, 9, 21, 24] and p.interval == 6
+    assert p.interval_history == [(3, 6), (9, 12), (21, 3), (24, 6)]
 
 
 def test_policy_never_doubles_when_not_adaptive():

@@ -111,7 +111,8 @@ DEFAULT_LR = {"qgalore": 1e-2, "galore": 1e-2, "adamw": 1e-3, "adamw8bit": 1e-3}
 # alignment of the new projection (qgalore_fx.projection). The 16-bit storage variants GaLore is
 # often run with on GPUs stay reachable as Q-GaLore ablations (--weight-bits 16 --proj-bits 16 ...).
 GALORE_SETTINGS = dict(
-    weight_bits=32, proj_bits=32, adaptive=False, optim_bits=32, stochastic_round=False, proj_method="full"
+    weight_bits=32, proj_bits=32, adaptive=False, optim_bits=32, stochastic_round=False, proj_method="full",
+    eps_placement="galore",
 )
 # The transform options GaLore keeps settable (its subspace); the others are fixed above or
 # do not apply (the refresh policy: cos_threshold, queue_size).

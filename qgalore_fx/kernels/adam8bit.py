@@ -564,7 +564,50 @@ def _floor_positive_codes(v_codes: Tensor, positive: Tensor) -> Tensor:
     return torch.where(positive & (v_codes == _zero_code(False)), 1, v_codes).to(torch.uint8)
 
 
-def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok: Optional[Tensor] = None) -> Tensor:
+_MASK32 = 0xFFFFFFFF
+_MIX32 = 0x45D9F3B
+_GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio
+
+
+def _rounding_salt(step, offset: int, device) -> Tensor:
+    """int64 ``[offset, (step * golden) mod 2^32]``: what the rounding draws of a state's elements at ``step`` need
+    besides their index (:func:`_uniform`)."""
+    t = step.reshape(()).to(device=device, dtype=torch.int64) if isinstance(step, Tensor) else \
+        torch.full((), int(step), dtype=torch.int64, device=device)
+    return torch.stack([torch.full((), int(offset), dtype=torch.int64, device=device),
+                        ((t & 0xFFFFFFF) * _GOLDEN32) & _MASK32])  # 28 bits x 32 bits: stays inside int64
+
+
+def _uniform(index: Tensor, salt: Tensor) -> Tensor:
+    """fp32 draws in [0, 1) (multiples of 2^-24) for the int64 element indices ``index`` at the step of ``salt``.
+
+    Element ``i`` starts from a hash ``h`` of ``offset + i`` and steps along the golden-ratio sequence,
+    ``u_t = frac(h + t / golden)``: over the elements each draw is uniform, and over the steps an element's draws
+    are spread evenly (a low-discrepancy sequence), so an element waits about ``1 / p`` steps for an event of
+    probability ``p`` and never the long geometric tails of independent draws. Integer ops only, so eager torch
+    and compiled code give the same bits; every product stays below 2^63.
+    """
+    x = (index + salt[0]) & _MASK32
+    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
+    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
+    x = ((x ^ (x >> 16)) + salt[1]) & _MASK32
+    return (x >> 8).float() * (1.0 / (1 << 24))
+
+
+def _stochastic_v_codes(x: Tensor, nearest: Tensor, qmap: Tensor, u: Tensor) -> Tensor:
+    """int64 codes of ``x`` in [0, 1] into the unsigned map, rounded stochastically between its two neighbours.
+
+    With ``lo``/``hi`` the map values around ``x``, the code is ``hi``'s with probability
+    ``(x - lo) / (hi - lo)`` (``u`` the uniform draw), so the expected stored value is ``x``. ``nearest``, the
+    nearest code, locates them. See "Second moments are rounded stochastically" in the module docstring.
+    """
+    lo = torch.clamp(nearest.long() - (qmap[nearest.long()] > x).long(), 0, qmap.numel() - 2)
+    q_lo, q_hi = qmap[lo], qmap[lo + 1]
+    return lo + (u < (x - q_lo) / (q_hi - q_lo)).long()
+
+
+def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok: Optional[Tensor] = None,
+                     offset: int = 0) -> Tensor:
     """N from ``grad``; the moments are written in place, or — with ``ok``, a 0-d bool tensor — only where it holds.
 
     With ``ok`` the update is branch-free: a False ``ok`` keeps the moments bit for bit and returns N = 0, and a
@@ -586,10 +629,30 @@ def _direction_torch(grad: Tensor, state: AdamState, step, beta1, beta2, eps, ok
     for codes, absmax, x, signed in ((state.m, state.absmax_m, m, True), (state.v, state.absmax_v, v, False)):
         new_codes, new_absmax = quantize_blockwise_dynamic(x, signed, state.block_size)
         if not signed:
+            new_codes = _stochastic_v_codes_of(x, new_codes, new_absmax, state.block_size, step, offset)
             new_codes = _floor_positive_codes(new_codes, x > 0)
         codes.copy_(new_codes if ok is None else torch.where(ok, new_codes, codes))
         absmax.copy_(new_absmax if ok is None else torch.where(ok, new_absmax, absmax))
     return n if ok is None else n.masked_fill_(~ok, 0.0)
+
+
+def _stochastic_v_codes_of(v: Tensor, nearest: Tensor, absmax: Tensor, block_size: int, step, offset: int) -> Tensor:
+    """uint8 stochastic codes of the fp32 second moment ``v`` whose nearest codes and new block absmax are given;
+    element ``i`` draws ``_uniform(offset + i, step)``."""
+    flat = v.reshape(-1)
+    # x / absmax per block, split into the whole blocks and the short last one as in quantize_blockwise_dynamic:
+    # inductor (torch 2.13, CPU) compiles an element-to-block index (``repeat_interleave(absmax, block_size)[:n]``
+    # or ``absmax[arange(n) // block_size]``) into a loop that stops at the last whole block, leaving the short
+    # block's values uninitialized
+    scale = torch.where(absmax > 0, absmax, 1.0)
+    head, tail = _split_blocks(flat, block_size)
+    parts = [(head / scale[: head.shape[0], None]).reshape(-1)] if head.numel() else []
+    if tail.numel():
+        parts.append(tail / scale[-1])
+    index = torch.arange(flat.numel(), dtype=torch.int64, device=v.device)
+    u = _uniform(index, _rounding_salt(step, offset, v.device))
+    codes = _stochastic_v_codes(_cat(parts), nearest.reshape(-1), dynamic_map(False, v.device), u)
+    return codes.to(torch.uint8).view(v.shape)
 
 
 # --------------------------------------------------------------------------- fused step (torch.compile)
@@ -663,7 +726,7 @@ def _fused_codes(x: Tensor, lut: Tensor, mid_ext: Tensor) -> Tensor:
     return g + (x > mid_ext[g]).to(torch.int32)
 
 
-def _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables):
+def _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables, salt):
     """Adam on ``[n_blocks, block_size]`` views: writes the codes and absmax (where ``ok``), returns N (0 elsewhere).
 
     Selections happen on int32 / fp32 values before the single cast to uint8: ``torch.where`` on uint8 codes
@@ -680,7 +743,9 @@ def _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables):
     new_absmax_m = m.abs().amax(1)
     new_absmax_v = v.abs().amax(1)
     code_m = _fused_codes(m / torch.where(new_absmax_m > 0, new_absmax_m, 1.0)[:, None], lut_m, mid_m)
-    code_v = _fused_codes(v / torch.where(new_absmax_v > 0, new_absmax_v, 1.0)[:, None], lut_v, mid_v)
+    x_v = v / torch.where(new_absmax_v > 0, new_absmax_v, 1.0)[:, None]
+    index = torch.arange(x_v.numel(), dtype=torch.int64, device=x_v.device).view(x_v.shape)
+    code_v = _stochastic_v_codes(x_v, _fused_codes(x_v, lut_v, mid_v), qmap_v, _uniform(index, salt))
     code_v = torch.where((v > 0) & (code_v == _zero_code(False)), 1, code_v)  # _floor_positive_codes
     m_codes.copy_(torch.where(ok, code_m, m_codes.int()).to(torch.uint8))
     v_codes.copy_(torch.where(ok, code_v, v_codes.int()).to(torch.uint8))
@@ -689,12 +754,12 @@ def _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables):
     return n
 
 
-def _fused_direction_blocks(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables):
-    return _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables)
+def _fused_direction_blocks(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables, salt):
+    return _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables, salt)
 
 
-def _fused_adamw_blocks(p, g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, lr, decay, tables):
-    n = _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables)
+def _fused_adamw_blocks(p, g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, lr, decay, tables, salt):
+    n = _fused_moments(g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, tables, salt)
     p.copy_(p * decay - n * lr)
 
 
@@ -746,7 +811,7 @@ def _check_masked(grad: Tensor, state: AdamState, ok: Tensor, impl: str) -> None
 
 @torch.no_grad()
 def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, beta2, eps, ok: Tensor,
-                           impl: str = "auto") -> Tensor:
+                           impl: str = "auto", offset: int = 0) -> Tensor:
     """:func:`adam_direction_` for a compiled or asynchronous caller: no host synchronization.
 
     ``step`` (the 1-based index of this update) is a 0-d integer tensor and ``beta1``, ``beta2``, ``eps`` floats
@@ -755,6 +820,8 @@ def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, 
     ``impl="auto"`` runs the fused step (section "fused step" above: equal to the reference up to float rounding)
     on the whole blocks of an 8-bit state when it is available (:mod:`qgalore_fx.kernels.fastpath`), the torch
     reference otherwise; ``"reference"`` always runs the reference, ``"fused"`` the fused step where it applies.
+    ``offset``: the index of ``state``'s first element in the tensor it is part of (the second moment's rounding
+    draws are a hash of the element's index and ``step``), so a state updated part by part rounds as a whole.
     """
     _check_masked(grad, state, ok, impl)
     if state.shape.numel() == 0:
@@ -766,22 +833,22 @@ def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, 
         g = grad.reshape(-1)
         coef = _fused_coefficients(step, beta1, beta2, eps)
         ran, n = _DIRECTION_KERNEL(g[:full].view(-1, state.block_size), *_block_views(state, full), ok, coef,
-                                   _tables(state.device))
+                                   _tables(state.device), _rounding_salt(step, offset, state.device))
         if ran:
             if full == n_total:
                 return n.view(state.shape)
-            tail = _direction_torch(g[full:], _tail_state(state, full), step, beta1, beta2, eps, ok)
+            tail = _direction_torch(g[full:], _tail_state(state, full), step, beta1, beta2, eps, ok, offset + full)
             return torch.cat([n.view(-1), tail]).view(state.shape)
-    return _direction_torch(grad, state, step, beta1, beta2, eps, ok)
+    return _direction_torch(grad, state, step, beta1, beta2, eps, ok, offset)
 
 
 @torch.no_grad()
 def adamw_masked_(p32: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1, beta2,
-                  eps, weight_decay: float, impl: str = "auto") -> None:
+                  eps, weight_decay: float, impl: str = "auto", offset: int = 0) -> None:
     """AdamW on the contiguous fp32 ``p32`` (``grad``'s shape) that changes nothing where ``ok`` is False.
 
     ``p = p * (1 - lr*wd) - lr * N`` with N from :func:`adam_direction_masked_` (same ``impl`` rule); ``lr`` and
-    ``weight_decay`` floats. No host synchronization.
+    ``weight_decay`` floats; ``offset`` as for :func:`adam_direction_masked_`. No host synchronization.
     """
     _check_masked(grad, state, ok, impl)
     if p32.dtype != torch.float32 or not p32.is_contiguous() or p32.shape != grad.shape:
@@ -800,15 +867,16 @@ def adamw_masked_(p32: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok:
                 else torch.full((), lr, dtype=torch.float32, device=p32.device))
         ran, _ = _ADAMW_KERNEL(p_flat[:full].view(-1, state.block_size), g[:full].view(-1, state.block_size),
                                *_block_views(state, full), ok, coef, lr_t,
-                               torch.ones((), device=p32.device) if decay is None else decay, _tables(state.device))
+                               torch.ones((), device=p32.device) if decay is None else decay, _tables(state.device),
+                               _rounding_salt(step, offset, state.device))
         if not ran:
             full = 0
         elif full == state.shape.numel():
             return
     if full == 0:
-        n = _direction_torch(grad, state, step, beta1, beta2, eps, ok).view(-1)
+        n = _direction_torch(grad, state, step, beta1, beta2, eps, ok, offset).view(-1)
     else:
-        n = _direction_torch(g[full:], _tail_state(state, full), step, beta1, beta2, eps, ok)
+        n = _direction_torch(g[full:], _tail_state(state, full), step, beta1, beta2, eps, ok, offset + full)
     if decay is not None:
         p_flat[full:].mul_(decay)
     p_flat[full:].sub_(n.mul_(lr))
