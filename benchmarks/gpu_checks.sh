@@ -50,5 +50,36 @@ if [ -z "${QUICK:-}" ]; then
     part memory-7b python benchmarks/bench_memory_timeline.py --preset 7b --steps 3 --rest-in-backward \
         --device cuda --out "$OUT/memory-7b.json"
 fi
+# 6. FSDP2 on CUDA with nccl (one GPU: a world of one; CPU/gloo covers 2 and 4 ranks in tests/test_fsdp.py), and
+#    FSDP1's refusal, which needs an accelerator to build a FullyShardedDataParallel at all.
+cat >"$OUT/fsdp_cuda.py" <<'EOF2'
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from conftest import tiny_llama
+import qgalore_fx
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+dist.init_process_group("nccl")
+torch.cuda.set_device(0)
+model = qgalore_fx.transform(tiny_llama(hidden=128, intermediate=256, vocab=256).cuda(), rank=16)
+for block in model.model.layers:
+    fully_shard(block)
+fully_shard(model)
+opt = qgalore_fx.optimizer(model, lr=1e-2)
+ids = torch.randint(0, 256, (4, 16), device="cuda")
+for step in range(3):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(); opt.step(); opt.zero_grad()
+    print("fsdp2 cuda step", step, float(loss))
+other = FullyShardedDataParallel(qgalore_fx.transform(tiny_llama().cuda(), rank=8), use_orig_params=True)
+try:
+    qgalore_fx.optimizer(other, lr=1e-3)
+    raise SystemExit("FSDP1 was not refused")
+except ValueError as e:
+    assert "FSDP1" in str(e), e
+    print("FSDP1 refused:", str(e)[:80])
+dist.destroy_process_group()
+EOF2
+part fsdp-cuda torchrun --nproc-per-node 1 "$OUT/fsdp_cuda.py"
 echo "parts failed: $failed (logs in $OUT)"
 exit "$failed"

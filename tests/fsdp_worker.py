@@ -51,6 +51,9 @@ def shard(model, args):
         for block in model.model.layers:
             fully_shard(block, **kw)
     fully_shard(model, **kw)
+    if args.compile:  # each block compiled after sharding, as FSDP2 users do
+        for block in model.model.layers:
+            block.compile()
 
 
 def batches(steps, seed=1):
@@ -91,6 +94,8 @@ def main():
     ap.add_argument("--wrap", choices=("block", "root"), default="block")
     ap.add_argument("--no-reshard", action="store_true")
     ap.add_argument("--placement", default="shard0")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step (accumulation_steps)")
     ap.add_argument("--save")
     ap.add_argument("--load")
     args = ap.parse_args()
@@ -104,7 +109,7 @@ def main():
     try:
         if args.fsdp:
             model = shard(model, args) or model
-        opt = qgalore_fx.optimizer(model, lr=1e-2)
+        opt = qgalore_fx.optimizer(model, lr=1e-2, accumulation_steps=args.accum)
     except ValueError as e:  # a set-up the library refuses: report the message
         result["error"] = str(e)
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
@@ -122,11 +127,15 @@ def main():
     result["eval_before"] = global_loss(model, eval_ids, rank, world)
     losses = []
     for ids in batches(args.steps, seed=1 if not args.load else 2):
-        loss = model(input_ids=mine(ids, rank, world), labels=mine(ids, rank, world)).loss
-        loss.backward()
+        total = 0.0
+        # micro-batch i is the same rows of the global batch whatever the world size, split over the ranks
+        for micro in ids.chunk(args.accum):
+            loss = model(input_ids=mine(micro, rank, world), labels=mine(micro, rank, world)).loss / args.accum
+            loss.backward()
+            total += float(loss.detach())
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss.detach()))
+        losses.append(total)
     result["losses"] = losses
     result["eval_after"] = global_loss(model, eval_ids, rank, world)
     report = qgalore_fx.memory_report(model, opt)

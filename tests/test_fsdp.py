@@ -51,10 +51,12 @@ def runs(tmp_path_factory):
     batches = [
         {"single": (1, *fixed, "--save", ckpt1), "block": (2, *fixed, "--save", ckpt2)},
         {"root": (2, *fixed, "--wrap", "root", "--no-reshard"), "w4": (4, *fixed)},
+        {"compiled": (2, *fixed, "--compile")},
         {"2to1": (1, "--load", ckpt2, "--steps", "2"), "2to4": (4, "--load", ckpt2, "--steps", "2")},
         {"1to2": (2, "--load", ckpt1, "--steps", "2"), "2to2": (2, "--load", ckpt2, "--steps", "2"),
          "1to1": (1, "--load", ckpt1, "--steps", "2")},
         {"sr-single": (1, "--sr", "--steps", "4"), "sr-block": (2, "--sr", "--steps", "4")},
+        {"accum-single": (1, "--accum", "2", *fixed), "accum-block": (2, "--accum", "2", *fixed)},
     ]
     for batch in batches:
         started = {tag: launch(tmp, tag, world, *flags) for tag, (world, *flags) in batch.items()}
@@ -90,12 +92,20 @@ def assert_close_states(a, b, what, lr=1e-2):
             assert rel <= 0.01 and d.abs().max() <= 3 * lr, (what, k, rel, float(d.abs().max()))
 
 
-@pytest.mark.parametrize("tag", ["block", "root", "w4"])
+@pytest.mark.parametrize("tag", ["block", "root", "w4", "compiled"])
 def test_ranks_train_like_one_process_on_the_whole_batch(runs, tag):
     single, sharded = runs["single"], runs[tag]
     assert global_losses(sharded) == pytest.approx(global_losses(single), rel=1e-4)
     assert sharded["ranks"][0]["eval_after"] == pytest.approx(single["ranks"][0]["eval_after"], rel=1e-4)
     assert_close_states(single["state"], sharded["state"], tag)
+
+
+def test_gradient_accumulation_follows_one_process(runs):
+    """accumulation_steps=2: each rank sums its rows of R over the micro-batches (the accumulator is its rows of
+    R) and the update runs at step(), as one process on the same micro-batches does."""
+    single, sharded = runs["accum-single"], runs["accum-block"]
+    assert global_losses(sharded) == pytest.approx(global_losses(single), rel=1e-4)
+    assert_close_states(single["state"], sharded["state"], "accumulation")
 
 
 def test_defaults_follow_one_process(runs):
