@@ -295,7 +295,7 @@ class ShardedPlan:
     saved_activations: int  # kept across layers for the rank's batch slice
     gathered: int  # FSDP2's unsharded copies: the root group (embedding, final norm, head) + `prefetch` blocks
     root_grads: int  # the head's (and final norm's) unsharded gradient, held until the root's reduce-scatter
-    rest_grads_held: int  # this rank's shards of the unprojected gradients, held until step()
+    rest_grads_held: int  # this rank's shards of the blocks' unprojected gradients (norms), held until step()
     layer_phase: int  # one decoder layer's backward: recompute + the largest projected layer's update
     refresh_extra: int  # at a refresh: the full fp32 G of the largest layer (all-reduced) + the SVD's workspace
     head_phase: int  # logits, the loss and the head's unsharded gradient
@@ -330,7 +330,7 @@ class ShardedPlan:
                 ("transient peak", self.transient),
                 (f"  activations kept across layers ({per} x {self.seq_len})", self.saved_activations),
                 (f"  all-gathered: root group + {self.prefetch} block(s)", self.gathered),
-                ("  unprojected gradient shards held until step()", self.rest_grads_held),
+                ("  blocks' gradient shards held until step()", self.rest_grads_held),
                 ("  phase: one layer's backward + update", self.layer_phase),
                 ("    + a refresh: full G all-reduced, SVD", self.refresh_extra),
                 ("    + head's gradient awaiting the root's reduce", self.root_grads),
@@ -382,7 +382,8 @@ def plan_sharded(preset_or_config, world_size: int, rank: Optional[int] = None, 
     * ``head_phase``: logits, their fp32 copy, log-probabilities and gradient (``4 T V``) and the head's
       unsharded gradient. ``end_phase``: the root group's unsharded gradients (embedding, norm, head) and their
       1/W reduce-scattered shards.
-    * ``rest_grads_held``: the rank's gradient shards of the unprojected parameters, held until ``step()``.
+    * ``rest_grads_held``: the rank's gradient shards of the blocks' unprojected parameters (their norms), reduced
+      as each block's backward ends and held until ``step()`` (the root group's arrive in ``end_phase``).
 
     ``transient = saved_activations + gathered + rest_grads_held + max(layer_phase + refresh_extra + root_grads,
     head_phase, end_phase)``; ``total = runtime + weights + states + projections + transient``.
@@ -475,7 +476,8 @@ def plan_sharded(preset_or_config, world_size: int, rank: Optional[int] = None, 
         nbytes(embedding.weight)
     root_grads = root_grads_all - emb_grad  # the head's and the final norm's: computed before the blocks'
     end_phase = root_grads_all + sum(share(p) for p in root if p.requires_grad)
-    held = sum(share(p) for _, p in rest if p.requires_grad)
+    # the blocks' gradient shards (norms) wait for step(); the root's arrive at the end of backward (end_phase)
+    held = sum(share(p) for _, p in rest if p.requires_grad and id(p) in in_blocks)
     notes = [f"FSDP2 all-gathers {prefetch} decoder block(s) at once (the one computing and the one prefetched)"]
     if not checkpointing:
         notes.append("without checkpointing every layer's activations are kept (fp32, the rank's tokens)")
