@@ -33,6 +33,7 @@ The unprojected parameters (embeddings, norms, head) are FSDP2's ordinary DTenso
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -78,8 +79,6 @@ def check_layer(name: str, layer: nn.Module, world: int) -> None:
     """Raise ValueError when ``layer`` cannot be updated shard by shard on ``world`` ranks."""
     from torch.distributed.tensor import Shard
 
-    from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK
-
     codes, scales = layer.weight_codes, layer.weight_scales
     if codes.device_mesh.ndim != 1:
         raise ValueError(f"layer {name!r} is sharded over a {codes.device_mesh.ndim}-D device mesh; qgalore_fx "
@@ -90,22 +89,30 @@ def check_layer(name: str, layer: nn.Module, world: int) -> None:
                 f"layer {name!r}: {what} is placed {tuple(t.placements)}; a projected weight must be sharded along "
                 "its rows (Shard(0)), where each rank's INT8 blocks and its rows of the low-rank update live "
                 "(drop the shard_placement_fn entry that places it, or return Shard(0) for it)")
-    spec = layer.spec
+    message = split_error(name, layer.spec, world, moments_8bit=layer.exp_avg.dtype == torch.uint8)
+    if message:
+        raise ValueError(message)
+
+
+def split_error(name: str, spec, world: int, moments_8bit: bool) -> Optional[str]:
+    """Why a projected layer of ``spec`` cannot be split over ``world`` ranks (None when it can): its rows must
+    form whole INT8 blocks on each rank, and so must the rows of R its 8-bit moments are cut into. The memory
+    planner asks the same question of a model on the meta device."""
+    from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK
+
     m, n, bs = spec.m, spec.n, spec.block_size
     if m % world or (m // world * n) % bs:
-        raise ValueError(
-            f"layer {name!r} [{m}, {n}] cannot be sharded on {world} ranks: each rank must hold an equal number "
-            f"of rows forming whole INT8 blocks of {bs} elements (out_features % world_size == 0 and "
-            f"(out_features / world_size) * in_features % {bs} == 0); exclude it with filter_fn or change the "
-            "world size")
+        return (f"layer {name!r} [{m}, {n}] cannot be sharded on {world} ranks: each rank must hold an equal number "
+                f"of rows forming whole INT8 blocks of {bs} elements (out_features % world_size == 0 and "
+                f"(out_features / world_size) * in_features % {bs} == 0); exclude it with filter_fn or change the "
+                "world size")
     lead, cols = spec.lowrank_shape
-    moments_8bit = layer.exp_avg.dtype == torch.uint8
     if lead % world or (moments_8bit and (lead // world * cols) % ADAM_BLOCK):
         what = "rank" if spec.side == "left" else "out_features"
-        raise ValueError(
-            f"layer {name!r}: its low-rank gradient R {list(spec.lowrank_shape)} cannot be split evenly into whole "
-            f"8-bit moment blocks ({ADAM_BLOCK} elements) on {world} ranks; choose a {what} divisible by "
-            f"{world} whose share times {cols} is a multiple of {ADAM_BLOCK}")
+        return (f"layer {name!r}: its low-rank gradient R {list(spec.lowrank_shape)} cannot be split evenly into "
+                f"whole 8-bit moment blocks ({ADAM_BLOCK} elements) on {world} ranks; choose a {what} divisible by "
+                f"{world} whose share times {cols} is a multiple of {ADAM_BLOCK}")
+    return None
 
 
 def shard_layer(name: str, layer: nn.Module) -> bool:
@@ -178,15 +185,22 @@ def rest_layout(p: Tensor, bits: int) -> str:
     """
     from torch.distributed.tensor import Shard
 
-    from qgalore_fx.kernels.adam8bit import BLOCK_SIZE, MIN_8BIT_SIZE
-
     if not is_dtensor(p):
         return "plain"
-    world = p.device_mesh.size()
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.dim() == 0 or p.shape[0] % world:
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
         return "full"
-    eight = bits == 8 and p.numel() >= MIN_8BIT_SIZE
-    if eight and (p.numel() // world) % BLOCK_SIZE:
+    return shard0_layout(p.shape, p.device_mesh.size(), bits)
+
+
+def shard0_layout(shape, world: int, bits: int) -> str:
+    """:func:`rest_layout` of a parameter of global ``shape`` placed ``Shard(0)`` on a 1-D mesh of ``world`` ranks
+    (the planner asks it of meta shapes)."""
+    from qgalore_fx.kernels.adam8bit import BLOCK_SIZE
+
+    numel = math.prod(shape)
+    if not len(shape) or shape[0] % world:
+        return "full"
+    if state_bits_of(numel, bits) == 8 and (numel // world) % BLOCK_SIZE:
         return "full"
     return "local"
 
@@ -194,9 +208,13 @@ def rest_layout(p: Tensor, bits: int) -> str:
 def state_bits(p: Tensor, bits: int) -> int:
     """The moment width of a parameter: 8-bit only when the *global* parameter is large enough (every world size
     decides alike)."""
+    return state_bits_of(p.numel(), bits)
+
+
+def state_bits_of(numel: int, bits: int) -> int:
     from qgalore_fx.kernels.adam8bit import MIN_8BIT_SIZE
 
-    return 8 if bits == 8 and p.numel() >= MIN_8BIT_SIZE else 32
+    return 8 if bits == 8 and numel >= MIN_8BIT_SIZE else 32
 
 
 def rows_of(p: Tensor) -> slice:

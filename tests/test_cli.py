@@ -292,6 +292,11 @@ def test_presets_match_the_paper_shapes():
 
     assert params("60m") == pytest.approx(58.07e6, rel=1e-3)
     assert params("1b") == pytest.approx(1339.1e6, rel=1e-3)
+    assert params("13b") == 13_015_864_320  # LLaMA-2 13B
+    assert params("70b") == 68_976_648_192  # LLaMA-2 70B: grouped-query attention, k/v projections [1024, 8192]
+    assert presets.llama_config("70b").num_key_value_heads == 8
+    with pytest.raises(ValueError, match="num_key_value_heads 3 must be positive and divide"):
+        presets.Preset("odd", 64, 128, 4, 2, 256, 32, 8, num_key_value_heads=3)
     assert presets.llama_config("350m").num_hidden_layers == 24
     with pytest.raises(ValueError, match="takes the tokenizer's vocabulary"):
         presets.llama_config("tiny")

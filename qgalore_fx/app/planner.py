@@ -9,6 +9,16 @@
     prints these tables; with no ``--preset`` it prints the comparison with the
     paper's Table 1 and the LLaMA-7B set-up of its Figure 5.
 
+``plan_run(preset, rank, batch_size, seq_len, ...) -> RunPlan``
+    The peak resident memory of one eager CPU training run, phase by phase
+    (``qgalore-fx memory --run``).
+
+``plan_sharded(preset, world_size, rank, batch_size, seq_len, ...) -> ShardedPlan``
+    The same run sharded with FSDP2 on ``world_size`` ranks: one rank's weights,
+    states, projections, transient peak and total, or a :class:`ShardingError`
+    naming the layers that cannot split (``qgalore-fx memory --world-size W``;
+    LLaMA-2 13B and 70B are presets for it).
+
 The bytes of the Q-GaLore row are the library's own accounting,
 :func:`qgalore_fx.memory.memory_report` with ``planned=True``, of the model
 ``qgalore_fx.transform`` builds on ``meta``.
@@ -41,6 +51,8 @@ __all__ = [
     "PAPER_TABLE1",
     "PlanRow",
     "RunPlan",
+    "ShardedPlan",
+    "ShardingError",
     "activation_bytes",
     "add_memory_arguments",
     "format_paper_comparison",
@@ -49,6 +61,7 @@ __all__ = [
     "paper_comparison",
     "plan",
     "plan_run",
+    "plan_sharded",
     "planned_qgalore_report",
     "run_memory",
 ]
@@ -225,9 +238,7 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
     ``qgalore_fx.fused_rest``). ``runtime`` defaults to :func:`runtime_rss` of this process. Allocator slack and fragmentation are not
     modelled; tests/test_planner_run.py measures how far a real run is from this prediction.
     """
-    from qgalore_fx import fused_rest, lowrank, optim
-    from qgalore_fx.kernels import int8_matmul as mm
-    from qgalore_fx.projection import FactoredGradient
+    from qgalore_fx import fused_rest, optim
 
     name, config, default_rank, default_seq = _resolve(preset_or_config, vocab_size)
     rank = rank if rank is not None else default_rank
@@ -245,12 +256,269 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
     persistent = memory_report(model, planned=True).weights_and_states
     f32 = 4
     T = batch_size * seq_len
-    h, i, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    V = config.vocab_size
+    per_layer, saved = _activation_costs(config, batch_size, seq_len, checkpointing)
+    update, refresh = _update_costs(model, rank, T, factored=True)
+    head = model.get_output_embeddings()
+    fused = fused_rest.fused_weights(model) if rest_in_backward else {}
+    head_grad = 0 if head is None or id(head.weight) in fused else head.weight.element_size() * head.weight.numel()
+    if rest_in_backward:
+        held = 0
+        head_phase = f32 * 4 * T * V + max(head_grad, f32 * 3 * optim.ADAMW_CHUNK)
+        notes = [f"{len(fused)} unprojected weight(s) updated row chunk by row chunk inside their backward"]
+    else:
+        held = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        head_phase = f32 * 4 * T * V
+        notes = ["every unprojected gradient is held until optimizer.step()"]
+    return RunPlan(name, rank, batch_size, seq_len, checkpointing, rest_in_backward,
+                   runtime_rss() if runtime is None else runtime, persistent, saved, per_layer + update, refresh,
+                   head_phase, held, embedding_dtype, notes)
+
+
+# =========================================================================== one rank of an FSDP2 run
+@dataclass
+class ShardedPlan:
+    """Predicted peak memory of one rank of an FSDP2 (``fully_shard``) Q-GaLore run on W ranks; see
+    :func:`plan_sharded`. Every field is bytes, for rank 0 (the largest shard where a split is uneven)."""
+
+    preset: str
+    rank: int
+    world_size: int
+    batch_size: int  # sequences per step over all ranks; each rank trains on batch_size / world_size
+    seq_len: int
+    checkpointing: bool
+    prefetch: int  # decoder blocks FSDP2 holds all-gathered at once
+    runtime: int  # the process before the model (measured here, as for plan_run)
+    weights: int  # this rank's INT8 codes + scales and its shard of the unprojected parameters
+    states: int  # its rows of the low-rank moments and accumulators, its AdamW states
+    projections: int  # INT4 projections: replicated, whole on every rank
+    saved_activations: int  # kept across layers for the rank's batch slice
+    gathered: int  # FSDP2's unsharded copies: the root group (embedding, final norm, head) + `prefetch` blocks
+    root_grads: int  # the head's (and final norm's) unsharded gradient, held until the root's reduce-scatter
+    rest_grads_held: int  # this rank's shards of the blocks' unprojected gradients (norms), held until step()
+    layer_phase: int  # one decoder layer's backward: recompute + the largest projected layer's update
+    refresh_extra: int  # at a refresh: the full fp32 G of the largest layer (all-reduced) + the SVD's workspace
+    head_phase: int  # logits, the loss and the head's unsharded gradient
+    end_phase: int  # the end of backward: the embedding's unsharded gradient joins the head's, then 1/W of each
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def weights_and_states(self) -> int:
+        """Weights + states + projections: what ``memory_report`` counts on this rank after the first step."""
+        return self.weights + self.states + self.projections
+
+    @property
+    def transient(self) -> int:
+        """The transient peak: activations, FSDP2's gathered copies, the gradients held, the largest phase."""
+        phases = max(self.layer_phase + self.refresh_extra + self.root_grads, self.head_phase, self.end_phase)
+        return self.saved_activations + self.gathered + self.rest_grads_held + phases
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights_and_states + self.transient
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(weights_and_states=self.weights_and_states, transient=self.transient, total=self.total)
+        return out
+
+    def __str__(self) -> str:
+        W, per = self.world_size, self.batch_size // self.world_size
+        rows = [("weights: INT8 codes + scales, unprojected (1/W)", self.weights),
+                ("states: low-rank moments, accumulators, AdamW (1/W)", self.states),
+                ("projections: INT4, whole on every rank", self.projections),
+                ("transient peak", self.transient),
+                (f"  activations kept across layers ({per} x {self.seq_len})", self.saved_activations),
+                (f"  all-gathered: root group + {self.prefetch} block(s)", self.gathered),
+                ("  blocks' gradient shards held until step()", self.rest_grads_held),
+                ("  phase: one layer's backward + update", self.layer_phase),
+                ("    + a refresh: full G all-reduced, SVD", self.refresh_extra),
+                ("    + head's gradient awaiting the root's reduce", self.root_grads),
+                ("  phase: logits, loss, head's gradient", self.head_phase),
+                ("  phase: end of backward (embedding's gradient)", self.end_phase),
+                ("process (measured here)", self.runtime),
+                ("total per rank", self.total)]
+        lines = [f"{self.preset} on {W} ranks (FSDP2), per rank: rank {self.rank}, global batch {self.batch_size} "
+                 f"x {self.seq_len} ({per} per rank), checkpointing {'on' if self.checkpointing else 'off'}, fp32 "
+                 "compute and unprojected parameters"]
+        lines += [f"  {name:<52}{value / GiB:>10.3f} GiB" for name, value in rows]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+class ShardingError(ValueError):
+    """A model whose projected layers do not split over the world size (:func:`qgalore_fx.sharding.split_error`)."""
+
+
+def plan_sharded(preset_or_config, world_size: int, rank: Optional[int] = None, batch_size: Optional[int] = None,
+                 seq_len: Optional[int] = None, checkpointing: bool = True, prefetch: int = 2,
+                 vocab_size: Optional[int] = None, runtime: Optional[int] = None, **options) -> ShardedPlan:
+    """Bytes on one rank of an eager fp32 Q-GaLore run sharded with FSDP2 on ``world_size`` ranks, as README's
+    recipe builds it: ``transform``, ``fully_shard`` each decoder block and then the root, ``qgalore_fx.optimizer``
+    (``rest_in_backward`` is refused under torch.distributed, so the AdamW group steps in ``step()``).
+
+    What each rank keeps (counted on the meta model ``transform`` builds, with the library's own rules):
+
+    * 1/W: INT8 codes and their scales (FSDP2 shards them along rows), the low-rank moments and accumulators (cut
+      to the rank's rows of R, :func:`qgalore_fx.sharding.shard_layer`), the unprojected parameters (FSDP2's
+      ``Shard(0)``: rank 0 holds ``ceil(rows / W)`` rows) and their AdamW states where
+      :func:`qgalore_fx.sharding.shard0_layout` says ``"local"`` (a parameter whose shard is not whole moment
+      blocks keeps its state whole on every rank, as the optimizer does).
+    * whole on every rank: the INT4 projections.
+
+    The transient peak, per rank, is the :func:`plan_run` model (fp32, T = batch_size / W x seq_len tokens: the
+    rank's slice of the global batch) with what FSDP2 adds:
+
+    * ``saved_activations``: as :func:`plan_run` for the rank's tokens.
+    * ``gathered``: FSDP2's unsharded copies. The root group (embedding, final norm, head) stays gathered from the
+      root's forward to the end of backward (FSDP2 does not reshard the root after forward); of the decoder blocks,
+      ``prefetch`` at once (default 2: the block computing and the one FSDP2's implicit prefetch gathers next, in
+      forward and in backward), each its INT8 codes + scales and its norms, unsharded. The all-gather's staging
+      buffer, freed at copy-out, is not counted.
+    * ``layer_phase`` (+ ``refresh_extra``): one layer's recompute and the largest projected layer's update, as
+      :func:`plan_run`; every rank forms the full R (reduce-scattered to its rows, counted in the update). At a
+      refresh (step 0 for every layer) the layer all-reduces its full fp32 G (``m x n``, never factored under a
+      process group) and runs the SVD on it. While the blocks run backward the head's and final norm's unsharded
+      gradients (``root_grads``) wait for the root group's reduce-scatter, which FSDP2 runs at the end of backward.
+    * ``head_phase``: logits, their fp32 copy, log-probabilities and gradient (``4 T V``) and the head's
+      unsharded gradient. ``end_phase``: the root group's unsharded gradients (embedding, norm, head) and their
+      1/W reduce-scattered shards.
+    * ``rest_grads_held``: the rank's gradient shards of the blocks' unprojected parameters (their norms), reduced
+      as each block's backward ends and held until ``step()`` (the root group's arrive in ``end_phase``).
+
+    ``transient = saved_activations + gathered + rest_grads_held + max(layer_phase + refresh_extra + root_grads,
+    head_phase, end_phase)``; ``total = runtime + weights + states + projections + transient``.
+
+    ``batch_size`` is global (default: one sequence per rank) and must divide by ``world_size``. Raises
+    :class:`ShardingError` naming the layers when a projected layer cannot be split over ``world_size`` ranks
+    (``out_features % W``, whole 256-element INT8 blocks per rank, whole moment blocks of R: the check the
+    optimizer makes, :func:`qgalore_fx.sharding.split_error`). Mixed precision (bf16 parameters through FSDP2's
+    ``MixedPrecisionPolicy``), allocator slack and the communication buffers of the process group are not modelled.
+    """
+    import re
+
+    import qgalore_fx
+    from qgalore_fx import sharding
+    from qgalore_fx.rewrite import config_of
+
+    for key, value in (("world_size", world_size), ("prefetch", prefetch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+    name, config, default_rank, default_seq = _resolve(preset_or_config, vocab_size)
+    rank = rank if rank is not None else default_rank
+    seq_len = seq_len if seq_len is not None else (default_seq or 256)
+    batch_size = batch_size if batch_size is not None else world_size
+    if rank is None:
+        raise ValueError("rank is required when preset_or_config is a config (presets have a default rank)")
+    for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} (global) must divide by world_size {world_size}: each rank "
+                         "trains on an equal slice")
+    model = _qgalore_meta_model(config, rank, rest_dtype=None, **options)
+    W = world_size
+
+    def nbytes(t: Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def share(t: Tensor) -> int:  # rank 0's part of a Shard(0) tensor, as FSDP2 and shard_layer cut it
+        return nbytes(t.chunk(W)[0]) if t.dim() and t.numel() else nbytes(t)
+
+    layers = dict(qgalore_fx.projected_layers(model))
+    problems = {}
+    for lname, layer in layers.items():
+        message = sharding.split_error(lname, layer.spec, W, moments_8bit=layer.exp_avg.dtype == torch.uint8)
+        if message:
+            generic = re.sub(r"\.layers\.\d+\.", ".layers.*.", message)
+            problems[generic] = problems.get(generic, 0) + 1
+    if problems:
+        raise ShardingError(f"{name}: {sum(problems.values())} of {len(layers)} projected layers cannot be sharded "
+                            f"on {W} ranks, so no per-rank figure is given: "
+                            + "; ".join(f"{m} ({k} layers)" for m, k in problems.items()))
+
+    weights = states = projections = 0
+    layer_tensors, anchors = set(), set()
+    for lname, layer in layers.items():
+        layer_tensors |= {id(layer.weight_codes), id(layer.weight_scales)}
+        anchors.add(id(layer.anchor))
+        weights += share(layer.weight_codes) + share(layer.weight_scales)
+        states += sum(share(getattr(layer, k)) for k in sharding.SHARDED_STATE)
+        if not layer.spec.fused and not layer.accum.numel():  # the accumulator the optimizer will create
+            states += share(torch.empty(layer.spec.lowrank_shape, dtype=torch.float32, device="meta"))
+        projections += layer.state_nbytes()["projection"]
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in layer_tensors and id(p) not in anchors]
+    weights += sum(share(p) for _, p in rest)
+    bits = config_of(model).optim_bits
+    step_bytes = 8  # the int64 step count of each parameter
+    for _, p in rest:
+        if not p.requires_grad:
+            continue
+        local = sharding.shard0_layout(tuple(p.shape), W, bits) == "local"
+        shape = p.chunk(W)[0].shape if local else p.shape
+        states += AdamState.zeros(shape, bits=sharding.state_bits_of(p.numel(), bits), device="meta").nbytes
+        states += step_bytes
+
+    blocks = _decoder_blocks(model)  # a block's unsharded codes, scales and other parameters (the largest)
+    block_gathered = max((sum(nbytes(p) for p in b.parameters()) for b in blocks), default=0)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for _, p in rest if id(p) not in in_blocks]
+    gathered = sum(nbytes(p) for p in root) + min(prefetch, len(blocks)) * block_gathered
+
+    f32 = 4
+    T = batch_size // W * seq_len
+    V = config.vocab_size
+    per_layer, saved = _activation_costs(config, batch_size // W, seq_len, checkpointing)
+    update, refresh = _update_costs(model, rank, T, factored=False)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    head_grad = 0 if head is None else nbytes(head.weight)
+    root_grads_all = sum(nbytes(p) for p in root if p.requires_grad)
+    emb_grad = 0 if embedding is None or embedding.weight is getattr(head, "weight", None) else \
+        nbytes(embedding.weight)
+    root_grads = root_grads_all - emb_grad  # the head's and the final norm's: computed before the blocks'
+    end_phase = root_grads_all + sum(share(p) for p in root if p.requires_grad)
+    # the blocks' gradient shards (norms) wait for step(); the root's arrive at the end of backward (end_phase)
+    held = sum(share(p) for _, p in rest if p.requires_grad and id(p) in in_blocks)
+    notes = [f"FSDP2 all-gathers {prefetch} decoder block(s) at once (the one computing and the one prefetched)"]
+    if not checkpointing:
+        notes.append("without checkpointing every layer's activations are kept (fp32, the rank's tokens)")
+    return ShardedPlan(name, rank, W, batch_size, seq_len, checkpointing, prefetch,
+                       runtime_rss() if runtime is None else runtime, weights, states, projections, saved,
+                       gathered, root_grads, held, per_layer + update, refresh, f32 * 4 * T * V + head_grad,
+                       end_phase, notes)
+
+
+def _decoder_blocks(model: nn.Module) -> List[nn.Module]:
+    """The decoder blocks README's recipe wraps one by one with ``fully_shard`` (``model.model.layers``; the
+    first ``ModuleList`` otherwise)."""
+    inner = getattr(model, "model", None)
+    if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return list(inner.layers)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            return list(module)
+    return []
+
+
+def _activation_costs(config, batch_size: int, seq_len: int, checkpointing: bool) -> Tuple[int, int]:
+    """(one decoder layer's saved activations, what is kept across layers) in fp32 bytes; see :func:`plan_run`."""
+    f32 = 4
+    T = batch_size * seq_len
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
     per_layer = f32 * (T * (10 * h + 4 * i) + 2 * batch_size * heads * seq_len * seq_len)
     saved = f32 * T * h * (L + 1) if checkpointing else per_layer * L
-    import qgalore_fx
+    return per_layer, saved
 
+
+def _update_costs(model: nn.Module, rank: int, T: int, factored: bool) -> Tuple[int, int]:
+    """(the largest projected layer's update, the largest refresh's extra) in fp32 bytes for T tokens; see
+    :func:`plan_run`. ``factored=False``: every refresh forms G (a refresh under a process group does)."""
+    import qgalore_fx
+    from qgalore_fx import lowrank
+    from qgalore_fx.kernels import int8_matmul as mm
+    from qgalore_fx.projection import FactoredGradient
+
+    f32 = 4
     update, refresh = 0, 0
     for _, layer in qgalore_fx.projected_layers(model):
         spec = layer.spec
@@ -261,25 +529,12 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
         cost = f32 * (2 * low + 2 * T * (m + n) + T * max(m, n) + rank * d + 2 * mm.MATMUL_CHUNK
                       + 3 * lowrank.ADAM_CHUNK + 3 * lowrank.WRITE_CHUNK)
         update = max(update, cost)
-        if spec.proj_method != "full" and FactoredGradient.cheaper(T, m, n):
+        if factored and spec.proj_method != "full" and FactoredGradient.cheaper(T, m, n):
             extra = f32 * ((d + a) * T + 3 * d * rank)
         else:
             extra = f32 * (m * n + 3 * (a + 2 * d) * (rank + 8))
         refresh = max(refresh, extra)
-    head = model.get_output_embeddings()
-    fused = fused_rest.fused_weights(model) if rest_in_backward else {}
-    head_grad = 0 if head is None or id(head.weight) in fused else head.weight.element_size() * head.weight.numel()
-    if rest_in_backward:
-        held = 0
-        head_phase = f32 * (4 * T * V + max(head_grad, 3 * optim.ADAMW_CHUNK))
-        notes = [f"{len(fused)} unprojected weight(s) updated row chunk by row chunk inside their backward"]
-    else:
-        held = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        head_phase = f32 * 4 * T * V
-        notes = ["every unprojected gradient is held until optimizer.step()"]
-    return RunPlan(name, rank, batch_size, seq_len, checkpointing, rest_in_backward,
-                   runtime_rss() if runtime is None else runtime, persistent, saved, per_layer + update, refresh,
-                   head_phase, held, embedding_dtype, notes)
+    return update, refresh
 
 
 def _resolve(preset_or_config, vocab_size: Optional[int]):
@@ -511,7 +766,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="model shape to plan (default: compare with the paper's Table 1 and the "
                              "LLaMA-7B set-up of its Figure 5)")
     parser.add_argument("--rank", type=_positive_int, default=None,
-                        help="projection rank (default: the preset's; 60m 128, 130m/350m 256, 1b 512, 7b 1024; "
+                        help="projection rank (default: the preset's; 60m 128, 130m/350m 256, 1b 512, 7b/13b/70b 1024; "
                              "without --preset it sets the 7B table's rank)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="sequences per step, to add an activation estimate")
@@ -536,6 +791,14 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     run.add_argument("--no-checkpointing", action="store_true", help="--run without activation checkpointing")
     run.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
                      help="--run: storage of the input embedding and output head (bf16 needs rest_in_backward)")
+    world = parser.add_argument_group("one rank of an FSDP2 run (--world-size)")
+    world.add_argument("--world-size", type=_positive_int, default=None, metavar="W",
+                       help="per-rank bytes of a fully_shard run on W ranks: weights, states, projections, transient "
+                            "peak, total (every paper size, 13b and 70b unless --preset; --batch-size is the global "
+                            "batch, default one sequence per rank; says which layers cannot split over W ranks)")
+    world.add_argument("--prefetch", type=_positive_int, default=2, metavar="BLOCKS",
+                       help="--world-size: decoder blocks FSDP2 holds all-gathered at once (default: %(default)s, "
+                            "the one computing and the one prefetched)")
     return parser
 
 
@@ -556,6 +819,8 @@ def run_memory(args: argparse.Namespace, out=None) -> int:
 def _run_memory(args: argparse.Namespace, out) -> int:
     if args.seq_len is not None and args.batch_size is None:
         raise ValueError("--seq-len needs --batch-size (the activation estimate needs both)")
+    if getattr(args, "world_size", None) is not None:
+        return _run_world(args, out)
     if getattr(args, "run", False):
         if args.preset is None:
             raise ValueError("--run needs --preset")
@@ -601,6 +866,36 @@ def _run_memory(args: argparse.Namespace, out) -> int:
         print(file=out)
         print("Q-GaLore model (transformed on the meta device, unprojected parameters in bf16):", file=out)
         print(report, file=out)
+    return 0
+
+
+#: The presets ``--world-size`` plans when no ``--preset`` is given: the paper's sizes and LLaMA-2's 13B and 70B.
+WORLD_PRESETS = ("60m", "130m", "350m", "1b", "7b", "13b", "70b")
+
+
+def _run_world(args: argparse.Namespace, out) -> int:
+    if args.embedding_dtype != "fp32" or args.no_rest_in_backward:
+        raise ValueError("--world-size plans fp32 unprojected parameters stepped in step() (rest_in_backward is "
+                         "refused under torch.distributed): drop --embedding-dtype and --no-rest-in-backward")
+    options = {} if args.proj_method is None else {"proj_method": args.proj_method}
+    runtime = runtime_rss()
+    results = []
+    for preset in [args.preset] if args.preset else WORLD_PRESETS:
+        try:
+            results.append(plan_sharded(preset, args.world_size, args.rank, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, checkpointing=not args.no_checkpointing,
+                                        prefetch=args.prefetch, vocab_size=args.vocab_size, runtime=runtime,
+                                        **options))
+        except ShardingError as e:
+            if args.preset:
+                raise
+            results.append(e)
+    if args.json:
+        print(json.dumps([{"error": str(r)} if isinstance(r, Exception) else r.to_dict() for r in results],
+                         indent=1), file=out)
+        return 0
+    for i, r in enumerate(results):
+        print(("\n" if i else "") + (f"not shardable: {r}" if isinstance(r, Exception) else str(r)), file=out)
     return 0
 
 

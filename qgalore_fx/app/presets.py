@@ -7,7 +7,11 @@ The 1B row has 32 heads and 24 layers, as in GaLore's released ``llama_1b.json``
 GaLore's printed table swaps the two, and 2048 is not divisible by 24 heads.
 ``tiny`` is the default of ``qgalore-fx pretrain``: about 7.4 M parameters with
 an 8k vocabulary, small enough to train to a useful perplexity on two CPU cores
-in a few minutes. ``nano`` exists for smoke tests only.
+in a few minutes. ``nano`` exists for smoke tests only. ``13b`` and ``70b`` are
+LLaMA-2's shapes (70B with grouped-query attention: 8 key/value heads, so its
+k/v projections are [1024, 8192]), with the 7B's rank 1024 (the 70B's k/v
+projections allow no more), for planning sharded runs (``qgalore-fx memory
+--world-size``).
 
 A preset's ``vocab_size`` of ``None`` means "the tokenizer's": the bundled corpus
 trains its own BPE, so the embedding follows it. The paper sizes keep 32,000 unless
@@ -36,6 +40,11 @@ class Preset:
     vocab_size: int | None  # None: take the tokenizer's
     seq_len: int
     rank: int  # default low-rank projection rank for this size
+    num_key_value_heads: int | None = None  # grouped-query attention: k/v heads (None: as many as query heads)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -46,6 +55,11 @@ class Preset:
             raise ValueError(
                 f"preset {self.name!r}: hidden_size {self.hidden_size} is not divisible "
                 f"by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.kv_heads < 1 or self.num_attention_heads % self.kv_heads:
+            raise ValueError(
+                f"preset {self.name!r}: num_key_value_heads {self.num_key_value_heads} must be positive and divide "
+                f"num_attention_heads {self.num_attention_heads}"
             )
         if self.rank > self.hidden_size:
             raise ValueError(f"preset {self.name!r}: rank {self.rank} exceeds hidden_size")
@@ -61,6 +75,8 @@ PRESETS: dict[str, Preset] = {
         Preset("350m", 1024, 2736, 16, 24, 32000, 256, 256),
         Preset("1b", 2048, 5461, 32, 24, 32000, 256, 512),
         Preset("7b", 4096, 11008, 32, 32, 32000, 256, 1024),
+        Preset("13b", 5120, 13824, 40, 40, 32000, 256, 1024),
+        Preset("70b", 8192, 28672, 64, 80, 32000, 256, 1024, num_key_value_heads=8),
     )
 }
 
@@ -100,7 +116,7 @@ def llama_config(
         hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size,
         num_attention_heads=p.num_attention_heads,
-        num_key_value_heads=p.num_attention_heads,
+        num_key_value_heads=p.kv_heads,
         num_hidden_layers=p.num_hidden_layers,
         max_position_embeddings=seq_len if seq_len is not None else p.seq_len,
         hidden_act="silu",
