@@ -17,8 +17,9 @@ Reported per rank: peak RSS (VmHWM) while building and sharding and, separately,
 reset between the phases through ``/proc/self/clear_refs``), weights + states from ``memory_report`` (local
 shards) or the parameters and AdamW state tensors, and the bytes this rank's collectives moved per step — every
 ``all_gather_single`` (output size), ``reduce_scatter_single`` (input size), ``all_reduce`` and ``broadcast`` —
-counted by wrapping those ``torch.distributed`` functions; the first step (every layer's first refresh) apart
-from the median of the rest.
+counted by wrapping those ``torch.distributed`` functions, and of those what the projected layers reduce
+themselves (``opt.comm_bytes``: R's reduce-scatter, and G's all-reduce at a refresh); the first step (every
+layer's first refresh) apart from the last.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def child(args) -> None:
     gen = torch.Generator().manual_seed(1)
     per = args.batch_size // world
     steps, wire = [], []
+    own = getattr(opt, "comm_bytes", None)  # what qgalore_fx's layers reduce themselves (R, G at refreshes)
     for _ in range(args.steps):
         ids = torch.randint(0, preset.vocab_size, (args.batch_size, args.seq_len), generator=gen)
         ids = ids[rank * per:(rank + 1) * per]
@@ -118,6 +120,9 @@ def child(args) -> None:
         opt.step()
         opt.zero_grad()
         steps.append(time.perf_counter() - t)
+        if own is not None:
+            counter["of which projected layers"] = opt.comm_bytes - own
+            own = opt.comm_bytes
         wire.append(dict(counter))
     if args.method == "adamw":
         from qgalore_fx.sharding import local
@@ -178,8 +183,8 @@ def main() -> None:
     for method in args.methods:
         results[method] = run(args, method)
         for r in results[method]:
-            steady = sum(r["wire_steady"].values())
-            first = sum(r["wire_first"].values())
+            steady = sum(v for k, v in r["wire_steady"].items() if not k.startswith("of which"))
+            first = sum(v for k, v in r["wire_first"].items() if not k.startswith("of which"))
             print(f"{method:8s} rank {r['rank']}/{r['world']}: build peak {r['build_peak_rss'] / GiB:6.2f} GiB, "
                   f"train peak {r['train_peak_rss'] / GiB:6.2f} GiB, weights+states "
                   f"{r['weights_and_states'] / GiB:6.3f} GiB, wire/step {steady / 2**20:9.1f} MiB "
