@@ -3,7 +3,8 @@
     python tests/pretrain_worker.py STEP pretrain ARGS...
     python tests/pretrain_worker.py save:STEP pretrain ARGS...       (under torchrun)
 
-runs the command line unchanged, except that it prints ``paused before step STEP`` and sleeps until it is killed
+runs the command line unchanged, except that it prints ``paused before step STEP (pid PID)`` and sleeps until it
+is killed
 
 - ``STEP``: when the batch of step STEP is requested (steps 1..STEP-1 and their metrics and checkpoints are
   complete);
@@ -13,6 +14,7 @@ runs the command line unchanged, except that it prints ``paused before step STEP
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -21,7 +23,7 @@ from qgalore_fx.app import data as data_lib
 
 
 def pause(step: int):
-    print(f"paused before step {step}", flush=True)
+    print(f"paused before step {step} (pid {os.getpid()})", flush=True)
     while True:
         time.sleep(60)
 
