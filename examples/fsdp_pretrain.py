@@ -12,6 +12,7 @@ token, so the loss falls well below log(vocab) within a few steps.
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import torch
@@ -85,7 +86,7 @@ def main() -> None:
 
     held_out = global_batch(torch.Generator().manual_seed(99), args.batch_size, 64).to(device)
     before = eval_loss(model, held_out)
-    path = args.checkpoint or (tempfile.mkdtemp(prefix="fsdp-ckpt-") if rank == 0 else None)
+    path = args.checkpoint or (tempfile.mkdtemp(prefix="fsdp-ckpt-") if rank == 0 else None)  # rank 0 names it
     box = [path]
     dist.broadcast_object_list(box)  # one directory for all ranks
     path = box[0]
@@ -100,9 +101,12 @@ def main() -> None:
     after = eval_loss(fresh, held_out)
     if rank == 0:
         print(f"{world} processes; held-out loss {before:.4f} before the save, {after:.4f} after loading "
-              f"{path} into a fresh model")
+              f"the checkpoint into a fresh model")
         codes = model.model.layers[0].mlp.gate_proj.weight_codes
         print(f"rank 0 holds {tuple(codes.to_local().shape)} of the {tuple(codes.shape)} INT8 gate_proj codes")
+    dist.barrier()
+    if rank == 0 and args.checkpoint is None:
+        shutil.rmtree(path)
     dist.destroy_process_group()
 
 

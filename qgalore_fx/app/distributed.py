@@ -28,7 +28,10 @@ optimizer) and then records the directory in ``RUN_DIR/dcp/latest`` by writing a
 over the old one, which is atomic; only then does it delete the older directories. A process killed at any point
 of a save therefore leaves ``latest`` naming the previous complete checkpoint. ``load`` reads the directory
 ``latest`` names: ``dcp.load`` into ``get_state_dict``'s dicts, ``set_state_dict``, the scheduler and the progress.
-DCP reshards, so a run may resume on another number of ranks (the numbers then agree up to the order of sums).
+DCP reshards, so a run may resume on another number of ranks (the numbers then agree up to the order of sums). The
+global RNG states are not saved: after the seeded initial model the run draws nothing from them (the batch order
+has its own generator, stochastic rounding is seeded from the optimizer's counters), and on the same number of ranks
+a resumed run ends bit for bit where an uninterrupted one does (tests/test_pretrain_distributed.py).
 """
 
 from __future__ import annotations

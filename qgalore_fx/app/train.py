@@ -36,12 +36,21 @@ Run directory (default ``runs/<YYYYmmdd-HHMMSS>-<method>``):
 - ``checkpoint/``: the run's state, written by ``qgalore_fx.save_checkpoint``
   atomically every ``save_every`` steps and at the last step: model, optimizer,
   scheduler and RNG states, plus the batch-order generator's state, the step, the
-  metrics so far and the training loss accumulated since the last record.
+  metrics so far and the training loss accumulated since the last record;
+- ``dcp/`` instead of ``checkpoint/`` under ``torchrun``: ``step-NNNNNN/`` directories of
+  torch.distributed.checkpoint and ``latest``, the name of the last complete one.
+
+Sharded
+-------
+Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs sharded with FSDP2 on every
+process, each on its slice of the global ``batch_size``; rank 0 logs and writes the
+files above (:mod:`qgalore_fx.app.distributed` holds everything that differs).
 
 Resuming
 --------
 ``train(recorded_config(run_dir), resume=True)`` (``qgalore-fx pretrain --resume
-RUN_DIR``) rebuilds the run from its ``config.json``, loads ``checkpoint/``, rewrites
+RUN_DIR``) rebuilds the run from its ``config.json``, loads ``checkpoint/`` (under
+``torchrun``: the DCP checkpoint ``dcp/latest`` names), rewrites
 ``metrics.jsonl`` to the records the checkpoint holds, and continues. Every number a
 run produces (weights, losses, ``val_ppl``, ``final_train_loss``) is then the same,
 bit for bit, as in a run that was never interrupted; only timings differ
