@@ -148,6 +148,16 @@ def test_a_run_killed_inside_a_save_resumes_to_the_numbers_of_an_uninterrupted_o
     different = [k for k in final_a if not torch.equal(final_a[k], final_b[k])]
     assert not different, different[:5]  # INT8 codes, projections, 8-bit moments, AdamW states: bit for bit
 
+    # killed after its last checkpoint: the resumed run trains nothing, keeps that checkpoint, writes its summary
+    (stopped / "summary.json").unlink()
+    run_to_end(setup, "pretrain", "--resume", str(stopped))
+    again = summary(stopped)
+    assert again["val_ppl"] == a["val_ppl"] and again["resumed_at"] == [2, 6]
+    assert metrics(stopped) == metrics(straight_dir)
+    assert (stopped / "dcp" / "latest").read_text() == "step-000006\n"
+    kept = final_state(stopped)
+    assert kept.keys() == final_a.keys() and all(torch.equal(kept[k], final_a[k]) for k in final_a)
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "5"], "--batch-size 5 with 2 processes (torchrun, WORLD_SIZE=2): the global batch of 5"),

@@ -170,6 +170,7 @@ class Sharded:
         self.device = device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        self.latest: str | None = None  # the checkpoint this job loaded or saved last (what dcp/latest names)
 
     def describe(self) -> dict:
         return {"distributed": {"world_size": self.world_size, "backend": self.dist.get_backend()}}
@@ -245,13 +246,17 @@ class Sharded:
 
         root = run_dir / DCP_DIR
         path = root / f"step-{extra['step']:06d}"
-        if self.is_main:
-            root.mkdir(exist_ok=True)
-            shutil.rmtree(path, ignore_errors=True)  # left by a save that was killed: never recorded as latest
-        self.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        self.barrier()  # complete on every rank
+        # The step of the checkpoint loaded is saved again only by a run resumed at its last step, which trains
+        # nothing: its tensors are those on disk, and only progress.json changes (atomically).
+        if path.name != self.latest:
+            if self.is_main:
+                root.mkdir(exist_ok=True)
+                shutil.rmtree(path, ignore_errors=True)  # left by a save that was killed: never recorded as latest
+            self.barrier()
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+            self.barrier()  # complete on every rank
+        self.latest = path.name
         if self.is_main:
             progress = _encode(extra) | {"scheduler": scheduler.state_dict(), "world_size": self.world_size}
             _write_atomic(path / PROGRESS, json.dumps(progress))
@@ -282,6 +287,7 @@ class Sharded:
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(progress["scheduler"])
+        self.latest = name
         return extra, where
 
 
