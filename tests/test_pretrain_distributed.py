@@ -2,12 +2,14 @@
 
 One run directory written once (rank 0), the validation loss over all windows, and distributed checkpoints: a run
 whose processes are SIGKILLed inside the save of step 4 (the DCP files written, not yet recorded as the latest)
-resumes from step 2 and ends with exactly the numbers, weights and optimizer state of a run that never stopped.
+resumes from step 2 and ends with exactly the numbers, weights and optimizer state of a run that never stopped; on
+4 processes it resumes too (DCP reshards), agreeing up to the order of sums.
 """
 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,13 +40,13 @@ def setup(tmp_path_factory):
     return {"tmp": tmp, "env": env, "corpus": str(write_corpus(tmp / "corpus"))}
 
 
-def torchrun(setup, *args, script=("-m", "qgalore_fx"), **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *script, *args]
+def torchrun(setup, *args, script=("-m", "qgalore_fx"), processes=2, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), *script, *args]
     return subprocess.Popen(cmd, env=setup["env"], cwd=setup["tmp"], text=True, **popen)
 
 
-def run_to_end(setup, *args):
-    proc = torchrun(setup, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def run_to_end(setup, *args, processes=2):
+    proc = torchrun(setup, *args, processes=processes, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
     return out
@@ -102,17 +104,19 @@ def test_two_processes_write_one_run_directory(straight):
     assert sorted(p.name for p in (run_dir / "dcp").iterdir()) == ["latest", "step-000006"]  # older ones pruned
 
 
-def test_a_run_killed_inside_a_save_resumes_to_the_numbers_of_an_uninterrupted_one(setup, straight, capsys):
-    straight_dir, _ = straight
-    stopped = setup["tmp"] / "stopped"
-    log = (setup["tmp"] / "stopped.log").open("w")
+@pytest.fixture(scope="module")
+def killed(setup):
+    """A 2-process run SIGKILLed inside the save of step 4: the DCP files are written on every rank, the run has
+    not recorded them as the latest. Tests resume copies of it."""
+    stopped = setup["tmp"] / "killed"
+    log = (setup["tmp"] / "killed.log").open("w")
     proc = torchrun(setup, "save:4", "pretrain", *RUN, "--corpus", setup["corpus"], "--run-dir", str(stopped),
                     script=(WORKER,), stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     workers = []
     try:
-        for _ in range(2):  # each rank: step 4's DCP files are written, its pointer is not
+        for _ in range(2):
             line = proc.stdout.readline()
-            assert line.startswith("paused before step 5 (pid "), (setup["tmp"] / "stopped.log").read_text()[-4000:]
+            assert line.startswith("paused before step 5 (pid "), (setup["tmp"] / "killed.log").read_text()[-4000:]
             workers.append(int(line.rsplit(" ", 1)[1].rstrip(")\n")))
     finally:
         for pid in workers:  # torchrun starts each worker in a session of its own
@@ -131,7 +135,12 @@ def test_a_run_killed_inside_a_save_resumes_to_the_numbers_of_an_uninterrupted_o
     assert (stopped / "dcp" / "latest").read_text() == "step-000002\n"
     assert (stopped / "dcp" / "step-000004" / ".metadata").is_file()  # complete on disk, never recorded
     assert [r["step"] for r in metrics(stopped)] == [2, 3, 4]  # it logged past its checkpoint
+    return stopped
 
+
+def test_a_run_killed_inside_a_save_resumes_to_the_numbers_of_an_uninterrupted_one(setup, straight, killed, capsys):
+    straight_dir, stopped = straight[0], setup["tmp"] / "resumed"
+    shutil.copytree(killed, stopped)
     with pytest.raises(SystemExit) as exc:  # one process cannot continue a sharded run
         cli.main(["pretrain", "--resume", str(stopped)])
     assert exc.value.code == 2 and "resume it under torchrun" in capsys.readouterr().err
@@ -171,3 +180,16 @@ def test_what_cannot_be_sharded_exits_2_naming_the_option(flags, message, monkey
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage: qgalore-fx pretrain" in err and message in err
+
+
+def test_a_killed_run_resumes_on_another_number_of_processes(setup, straight, killed):
+    """DCP reshards the step-2 checkpoint of 2 ranks onto 4; the run then agrees with the 2-rank one up to the
+    order of sums."""
+    straight_dir, stopped = straight[0], setup["tmp"] / "resumed-on-4"
+    shutil.copytree(killed, stopped)
+    run_to_end(setup, "pretrain", "--resume", str(stopped), processes=4)
+    a, b = summary(straight_dir), summary(stopped)
+    assert (b["world_size"], b["resumed_at"]) == (4, [2])
+    assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-3)
+    for x, y in zip(metrics(straight_dir), metrics(stopped), strict=True):
+        assert x["step"] == y["step"] and x["lr"] == y["lr"] and y["loss"] == pytest.approx(x["loss"], rel=1e-3)
