@@ -138,7 +138,9 @@ def _add_pretrain(subparsers) -> None:
             "Pre-train a LLaMA from scratch on the bundled BBC News corpus (or --corpus) "
             "with Q-GaLore, or with a baseline optimizer, and write a run directory "
             "(config.json, metrics.jsonl, loss.png, summary.json, checkpoint). --resume RUN_DIR "
-            "continues a stopped run from its last checkpoint."
+            "continues a stopped run from its last checkpoint. Under torchrun (torchrun --nproc-per-node N -m "
+            "qgalore_fx pretrain ...) the run is sharded with FSDP2, each process training on its slice of "
+            "--batch-size, and checkpointed with torch.distributed.checkpoint."
         ),
     )
     run = p.add_argument_group("run")
