@@ -14,6 +14,10 @@ unigram baseline is 1282).
 was stopped (killed, preempted) from that checkpoint, with the configuration it
 recorded, and ends with the same numbers as a run that never stopped.
 
+``torchrun --nproc-per-node N -m qgalore_fx pretrain ...`` trains the same job sharded
+with FSDP2 over N processes, each on its slice of the global ``--batch-size``, and
+checkpoints with torch.distributed.checkpoint (:mod:`qgalore_fx.app.distributed`).
+
 Each subcommand is an ``_add_<name>(subparsers)`` function that registers its
 arguments and sets ``func(args) -> exit status``, which ``main`` calls; errors
 are reported through the subcommand's own parser so they carry its usage line.
@@ -38,6 +42,7 @@ import torch
 from qgalore_fx import __version__
 from qgalore_fx.app.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from qgalore_fx.app.data import MIN_VOCAB_SIZE
+from qgalore_fx.app.distributed import env_world_size, sharding_problem
 from qgalore_fx.app.planner import add_memory_arguments, run_memory
 from qgalore_fx.app.presets import PRESETS
 from qgalore_fx.app.train import (
@@ -109,14 +114,16 @@ def auto_threads() -> int:
     torch defaults to one thread per physical core. When other processes keep those
     cores busy, its OpenMP workers wait on each other and a step can take several
     times longer than with fewer threads (measured: 5x on 2 busy cores). So take the
-    1-minute load average off the core count, keeping at least one thread.
+    1-minute load average off the core count, keeping at least one thread. Under ``torchrun`` the
+    processes of this machine (``LOCAL_WORLD_SIZE``) share those cores.
     """
     cores = torch.get_num_threads()
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         busy = os.getloadavg()[0]
     except OSError:  # no load average on this platform
-        return cores
-    return max(1, min(cores, round((os.cpu_count() or cores) - busy)))
+        return max(1, cores // local)
+    return max(1, min(cores, round((os.cpu_count() or cores) - busy)) // local)
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -131,7 +138,9 @@ def _add_pretrain(subparsers) -> None:
             "Pre-train a LLaMA from scratch on the bundled BBC News corpus (or --corpus) "
             "with Q-GaLore, or with a baseline optimizer, and write a run directory "
             "(config.json, metrics.jsonl, loss.png, summary.json, checkpoint). --resume RUN_DIR "
-            "continues a stopped run from its last checkpoint."
+            "continues a stopped run from its last checkpoint. Under torchrun (torchrun --nproc-per-node N -m "
+            "qgalore_fx pretrain ...) the run is sharded with FSDP2, each process training on its slice of "
+            "--batch-size, and checkpointed with torch.distributed.checkpoint."
         ),
     )
     run = p.add_argument_group("run")
@@ -143,7 +152,8 @@ def _add_pretrain(subparsers) -> None:
     run.add_argument("--steps", type=positive_int, default=d.steps,
                      help="optimizer steps (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                     help="sequences per step (default: %(default)s)")
+                     help="sequences per step; under torchrun the global batch, divided evenly among the "
+                          "processes (default: %(default)s)")
     run.add_argument("--seq-len", type=positive_int, default=None,
                      help="tokens per sequence (default: the preset's; tiny 128, paper sizes 256)")
     run.add_argument("--lr", type=positive_float, default=None,
@@ -183,7 +193,9 @@ def _add_pretrain(subparsers) -> None:
                       help="steps between metrics.jsonl records (default: %(default)s)")
     data.add_argument("--save-every", type=non_negative_int, default=d.save_every,
                       help="steps between checkpoints in RUN_DIR/checkpoint (atomic: a kill keeps the "
-                           "previous one); 0: only at the last step (default: %(default)s)")
+                           "previous one; under torchrun RUN_DIR/dcp/step-N, distributed checkpoints, the "
+                           "complete one named in RUN_DIR/dcp/latest); 0: only at the last step "
+                           "(default: %(default)s)")
     data.add_argument("--resume", metavar="RUN_DIR", default=None,
                       help="continue the run in RUN_DIR from its checkpoint, with the configuration it "
                            "recorded; other options may only repeat the recorded values (--save-every "
@@ -268,8 +280,19 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     problem = device_problem(device)
     if problem:
         parser.error(f"--device {device}: {problem}")
-
+    _check_processes(parser, config)
     return _start(parser, train, config)
+
+
+def _check_processes(parser: argparse.ArgumentParser, config: TrainConfig, resumed: str = "") -> None:
+    """Under torchrun: the global batch must divide among the processes, and the method must shard."""
+    world = env_world_size()
+    problem = sharding_problem(config.method, config.batch_size, world)
+    if problem:
+        field, why = problem
+        flag = {"batch_size": f"--batch-size {config.batch_size}",
+                "method": f"--baseline {config.method}"}[field]
+        parser.error(f"{resumed}{flag} with {world} processes (torchrun, WORLD_SIZE={world}): {why}")
 
 
 def _start(parser: argparse.ArgumentParser, run, *args, **kwargs) -> int:
@@ -323,6 +346,7 @@ def _run_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     problem = device_problem(device)
     if problem:
         parser.error(f"--resume {args.resume}: the run trained on {device}: {problem}")
+    _check_processes(parser, config, resumed=f"--resume {args.resume}: the run's ")
     return _start(parser, train, config, resume=True)
 
 
@@ -494,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv[argv.index(args.command) + 1:]  # the subcommand's own arguments
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not logging.getLogger().handlers:  # under torchrun only rank 0 reports progress
+        level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     return args.func(args)

@@ -36,12 +36,21 @@ Run directory (default ``runs/<YYYYmmdd-HHMMSS>-<method>``):
 - ``checkpoint/``: the run's state, written by ``qgalore_fx.save_checkpoint``
   atomically every ``save_every`` steps and at the last step: model, optimizer,
   scheduler and RNG states, plus the batch-order generator's state, the step, the
-  metrics so far and the training loss accumulated since the last record.
+  metrics so far and the training loss accumulated since the last record;
+- ``dcp/`` instead of ``checkpoint/`` under ``torchrun``: ``step-NNNNNN/`` directories of
+  torch.distributed.checkpoint and ``latest``, the name of the last complete one.
+
+Sharded
+-------
+Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs sharded with FSDP2 on every
+process, each on its slice of the global ``batch_size``; rank 0 logs and writes the
+files above (:mod:`qgalore_fx.app.distributed` holds everything that differs).
 
 Resuming
 --------
 ``train(recorded_config(run_dir), resume=True)`` (``qgalore-fx pretrain --resume
-RUN_DIR``) rebuilds the run from its ``config.json``, loads ``checkpoint/``, rewrites
+RUN_DIR``) rebuilds the run from its ``config.json``, loads ``checkpoint/`` (under
+``torchrun``: the DCP checkpoint ``dcp/latest`` names), rewrites
 ``metrics.jsonl`` to the records the checkpoint holds, and continues. Every number a
 run produces (weights, losses, ``val_ppl``, ``final_train_loss``) is then the same,
 bit for bit, as in a run that was never interrupted; only timings differ
@@ -70,6 +79,7 @@ import torch
 import torch.nn.functional as F
 
 from qgalore_fx.app import data as data_lib
+from qgalore_fx.app import distributed as distributed_lib
 from qgalore_fx.app import presets as presets_lib
 from qgalore_fx.config import QGaLoreConfig, cli_fields
 
@@ -407,21 +417,26 @@ def cosine_with_warmup(steps: int, warmup: int, min_lr_ratio: float) -> Callable
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig):
+def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+                    shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
     """Return ``(model, optimizer)`` for ``config.method`` (the model may be transformed).
 
-    ``config`` must be :meth:`TrainConfig.resolved`.
+    ``config`` must be :meth:`TrainConfig.resolved`. ``shard`` (e.g. FSDP2's ``fully_shard`` per block and
+    the root) is applied after the transform and before the optimizer is built.
     """
     lr, wd, betas = config.lr, config.weight_decay, tuple(config.betas)
+    shard = shard or (lambda m: m)
     if config.method == "adamw":
+        model = shard(model)
         return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
     if config.method == "adamw8bit":
         import bitsandbytes as bnb
 
+        model = shard(model)
         return model, bnb.optim.AdamW8bit(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
     import qgalore_fx
 
-    model = qgalore_fx.transform(model, **config.transform_kwargs())
+    model = shard(qgalore_fx.transform(model, **config.transform_kwargs()))
     # LambdaLR scales each group's own initial lr: projected layers from lr, the rest from rest_lr.
     optimizer = qgalore_fx.optimizer(model, lr=lr, weight_decay=wd, betas=betas, rest_lr=config.rest_lr)
     return model, optimizer
@@ -450,18 +465,25 @@ def _loss(model, batch: data_lib.Batch, config: TrainConfig, reduction: str = "m
 
 @torch.no_grad()
 def evaluate(
-    model, val_ids: torch.Tensor, config: TrainConfig, max_batches: int | None = None
+    model, val_ids: torch.Tensor, config: TrainConfig, max_batches: int | None = None, job=None
 ) -> tuple[float, int]:
-    """Token-mean validation loss over the fixed windows, and the number of tokens scored."""
+    """Token-mean validation loss over the fixed windows, and the number of tokens scored.
+
+    ``job`` (:mod:`qgalore_fx.app.distributed`): each rank scores its rows of every batch and the sums are
+    added over ranks, so every rank returns the loss over all windows.
+    """
+    job = job or distributed_lib.Local()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     batches = data_lib.validation_batches(val_ids, config.batch_size, config.seq_len, max_batches)
     for batch in batches:
+        batch = job.local(batch)
         total += float(_loss(model, batch, config, reduction="sum"))
-        count += batch.labels.numel()
+        count += int((batch.labels != distributed_lib.IGNORE).sum())
+    total, count = job.total(torch.tensor([total, count], dtype=torch.float64)).tolist()
     model.train(was_training)
-    return total / count, count
+    return total / count, int(count)
 
 
 def _format_bytes(n: float) -> str:
@@ -533,6 +555,7 @@ class TrainResult:
     refreshes: int | None = None  # subspace refreshes over all projected layers (None: no projected layers)
     refresh_seconds: float | None = None  # their wall-clock time, summed over layers (and over resumes)
     resumed_at: list[int] = field(default_factory=list)  # the steps this run was resumed from
+    world_size: int = 1  # processes that trained it (torchrun); the memory figures are rank 0's
 
     def to_json(self) -> dict:
         return {
@@ -554,14 +577,16 @@ class TrainResult:
             "refreshes": self.refreshes,
             "refresh_seconds": self.refresh_seconds,
             "resumed_at": self.resumed_at,
+            "world_size": self.world_size,
             "checkpoint": str(self.checkpoint),
             "memory": self.memory,
         }
 
     def summary(self) -> str:
         c = self.config
+        ranks = f", rank 0 of {self.world_size} processes" if self.world_size > 1 else ""
         return "\n".join([
-            f"memory ({c.method}):",
+            f"memory ({c.method}{ranks}):",
             self.memory_text,
             f"final validation perplexity: {self.val_ppl:.2f} "
             f"(loss {self.val_loss:.4f} nats/token over {self.val_tokens} tokens)",
@@ -591,28 +616,33 @@ def train(
     differ): the run continues from the checkpoint, see the module docstring.
     """
     threads_before = torch.get_num_threads()
+    device = config.resolved().device
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(f"device {device!r}: {problem}")
     try:
-        return _train(config, corpus, verbose, resume)
+        with distributed_lib.job(device) as job:
+            return _train(config, corpus, verbose, resume, job)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose: bool, resume: bool):
+def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose: bool, resume: bool, job):
+    """The run; ``job`` (:mod:`qgalore_fx.app.distributed`) says what this process trains on and writes."""
     from tqdm import tqdm
 
     t_start = time.perf_counter()
     explicit_run_dir = config.run_dir is not None
     cfg = config.resolved()
-    problem = device_problem(cfg.device)
-    if problem:
-        raise ValueError(f"device {cfg.device!r}: {problem}")
+    job.check(cfg)
+    verbose = verbose and job.is_main
     device = torch.device(cfg.device)
     if resume:
-        run_dir = _check_resumable(cfg)
-    if corpus is None:
-        corpus = data_lib.prepare_corpus(cfg.corpus, cfg.vocab_size, cfg.cache_dir)
+        run_dir = _check_resumable(cfg, job)
+    if corpus is None:  # rank 0 first: it trains and caches the tokenizer the others load
+        corpus = job.main_first(lambda: data_lib.prepare_corpus(cfg.corpus, cfg.vocab_size, cfg.cache_dir))
     if not resume:
-        run_dir = _make_run_dir(cfg.run_dir, explicit_run_dir)
+        run_dir = job.from_main(lambda: _make_run_dir(cfg.run_dir, explicit_run_dir))
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
     torch.set_num_threads(cfg.threads)
@@ -626,7 +656,7 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     n_params = sum(p.numel() for p in model.parameters())
     model_config = model.config.to_dict()
     model.train()
-    model, optimizer = build_optimizer(model, cfg)
+    model, optimizer = build_optimizer(model, cfg, shard=job.shard)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(cfg.steps, cfg.warmup, cfg.min_lr_ratio)
     )
@@ -639,8 +669,8 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
 
     progress = _Progress()
     if resume:
-        progress = _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator)
-    else:
+        progress = _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator, job)
+    elif job.is_main:
         _write_json(run_dir / "config.json", {
             "train": cfg.to_json() | {"preset": preset.name},
             "preset": dataclasses.asdict(preset),
@@ -651,12 +681,13 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
             "data": corpus.describe() | {"unigram_ppl": unigram_ppl},
             "optimizer": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
             "versions": _versions(qgalore_fx.__version__),
-        })
+        } | job.describe())
         shutil.copyfile(corpus.tokenizer_path, run_dir / "tokenizer.json")
     if verbose:
         logger.info("run %s: %s, %s (%.2fM parameters), %d train tokens, vocab %d, "
-                    "%d CPU threads%s", run_dir, cfg.method, preset.name,
+                    "%d CPU threads%s%s", run_dir, cfg.method, preset.name,
                     n_params / 1e6, corpus.train_ids.numel(), corpus.vocab_size, cfg.threads,
+                    f" per process, {job.world_size} processes" if job.world_size > 1 else "",
                     f"; resumed at step {progress.step}" if resume else "")
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -673,8 +704,7 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
             window_seconds=window_time, train_seconds=train_time,
             elapsed_seconds=elapsed_before + time.perf_counter() - t_start)
     # metrics.jsonl holds exactly the checkpoint's records (a killed run may have logged later steps)
-    _write_lines(run_dir / "metrics.jsonl", history)
-    metrics = (run_dir / "metrics.jsonl").open("a")
+    metrics = _MetricsLog(run_dir / "metrics.jsonl", history, write=job.is_main)
     bar = tqdm(range(progress.step + 1, cfg.steps + 1), desc=f"pretrain {cfg.method}",
                disable=not verbose, dynamic_ncols=True, file=sys.stderr,
                initial=progress.step, total=cfg.steps)
@@ -682,17 +712,18 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
         for step in bar:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            loss = _loss(model, next(batches), cfg)
-            if not torch.isfinite(loss):
+            loss = _loss(model, job.local(next(batches)), cfg)
+            batch_loss = job.mean(loss.detach())  # over the whole global batch
+            if not torch.isfinite(batch_loss):
                 raise FloatingPointError(
-                    f"training loss is {loss.item()} at step {step}; lower --lr "
+                    f"training loss is {batch_loss.item()} at step {step}; lower --lr "
                     f"(now {cfg.lr:g}) or raise --warmup (now {cfg.warmup})"
                 )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            window_loss += loss.detach()
+            window_loss += batch_loss
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -704,7 +735,7 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
             do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
             if not (last or do_eval or step % cfg.log_every == 0):
                 if cfg.save_every and step % cfg.save_every == 0:
-                    _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step))
+                    _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step), job)
                 continue
             last_loss = window_loss.item() / window_steps
             record = {
@@ -718,12 +749,11 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
             window_steps, window_time = 0, 0.0
             if do_eval:
                 val_loss, val_tokens = evaluate(
-                    model, corpus.val_ids, cfg, None if last else cfg.eval_batches
+                    model, corpus.val_ids, cfg, None if last else cfg.eval_batches, job
                 )
                 record.update(val_loss=val_loss, val_ppl=math.exp(val_loss), val_tokens=val_tokens)
             history.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.append(record)
             postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}"}
             if record["tokens_per_s"] is not None:
                 postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
@@ -731,15 +761,16 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
                 postfix["val_ppl"] = f"{record['val_ppl']:.1f}"
             bar.set_postfix(postfix, refresh=False)
             if cfg.save_every and step % cfg.save_every == 0 and not last:
-                _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step))
+                _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step), job)
     finally:
         bar.close()
         metrics.close()
 
     final = history[-1]
-    _plot(run_dir / "loss.png", history, unigram_ppl,
-          f"{cfg.method}, preset {preset.name}, vocab {corpus.vocab_size}")
-    checkpoint = _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(cfg.steps))
+    if job.is_main:
+        _plot(run_dir / "loss.png", history, unigram_ppl,
+              f"{cfg.method}, preset {preset.name}, vocab {corpus.vocab_size}")
+    checkpoint = _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(cfg.steps), job)
     refreshes, refresh_seconds = _refreshes(optimizer)
     memory_text, memory = _memory_report(model, optimizer)
     result = TrainResult(
@@ -763,8 +794,10 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
         refreshes=refreshes,
         refresh_seconds=None if refresh_seconds is None else progress.refresh_seconds + refresh_seconds,
         resumed_at=progress.resumed_at,
+        world_size=job.world_size,
     )
-    _write_json(run_dir / "summary.json", result.to_json())
+    if job.is_main:
+        _write_json(run_dir / "summary.json", result.to_json())
     if verbose:
         print(result.summary())
     return result
@@ -772,6 +805,26 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
 
 def _write_json(path: pathlib.Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class _MetricsLog:
+    """``metrics.jsonl``: rewritten to ``history`` on opening, then one line per record (no file when not
+    ``write``: the ranks other than 0 of a sharded run)."""
+
+    def __init__(self, path: pathlib.Path, history: list[dict], write: bool = True):
+        self.file = None
+        if write:
+            _write_lines(path, history)
+            self.file = path.open("a")
+
+    def append(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _write_lines(path: pathlib.Path, records: list[dict]) -> None:
@@ -823,13 +876,12 @@ def _recorded_train(cfg: TrainConfig) -> dict:
 _TIMES = ("window_seconds", "train_seconds", "elapsed_seconds", "refresh_seconds")
 
 
-def _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, progress: _Progress) -> pathlib.Path:
-    """Write ``run_dir/checkpoint`` (atomically): the run's objects and ``progress``."""
-    import qgalore_fx
-
+def _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, progress: _Progress,
+          job) -> pathlib.Path:
+    """Write a checkpoint (``run_dir/checkpoint`` in one process, atomically; a new DCP directory when sharded,
+    see :mod:`qgalore_fx.app.distributed`): the run's objects and ``progress``."""
     _, refresh_seconds = _refreshes(optimizer)
-    return pathlib.Path(qgalore_fx.save_checkpoint(
-        run_dir / "checkpoint", model, optimizer, scheduler=scheduler,
+    return job.save(run_dir, model, optimizer, scheduler, dict(
         step=progress.step,
         batch_generator=generator.get_state(),
         history=progress.history,
@@ -843,7 +895,7 @@ def _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, progress
     ))
 
 
-def _check_resumable(cfg: TrainConfig) -> pathlib.Path:
+def _check_resumable(cfg: TrainConfig, job) -> pathlib.Path:
     """The run directory of ``cfg`` (resolved), after checking it holds an unfinished run with a checkpoint."""
     if cfg.run_dir is None:
         raise ValueError("resume=True needs config.run_dir, the directory of the run to continue")
@@ -856,20 +908,16 @@ def _check_resumable(cfg: TrainConfig) -> pathlib.Path:
         raise ValueError(f"cannot resume {run_dir} with another configuration: {'; '.join(diff)}")
     if (run_dir / "summary.json").exists():
         raise ValueError(f"{run_dir} is a finished run (it has summary.json): nothing to resume")
-    if not (run_dir / "checkpoint").exists() and not any(run_dir.glob("checkpoint.old-*")):
+    if not job.has_checkpoint(run_dir):
         raise FileNotFoundError(
             f"{run_dir} has no checkpoint to resume from (it was stopped before its first save; "
             f"save_every={recorded.save_every}): start the run again")
     return run_dir
 
 
-def _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator) -> _Progress:
-    """Load ``run_dir/checkpoint`` into the run's objects; the progress it records."""
-    import qgalore_fx
-
-    path = run_dir / "checkpoint"
-    extra = qgalore_fx.load_checkpoint(path, model, optimizer, scheduler)
-    where = f"checkpoint {path}"
+def _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator, job) -> _Progress:
+    """Load the run's checkpoint into the run's objects; the progress it records."""
+    extra, where = job.load(run_dir, model, optimizer, scheduler)
     if extra.get("train_config") != _recorded_train(cfg):
         raise ValueError(f"{where} was written by another run configuration than {run_dir}/config.json")
     if extra.get("corpus_fingerprint") != corpus.fingerprint:
