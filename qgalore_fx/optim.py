@@ -191,6 +191,9 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         """Hand this optimizer's settings to its layers and mirror the projected group into their hparams."""
         group_name = "" if self.process_group is None else self.process_group.group_name
         defer = self.accumulation_steps > 1
+        for name, layer in self._layers:  # every sharded layer checked before any is cut: all or nothing
+            if sharding.is_dtensor(layer.weight_codes):
+                sharding.check_layer(name, layer, layer.weight_codes.device_mesh.size())
         for name, layer in self._layers:
             layer.optimizer_link = OptimizerLink(self)
             sharded = sharding.shard_layer(name, layer)  # FSDP2: its reduction runs over the shard group instead
