@@ -370,18 +370,20 @@ def _row_chunks(m: int, n: int, block_size: int):
 ADAM_CHUNK = 1 << 20
 
 
-def _adam_direction(R: Tensor, adam: AdamState, t: Tensor, beta1, beta2, eps, ok: Tensor) -> Tensor:
-    """Adam's direction N for R, over chunks of :data:`ADAM_CHUNK` elements (whole moment blocks)."""
+def _adam_direction(R: Tensor, adam: AdamState, t: Tensor, beta1, beta2, eps, ok: Tensor, base: int = 0) -> Tensor:
+    """Adam's direction N for R, over chunks of :data:`ADAM_CHUNK` elements (whole moment blocks). ``base``: the
+    index of R's first element in the whole R (under FSDP2 a rank holds rows of it), so the second moment's
+    rounding draws are the same whatever the split."""
     n = R.numel()
     if n <= ADAM_CHUNK:
-        return adam_direction_masked_(R, adam, t, beta1, beta2, eps, ok)
+        return adam_direction_masked_(R, adam, t, beta1, beta2, eps, ok, offset=base)
     chunk = max(adam.block_size, ADAM_CHUNK // adam.block_size * adam.block_size)
     flat = R.reshape(-1)
     N = torch.empty(n, dtype=torch.float32, device=R.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         N[start:stop] = adam_direction_masked_(flat[start:stop], adam.part(start, stop), t, beta1, beta2, eps, ok,
-                                               offset=start)
+                                               offset=base + start)
     return N.view(R.shape)
 
 
@@ -403,7 +405,8 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     t = state["step"] + 1
     if spec.eps_placement == "galore":  # GaLoreAdamW: m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t)
         eps = eps / torch.sqrt(1.0 - torch.pow(beta2, t.to(beta2.dtype)))
-    N = _adam_direction(R, adam_state(state), t, beta1, beta2, eps, ok)
+    N = _adam_direction(R, adam_state(state), t, beta1, beta2, eps, ok,
+                        base=spec.shard_rank * R.numel())  # FSDP2: this rank's R starts there in the whole R
     if P is None:  # the caller may pass the dequantized projection it already holds
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     lr = torch.where(ok, lr, 0.0)

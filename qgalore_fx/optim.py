@@ -323,7 +323,10 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             _masked_adamw_(full, p.grad.full_tensor(), state["adam"], state["step"], ok, **hp)
             p.to_local().copy_(full[sharding.rows_of(p)])
             return
-        _masked_adamw_(sharding.local(p), sharding.local(p.grad), state["adam"], state["step"], ok, **hp)
+        base = 0
+        if sharding.is_dtensor(p):  # "local": this rank's rows; the rounding draws index the whole parameter
+            base = sharding.rows_of(p).start * (p.numel() // max(p.shape[0], 1))
+        _masked_adamw_(sharding.local(p), sharding.local(p.grad), state["adam"], state["step"], ok, base=base, **hp)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -462,12 +465,12 @@ ADAMW_CHUNK = 1 << 20
 
 @torch.no_grad()
 def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float) -> None:
+                   beta2: float, eps: float, weight_decay: float, base: int = 0) -> None:
     """AdamW on ``p`` that changes nothing where ``ok`` (a 0-d bool tensor) is False; no host sync.
 
     :func:`qgalore_fx.kernels.adam8bit.adamw_masked_` (the fused 8-bit step where it is available, else the torch
     reference) run over chunks of whole moment blocks (:data:`ADAMW_CHUNK` elements), each a view into the
-    parameter and its state.
+    parameter and its state. ``base``: the index of ``p``'s first element in the whole parameter (FSDP2's shard).
     """
     if p.numel() == 0:
         return
@@ -480,7 +483,7 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     for start in range(0, p32.numel(), chunk):
         stop = min(p32.numel(), start + chunk)
         adamw_masked_(p32[start:stop], g[start:stop], state.part(start, stop), t, ok, lr, beta1, beta2, eps,
-                      weight_decay, offset=start)
+                      weight_decay, offset=base + start)
     if not in_place:
         p.copy_(p32.view(p.shape))
     step.add_(ok.to(torch.int64))
