@@ -28,6 +28,11 @@ already drives raises. A deep copy (or an unpickled copy) of a model is not
 bound to any optimizer; it keeps the hyperparameters last handed to it until
 ``qgalore_fx.optimizer(copy)`` binds it.
 
+Under FSDP2 (the model passed through ``fully_shard`` before the optimizer is built) each projected layer is
+bound to its rank's shard (:func:`qgalore_fx.sharding.shard_layer`) and the AdamW group steps FSDP2's local
+shards with moment blocks that do not depend on the world size (:func:`qgalore_fx.sharding.rest_layout`);
+``state_dict()`` then holds global DTensors, for ``torch.distributed.checkpoint``.
+
 Non-finite gradients never reach the weights, and nothing here synchronizes
 with the device to find out: a projected layer selects its old state with
 ``torch.where`` (see :mod:`qgalore_fx.lowrank`), and ``step()`` masks the
