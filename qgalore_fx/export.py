@@ -126,6 +126,14 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
+    from qgalore_fx.sharding import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(
+            "export_dense needs the whole model in one process; this one is sharded with FSDP2. Gather it on rank 0 "
+            "with torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True, cpu_offload=True)), load that into the same model transformed in one process "
+            "(model.load_state_dict), and export that one")
     # Each QGaLoreLinear is copied as its dense original layer (never as INT8 codes + low-rank state), each
     # QGaLoreExperts as the fused-experts module it replaced (through the same memo, so the copy shares the
     # model copy's config); the transform's bookkeeping is not copied at all.
