@@ -147,16 +147,18 @@ def shard_layer(name: str, layer: nn.Module) -> bool:
     return True
 
 
-def dtensor_state(layer: nn.Module, t: Tensor) -> Tensor:
-    """A layer's local state tensor as a ``Shard(0)`` DTensor with its global shape (empty tensors stay as they are)."""
+def global_rows(t: Tensor, mesh) -> Tensor:
+    """This rank's rows ``t`` of an evenly split tensor, as the ``Shard(0)`` DTensor of the whole (no copy)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    if not t.numel():
-        return t
-    world = layer.spec.shard_world
-    shape = (t.shape[0] * world, *t.shape[1:])
-    return DTensor.from_local(t, layer.shard_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+    shape = torch.Size((t.shape[0] * mesh.size(), *t.shape[1:]))
+    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
+
+
+def dtensor_state(layer: nn.Module, t: Tensor) -> Tensor:
+    """A layer's local state tensor as a ``Shard(0)`` DTensor with its global shape (empty tensors stay as they are)."""
+    return global_rows(t, layer.shard_mesh) if t.numel() else t
 
 
 def local_part(layer: nn.Module, key: str, value: Tensor) -> Tensor:
@@ -248,18 +250,10 @@ def full(t):
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def _global(p: Tensor, t: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor, Shard
-
-    world = p.device_mesh.size()
-    shape = torch.Size((t.shape[0] * world, *t.shape[1:]))
-    return DTensor.from_local(t, p.device_mesh, [Shard(0)], run_check=False, shape=shape,
-                              stride=torch.empty(shape, device="meta").stride())
-
-
 def global_adam_state(p: Tensor, adam: dict) -> dict:
     """An ``AdamState.state_dict()`` of a ``"local"`` parameter with its moments as global ``Shard(0)`` DTensors."""
-    out = {k: (_global(p, v) if k in ("m", "v", "absmax_m", "absmax_v") else v) for k, v in adam.items()}
+    moments = ("m", "v", "absmax_m", "absmax_v")
+    out = {k: (global_rows(v, p.device_mesh) if k in moments else v) for k, v in adam.items()}
     out["shape"] = torch.tensor(list(p.shape), dtype=torch.int64)
     return out
 
