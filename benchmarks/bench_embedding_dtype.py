@@ -42,8 +42,10 @@ def main(argv=None) -> int:
     corpus = data_lib.prepare_corpus(None, 8192)
     rows = []
     for variant in args.variants:
-        def build_optimizer(model, config, variant=variant):
+        def build_optimizer(model, config, shard=None, variant=variant):
             model = qgalore_fx.transform(model, **config.transform_kwargs())
+            if shard is not None:
+                model = shard(model)
             if variant == "bf16":
                 model.get_input_embeddings().to(torch.bfloat16)
                 model.get_output_embeddings().to(torch.bfloat16)

@@ -51,8 +51,8 @@ def record_embedding_grads(steps: int, seed: int, threads: int) -> list[torch.Te
     grads: list[torch.Tensor] = []
     build = train_lib.build_optimizer
 
-    def build_and_hook(model, config):
-        model, optimizer = build(model, config)
+    def build_and_hook(model, config, shard=None):
+        model, optimizer = build(model, config, shard=shard)
         emb = model.get_input_embeddings().weight
         emb.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.detach().float().clone()))
         return model, optimizer

@@ -221,9 +221,9 @@ def main(argv=None) -> int:
     kept = {}
     build = train_lib.build_optimizer
 
-    def build_and_keep(model, config):
+    def build_and_keep(model, config, shard=None):
         if args.rest_optim_bits is None:
-            model, optimizer = build(model, config)
+            model, optimizer = build(model, config, shard=shard)
         else:
             import functools
 
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
 
             with mock.patch.object(qgalore_fx, "optimizer",
                                    functools.partial(qgalore_fx.optimizer, optim_bits=args.rest_optim_bits)):
-                model, optimizer = build(model, config)
+                model, optimizer = build(model, config, shard=shard)
         kept["optimizer"] = optimizer
         return model, optimizer
 

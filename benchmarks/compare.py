@@ -191,12 +191,12 @@ def run_worker(spec: dict) -> dict:
     cpu_marks: list[float] = []
     svd_calls: list[float] = []
 
-    def build_optimizer(model, config):
+    def build_optimizer(model, config, shard=None):
         if external:
             model, optimizer = model, _galore_torch_optimizer(
                 model, config, spec["rank"], spec["update_interval"], spec["scale"], spec["rest_lr"])
         else:
-            model, optimizer = original_build(model, config)
+            model, optimizer = original_build(model, config, shard=shard)
         captured.update(model=model, optimizer=optimizer)
         return model, optimizer
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import qgalore_fx
 from qgalore_fx import lowrank
 from qgalore_fx import projection as proj
+from subspace_streams import BASE, JUMPS, run_stream, steps_to_catch
 
 M, N, RANK = 48, 32, 4
 
@@ -78,67 +79,32 @@ def test_a_stable_dominant_subspace_with_a_moving_tail_doubles():
 
 
 # --------------------------------------------------------------------------- a schedule that follows the gradient
-# One projected 256x128 layer, rank 8, update_interval=10, defaults otherwise, fed G_t = U·S·V_tᵀ + noise (16
-# tokens: 8 carry the rank-8 signal, 8 small noise). The true top-8 right subspace V_t is steady, rotates slowly,
-# or jumps to an orthogonal one at step 400 and back at step 700. Before the re-arming schedule the interval had
-# doubled to 320 by step 400, the projection stayed stale for 270 steps after the jump (capturing 1.1 % of the
-# gradient's energy) and the interval stayed 320.
-BIG_M, BIG_N, R, BASE = 256, 128, 8, 10
-
-
-def _signal(stream, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(BIG_M, R, generator=gen)).Q
-    V = torch.linalg.qr(torch.randn(BIG_N, 2 * R, generator=gen)).Q  # two orthogonal rank-8 subspaces
-    S = torch.linspace(2.0, 1.0, R)
-    angle = torch.linspace(0, 1.5, steps)
-    for t in range(steps):
-        if stream == "jump":
-            Vt = V[:, R:] if 400 <= t < 700 else V[:, :R]
-        elif stream == "rotate":  # turns from the first subspace toward the second over the run
-            Vt = torch.linalg.qr(V[:, :R] * torch.cos(angle[t]) + V[:, R:] * torch.sin(angle[t])).Q
-        else:
-            Vt = V[:, :R]
-        x = torch.cat([Vt.t(), 0.05 * torch.randn(8, BIG_N, generator=gen)])
-        c = torch.cat([(U * S).t(), 0.05 * torch.randn(8, BIG_M, generator=gen)])
-        yield x, c
-
-
-def _run_stream(stream, steps, **options):
-    torch.manual_seed(0)
-    net = qgalore_fx.transform(nn.Sequential(nn.Linear(BIG_N, BIG_M, bias=False)), rank=R, update_interval=BASE, **options)
-    opt = qgalore_fx.optimizer(net, lr=1e-4)
-    ((_, layer),) = qgalore_fx.projected_layers(net)
-    captured = []
-    for x, c in _signal(stream, steps):
-        (net(x) * c).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        G = c.t() @ x
-        captured.append(proj.captured_energy(G, layer.projection_matrix(), "right"))
-    return captured, layer
+# One projected 256x128 layer, rank 8, update_interval=10, defaults otherwise, fed the synthetic streams of
+# tests/subspace_streams.py (benchmarks/bench_lazy_refresh.py prints the same runs as a table). Before the
+# re-arming schedule the interval had doubled to 320 by step 400, the projection stayed stale for 270 steps after
+# the jump (capturing 1.1 % of the gradient's energy) and the interval stayed 320.
 
 
 def test_a_jump_of_the_subspace_is_caught_within_twice_the_base_interval():
-    captured, layer = _run_stream("jump", 1000)
-    for jump in (400, 700):
+    captured, layer = run_stream("jump", 1000)
+    for jump in JUMPS:
         assert captured[jump - 1] > 0.8  # the lazy schedule had the subspace before the jump
-        caught = next(t for t in range(jump, len(captured)) if captured[t] > 0.8) - jump
-        assert caught <= 2 * BASE, (jump, caught)
+        caught = steps_to_catch(captured, jump)
+        assert caught is not None and caught <= 2 * BASE, (jump, caught)
     assert layer.stats()["interval"] > BASE  # and grew again afterwards
 
 
 def test_the_lazy_schedule_keeps_its_savings_on_a_steady_stream():
-    lazy, layer = _run_stream("steady", 1000)
-    fixed, fixed_layer = _run_stream("steady", 1000, adaptive=False)
+    lazy, layer = run_stream("steady", 1000)
+    fixed, fixed_layer = run_stream("steady", 1000, adaptive=False)
     ratio = layer.stats()["refresh_count"] / fixed_layer.stats()["refresh_count"]
     assert ratio <= 0.6, ratio
     assert min(lazy[100:]) > 0.8
 
 
 def test_a_rotating_subspace_stays_captured():
-    lazy, _ = _run_stream("rotate", 600)
-    fixed, _ = _run_stream("rotate", 600, adaptive=False)
+    lazy, _ = run_stream("rotate", 600)
+    fixed, _ = run_stream("rotate", 600, adaptive=False)
     assert sum(lazy[50:]) / len(lazy[50:]) >= 0.9 * sum(fixed[50:]) / len(fixed[50:])
     assert min(lazy[50:]) > 0.5
 
