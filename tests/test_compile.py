@@ -175,21 +175,10 @@ def test_compiled_and_eager_agree_at_the_first_refresh():
         assert (a.weight_codes != b.weight_codes).float().mean().item() <= 0.02, name
 
 
-@pytest.mark.xfail(reason="the two runs part at the first step, not at a later refresh: one INT4 projection code "
-                   "lies within float noise of a rounding midpoint (test above), as do one first- and one "
-                   "second-moment code of the 8-bit AdamW of the unprojected weights; the one-code change of P moves "
-                   "the layer's first update, hundreds of its 8-bit moment and INT8 weight codes follow, and by the "
-                   "refresh at step 4 the gradients differ by ~1 %, enough to reorder or flip near-degenerate "
-                   "singular vectors. No rule in the projection removes a rounding midpoint; bit-equal compiled and "
-                   "eager forward/backward would.", strict=False)
-def test_compiled_and_eager_keep_the_same_projections_across_refreshes():
-    """Over five refreshes (17 steps) the projections' INT4 codes and the weights' INT8 codes of the eager and the
-    compiled run would differ only where float rounding puts a value on a rounding boundary (<= 2 %), and no
-    basis vector would be flipped. Measured instead: 84-87 % of the INT4 projection bytes differ and some basis
-    vectors are flipped (cosine -0.99); the xfail reason says where the runs part."""
-    eager, compiled = _eager_and_compiled_llama(17)
-    for (name, a), (_, b) in zip(qgalore_fx.projected_layers(eager), qgalore_fx.projected_layers(compiled)):
-        assert a.stats()["refresh_count"] == b.stats()["refresh_count"] == 5, name
-        assert (a.proj_codes != b.proj_codes).float().mean().item() <= 0.02, name
-        assert (a.weight_codes != b.weight_codes).float().mean().item() <= 0.02, name
-        assert float(_basis_cosines(a, b).min()) > 0.5, name
+# Past the first refresh the two runs are not held equal: they part at the first step, where one INT4 projection
+# code lies within float noise of a rounding midpoint (the test above), as do one first- and one second-moment code
+# of the 8-bit AdamW of the unprojected weights; the one-code change of P moves the layer's first update, hundreds
+# of its 8-bit moment and INT8 weight codes follow, and by the refresh at step 4 the gradients differ by ~1 %, enough
+# to reorder or flip near-degenerate singular vectors (measured over 17 steps: 84-87 % of the INT4 projection bytes
+# differ, some basis vectors flipped). No rule in the projection removes a rounding midpoint; bit-equal compiled
+# and eager forward/backward would.

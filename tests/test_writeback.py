@@ -97,4 +97,8 @@ def test_training_with_the_fast_paths_matches_the_reference_switch(monkeypatch, 
             diff = (last_fast[key].int() - last_ref[key].int()).abs()
             assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01, key
         elif key.endswith("weight_scales"):
-            torch.testing.assert_close(last_fast[key], last_ref[key], atol=0, rtol=1e-5, msg=key)
+            # the second moment is rounded stochastically: a last-bit difference of v between the fused step and the
+            # reference can take the neighbouring code, and after 8 steps a block's maximum has moved by up to
+            # 1.9e-4 relative (measured: 4 of 120 scales moved, 3.2e-5 and 1.9e-4 the largest in each layer); a scale
+            # follows its block's largest element, which the codes check above allows one code apart (1/127)
+            torch.testing.assert_close(last_fast[key], last_ref[key], atol=0, rtol=1e-3, msg=key)
