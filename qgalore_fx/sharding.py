@@ -140,7 +140,7 @@ def shard_layer(name: str, layer: nn.Module) -> bool:
     for key in SHARDED_STATE:
         t = getattr(layer, key)
         if t.numel():
-            setattr(layer, key, t.chunk(world)[rank].clone())
+            setattr(layer, key, rank_part(t, world, rank).clone())
     layer.set_spec(dataclasses.replace(spec, shard_world=world, shard_rank=rank, shard_group=group.group_name))
     layer.shard_mesh = mesh
     layer.bind_shards()
@@ -161,18 +161,21 @@ def dtensor_state(layer: nn.Module, t: Tensor) -> Tensor:
     return global_rows(t, layer.shard_mesh) if t.numel() else t
 
 
+def rank_part(value: Tensor, world: int, rank: int) -> Tensor:
+    """This rank's rows of a loaded tensor: a DTensor's local tensor, or its chunk of a full one (from one process)."""
+    return value.to_local() if is_dtensor(value) else value.chunk(world)[rank]
+
+
 def local_part(layer: nn.Module, key: str, value: Tensor) -> Tensor:
-    """What a loaded state entry means for this rank: a DTensor's local tensor, or this rank's chunk of a full
-    tensor (a checkpoint from one process); a tensor already of the local size is taken as it is."""
+    """What a loaded state entry means for this rank (:func:`rank_part`); a tensor already of the local size, or
+    of a shape that is not the whole of this layer's, is taken as it is (the load then names the mismatch)."""
     if is_dtensor(value):
         return value.to_local()
     own = getattr(layer, key)
     if not isinstance(value, Tensor) or not value.numel() or value.shape == own.shape:
         return value
     world, rank = layer.spec.shard_world, layer.spec.shard_rank
-    if value.shape[0] == own.shape[0] * world:
-        return value.chunk(world)[rank]
-    return value
+    return rank_part(value, world, rank) if value.shape[0] == own.shape[0] * world else value
 
 
 # ---------------------------------------------------------------------------------------------- the AdamW group
@@ -250,10 +253,13 @@ def full(t):
     return t.full_tensor() if is_dtensor(t) else t
 
 
+#: The sharded entries of an ``AdamState.state_dict()`` (the rest: its shape, bits and block size).
+_ADAM_MOMENTS = ("m", "v", "absmax_m", "absmax_v")
+
+
 def global_adam_state(p: Tensor, adam: dict) -> dict:
     """An ``AdamState.state_dict()`` of a ``"local"`` parameter with its moments as global ``Shard(0)`` DTensors."""
-    moments = ("m", "v", "absmax_m", "absmax_v")
-    out = {k: (global_rows(v, p.device_mesh) if k in moments else v) for k, v in adam.items()}
+    out = {k: (global_rows(v, p.device_mesh) if k in _ADAM_MOMENTS else v) for k, v in adam.items()}
     out["shape"] = torch.tensor(list(p.shape), dtype=torch.int64)
     return out
 
@@ -261,10 +267,6 @@ def global_adam_state(p: Tensor, adam: dict) -> dict:
 def local_adam_state(p: Tensor, adam: dict) -> dict:
     """The inverse of :func:`global_adam_state` for this rank; a full tensor (from one process) is cut to its part."""
     world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
-    out = {}
-    for k, v in adam.items():
-        if k in ("m", "v", "absmax_m", "absmax_v"):
-            v = v.to_local() if is_dtensor(v) else v.chunk(world)[rank]
-        out[k] = v
+    out = {k: (rank_part(v, world, rank) if k in _ADAM_MOMENTS else v) for k, v in adam.items()}
     out["shape"] = torch.tensor(list(p.to_local().shape), dtype=torch.int64)
     return out
