@@ -50,7 +50,6 @@ import torch.nn as nn
 
 from qgalore_fx.experts import QGaLoreExperts
 from qgalore_fx.handlers import handler_for, handler_named
-from qgalore_fx.hf import unmark_config
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
 from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, _SKIPPED_ATTR, projected_layers
@@ -120,6 +119,11 @@ def _cast_(model: nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[name] = buf.to(dtype)
 
 
+#: Called as ``hook(dense)`` on every export; integrations above the transform register here (the transformers
+#: integration drops the copy's ``quant_method: "qgalore_fx"``).
+EXPORT_HOOKS: list = []
+
+
 def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A plain copy of ``model``, each projected layer back to its original type in ``dtype`` (module docstring)."""
     if not isinstance(model, nn.Module):
@@ -158,7 +162,8 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     if leftover:
         raise RuntimeError(f"export_dense left qgalore_fx pieces in the copy: {leftover[:5]}")
     _cast_(dense, dtype)
-    unmark_config(dense)  # a plain model again: from_pretrained of the original class loads it
+    for hook in EXPORT_HOOKS:  # e.g. a plain HF model again: from_pretrained of the original class loads it
+        hook(dense)
     config = getattr(dense, "config", None)
     if config is not None and hasattr(config, "dtype"):
         config.dtype = dtype

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from qgalore_fx.handlers import handler_for
 
-WeightsArg = Union[None, str, os.PathLike, Mapping[str, Tensor]]
+WeightsArg = Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, Tensor]]
 
 
 class WeightSource:
@@ -46,18 +46,24 @@ class WeightSource:
         if isinstance(weights, Mapping):
             self._mapping = weights
             return
-        if not isinstance(weights, (str, os.PathLike)):
-            raise TypeError(f"weights must be None, a state-dict mapping or a path to safetensors, got "
-                            f"{type(weights).__name__}")
-        path = Path(weights)
-        if path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise ValueError(f"weights directory {str(path)!r} contains no .safetensors file")
-        elif path.is_file() and path.suffix == ".safetensors":
-            files = [path]
+        if isinstance(weights, (list, tuple)):  # the shards of one checkpoint
+            files = [Path(f) for f in weights]
+            bad = [str(f) for f in files if not (f.is_file() and f.suffix == ".safetensors")]
+            if not files or bad:
+                raise ValueError(f"weights list must name .safetensors files; not one: {bad[:3] or files}")
         else:
-            raise ValueError(f"weights path {str(path)!r} is neither a .safetensors file nor a directory of them")
+            if not isinstance(weights, (str, os.PathLike)):
+                raise TypeError(f"weights must be None, a state-dict mapping or a path (or list of paths) to "
+                                f"safetensors, got {type(weights).__name__}")
+            path = Path(weights)
+            if path.is_dir():
+                files = sorted(path.glob("*.safetensors"))
+                if not files:
+                    raise ValueError(f"weights directory {str(path)!r} contains no .safetensors file")
+            elif path.is_file() and path.suffix == ".safetensors":
+                files = [path]
+            else:
+                raise ValueError(f"weights path {str(path)!r} is neither a .safetensors file nor a directory of them")
         from safetensors import safe_open
 
         for f in files:
@@ -78,7 +84,7 @@ class WeightSource:
 
     def use_model_names(self, rename: Callable[[str], str]) -> None:
         """Also answer to ``rename(stored_key)``: the name the model gives a stored tensor (e.g. HF's
-        renaming of legacy checkpoint keys, :func:`qgalore_fx.hf.key_renamer`)."""
+        renaming of legacy checkpoint keys, :func:`key_renamer`)."""
         for stored in self.keys():
             name = rename(stored)
             if name != stored and name not in self:
@@ -101,6 +107,31 @@ class WeightSource:
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"weights[{key!r}] has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         return t
+
+
+def key_renamer(model: nn.Module) -> Optional[Callable[[str], str]]:
+    """transformers' renaming of checkpoint keys to ``model``'s names, or None (not an HF model, no rules).
+
+    transformers 5.x saves some models under their legacy names (Mixtral's ``mlp.`` becomes
+    ``block_sparse_moe.``) and renames them back when loading; this applies those renaming rules. Its weight
+    *converters* (e.g. merging per-expert ``w1``/``w3`` into ``gate_up_proj``) are not applied here: a
+    transformed model keeps its experts per expert (see :func:`qgalore_fx.experts.checkpoint_expert_keys`).
+    """
+    if not hasattr(model, "config") or not hasattr(type(model), "from_pretrained"):
+        return None
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        if not isinstance(model, PreTrainedModel):
+            return None
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: the keys are taken as they are
+        return None
+    if not renamings:
+        return None
+    return lambda key: rename_source_key(key, renamings, [])[0]
 
 
 def linear_weight_factory(model: nn.Module, source: WeightSource, device) -> Callable[[str, nn.Module], Tensor]:

@@ -27,10 +27,10 @@ import torch.nn as nn
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.experts import QGaLoreExperts, checkpoint_expert_keys, expert_shapes, select_experts
 from qgalore_fx.handlers import handler_for
-from qgalore_fx.hf import key_renamer, mark_config
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import OP_STATE_NAMES, check_rank
-from qgalore_fx.materialize import WeightsArg, WeightSource, linear_weight_factory, materialize_bias, materialize_rest
+from qgalore_fx.materialize import (WeightsArg, WeightSource, key_renamer, linear_weight_factory, materialize_bias,
+                                   materialize_rest)
 from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
 from qgalore_fx.passes.fuse_update import attach_update, fuse_update
 from qgalore_fx.passes.quantize_weights import quantize_module, quantize_weights
@@ -39,15 +39,31 @@ _REGIONS_ATTR = "_qgalore_fx_regions"
 _CONFIG_ATTR = "_qgalore_fx_config"
 _SKIPPED_ATTR = "_qgalore_fx_not_projected"
 
+#: Called as ``hook(model, config)`` after every transform that succeeded. Integrations above the transform
+#: register here (:mod:`qgalore_fx.integrations.transformers` marks HF models so that ``save_pretrained`` writes
+#: ``quant_method: "qgalore_fx"``), so the transform never imports them.
+TRANSFORM_HOOKS: list = []
+
 
 def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[QGaLoreConfig] = None,
               weights: WeightsArg = None, device=None, **options) -> nn.Module:
     """Rewrite ``model`` for Q-GaLore training; see :class:`QGaLoreConfig` for options.
 
     A model on the ``meta`` device is materialized layer by layer (see :mod:`qgalore_fx.materialize`):
-    ``weights`` is a state dict, a ``.safetensors`` file or a directory of them (None: initialize as the
-    model would), ``device`` where the real tensors go (default CPU).
+    ``weights`` is a state dict, a ``.safetensors`` file, a directory or list of them (None: initialize as
+    the model would), ``device`` where the real tensors go (default CPU).
     """
+    return _transform(model, rank, config, weights, device, options, rest=True)
+
+
+def transform_projected(model: nn.Module, config: QGaLoreConfig, weights: WeightsArg = None, device=None) -> nn.Module:
+    """:func:`transform` of a model on the ``meta`` device that materializes only the projected layers (from
+    ``weights``, or initialized) and leaves every other tensor on ``meta``, for a loader that fills them itself
+    (transformers' ``from_pretrained``, :mod:`qgalore_fx.integrations.transformers`)."""
+    return _transform(model, None, config, weights, device, {}, rest=False)
+
+
+def _transform(model, rank, config, weights, device, options, rest: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is not None:
@@ -91,20 +107,24 @@ def transform(model: nn.Module, rank: Optional[int] = None, *, config: Optional[
         not_projected.append((name, tuple(experts.pop(name).gate_up_proj.shape), f"experts smaller than rank "
                                                                                    f"{config.rank}"))
 
+    if not rest and not on_meta:
+        raise ValueError("transform_projected is for models built on the meta device")
     snapshot = _snapshot(model)
     try:
         model = _rewrite(model, config, selected, experts, too_small, not_projected, source if on_meta else None,
-                         target_device)
+                         target_device, rest)
     except BaseException:
         _restore(snapshot)  # nothing half-applied: the model is exactly as it was
         raise
-    mark_config(model, config.to_dict())  # HF models: save_pretrained output is never loaded as random weights
+    for hook in TRANSFORM_HOOKS:
+        hook(model, config)
     return model
 
 
 def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, experts: dict, too_small: dict,
-             not_projected: list, source: Optional[WeightSource], target_device) -> nn.Module:
-    """Capture and both passes, after every check (``source``: the weights of a model on the meta device)."""
+             not_projected: list, source: Optional[WeightSource], target_device, rest: bool = True) -> nn.Module:
+    """Capture and both passes, after every check (``source``: the weights of a model on the meta device;
+    ``rest``: also materialize what is not projected)."""
     on_meta = source is not None
     materialize = None
     if on_meta:
@@ -129,7 +149,7 @@ def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, experts: d
             index += 1
     for name, module in experts.items():
         index = _project_experts(model, name, module, config, index, source, target_device)
-    if on_meta:
+    if on_meta and rest:
         materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
     _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)

@@ -1,4 +1,9 @@
-"""save_pretrained of a transformed model is never loaded as random weights; it is restored exactly."""
+"""quant_method "qgalore_fx": from_pretrained(quantization_config=) loads straight into INT8, save_pretrained ->
+from_pretrained restores a transformed model exactly, and a dense export is a plain checkpoint again."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,55 +12,109 @@ import transformers
 import qgalore_fx
 from conftest import tiny_llama
 
+OPTIONS = dict(rank=8, update_interval=2)
 
-def _trained():
-    model = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=2)
+
+def _steps(model, opt, seeds):
     model.train()
-    opt = qgalore_fx.optimizer(model, lr=1e-2)
-    for seed in range(3):
+    for seed in seeds:
         ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
+
+
+def _trained():
+    model = qgalore_fx.transform(tiny_llama(), **OPTIONS)
+    opt = qgalore_fx.optimizer(model, lr=1e-2)
+    _steps(model, opt, range(3))
     return model, opt
 
 
-def test_original_class_refuses_a_transformed_save(tmp_path):
-    model, _ = _trained()
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="quant_method"):
-        transformers.LlamaForCausalLM.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="quant_method"):
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
+    assert not differ, differ[:5]
 
 
-def test_qgalore_from_pretrained_restores_the_transformed_model_exactly(tmp_path):
+def test_plain_checkpoint_loads_straight_into_int8(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(**OPTIONS), output_loading_info=True)
+    assert qgalore_fx.is_transformed(model)
+    assert not any(t.is_meta for t in model.state_dict().values())
+    # the loading report is clean: no projected weight reported missing, no fp checkpoint weight unexpected
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    # exactly what transform() makes of the same weights, and it trains identically
+    reference = qgalore_fx.transform(tiny_llama(), **OPTIONS)
+    _assert_same_state(reference, model)
+    for m in (reference, model):
+        _steps(m, qgalore_fx.optimizer(m, lr=1e-2), range(3))
+    _assert_same_state(reference, model)
+    layer = dict(qgalore_fx.projected_layers(model))["model.layers.0.mlp.up_proj"]
+    assert layer.weight_codes.dtype == torch.int8 and not layer.weight_scales.requires_grad
+    assert model.config.quantization_config.quant_method == "qgalore_fx"
+    assert qgalore_fx.logical_parameters(model) == tiny_llama().num_parameters()
+
+
+@pytest.mark.parametrize("model_class", [transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM])
+def test_save_pretrained_reloads_exactly_and_trains_on_identically(tmp_path, model_class):
     model, opt = _trained()
-    model.save_pretrained(tmp_path)
-    restored = qgalore_fx.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and not list(tmp_path.glob("*.bin"))
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "qgalore_fx" and saved["rank"] == 8 and saved["update_interval"] == 2
+    restored = model_class.from_pretrained(tmp_path)
     assert qgalore_fx.is_transformed(restored)
-    expected, got = model.state_dict(), restored.state_dict()
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
-    model.eval(), restored.eval()
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, restored(input_ids=ids).logits)
-    # and it trains on exactly as the original does
-    restored.train(), model.train()
+    _assert_same_state(model, restored)  # codes, scales, projections, moments, counters, refresh schedule
     opt2 = qgalore_fx.optimizer(restored, lr=1e-2)
     opt2.load_state_dict(opt.state_dict())
     for m, o in ((model, opt), (restored, opt2)):
-        m(input_ids=ids, labels=ids).loss.backward()
-        o.step()
-    assert all(torch.equal(model.state_dict()[k], restored.state_dict()[k]) for k in expected)
+        _steps(m, o, range(3, 7))  # across a refresh (update_interval 2)
+    _assert_same_state(model, restored)
+
+
+def test_alias_and_folders_saved_before_quant_method(tmp_path):
+    model, _ = _trained()
+    model.save_pretrained(tmp_path)
+    _assert_same_state(model, qgalore_fx.from_pretrained(tmp_path))
+    # the earlier marker: a quantization_config without quant_method, the options under "qgalore_fx"
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    options = {k: v for k, v in config["quantization_config"].items() if k not in ("quant_method", "qgalore_fx_version")}
+    config["quantization_config"] = {"qgalore_fx": options, "qgalore_fx_version": "0.1.0",
+                                     "load_with": "qgalore_fx.from_pretrained(path)"}
+    path.write_text(json.dumps(config))
+    _assert_same_state(model, qgalore_fx.from_pretrained(tmp_path))
+
+
+def test_without_qgalore_fx_imported_transformers_names_it(tmp_path):
+    model, _ = _trained()
+    model.save_pretrained(tmp_path)
+    code = ("import sys, transformers\n"
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+            "assert 'qgalore_fx' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Unknown quantization type, got qgalore_fx" in run.stderr
+    assert "mlp.up_proj.weight" in run.stderr and "MISSING" in run.stderr  # and says the weights are not there
+
+
+def test_registration_follows_either_import_order():
+    for code in ("import qgalore_fx, sys; assert 'transformers' not in sys.modules; "
+                 "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; assert 'qgalore_fx' in M",
+                 "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; import qgalore_fx; "
+                 "assert 'qgalore_fx' in M"):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_dense_export_is_a_plain_hf_checkpoint(tmp_path):
     model, _ = _trained()
     dense = qgalore_fx.export_dense(model, dtype=torch.float32)
-    assert getattr(dense.config, "quantization_config", None) is None
-    assert qgalore_fx.hf.is_marked(model.config)  # the transformed model keeps its marker
+    assert getattr(dense.config, "quantization_config", None) is None and not dense.is_quantized
+    assert model.config.quantization_config.quant_method == "qgalore_fx"  # the transformed model keeps its own
     dense.save_pretrained(tmp_path)
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
@@ -64,3 +123,17 @@ def test_dense_export_is_a_plain_hf_checkpoint(tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, dense(input_ids=ids).logits)
     with pytest.raises(ValueError, match="not saved from a model transformed"):
         qgalore_fx.from_pretrained(tmp_path)
+
+
+def test_bad_options_are_refused_before_anything_is_built(tmp_path):
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        qgalore_fx.QGaLoreQuantizationConfig(rank=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        qgalore_fx.QGaLoreQuantizationConfig(rank=8, rnak=3)
+    with pytest.raises(TypeError, match="target_modules"):
+        qgalore_fx.QGaLoreQuantizationConfig(rank=8, filter_fn=lambda m, n: True)
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device_map"):
+        transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(rank=8),
+            device_map={"model.embed_tokens": "cpu", "lm_head": "disk"})

@@ -1,0 +1,320 @@
+"""Q-GaLore as a transformers quantization method: ``quant_method: "qgalore_fx"``.
+
+    import qgalore_fx
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(rank=256))
+
+``import qgalore_fx`` registers the method with transformers (as soon as transformers' quantizer registry is
+imported, see ``qgalore_fx/__init__.py``). Three things follow:
+
+* **Loading a plain checkpoint** with ``quantization_config=QGaLoreQuantizationConfig(rank=...)``: transformers
+  builds the model on ``meta``; :class:`QGaLoreHfQuantizer` transforms it there and reads each projected weight
+  from the safetensors shards straight into INT8 (:func:`qgalore_fx.rewrite.transform_projected`), one layer at a
+  time; transformers then loads everything that is not projected (embeddings, norms, head) as it always does. The
+  full-precision model never exists in memory.
+* **Saving**: a model loaded this way, or transformed with :func:`qgalore_fx.transform`, carries this config as
+  ``config.quantization_config``; ``save_pretrained`` writes ``"quant_method": "qgalore_fx"`` with the transform's
+  options and the model's whole state dict (INT8 codes, scales, projections, moments, counters, refresh
+  schedule), sharded by ``max_shard_size``, in safetensors.
+* **Reloading** that folder with ``from_pretrained(folder)`` (qgalore_fx imported) rebuilds the transformed model
+  and restores every tensor exactly; training continues as if never interrupted. Without qgalore_fx imported,
+  transformers warns ``Unknown quantization type, got qgalore_fx`` and its loading report lists every projected
+  weight as missing: the folder is not a dense model (``qgalore_fx.export_dense(model).save_pretrained(dir)``
+  writes one).
+
+How the loading keeps the state intact: transformers replaces every tensor it loads with a new Parameter, fills
+the keys it did not find with uninitialized memory and re-creates non-persistent buffers. Before it starts, the
+quantizer notes every real tensor of the transformed layers (and frees the storage of those the checkpoint will
+provide); afterwards it puts the same tensor objects back, adopting the loaded values where there were any. So a
+transformed layer keeps its own tensors, flags and dtypes, whatever transformers did to the module slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from qgalore_fx import __version__
+from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.export import EXPORT_HOOKS
+from qgalore_fx.materialize import key_renamer
+from qgalore_fx.rewrite import TRANSFORM_HOOKS, projected_layers, transform_projected
+
+#: The ``quant_method`` of a transformed model's ``config.json``.
+METHOD = "qgalore_fx"
+#: How folders saved before ``quant_method`` existed mark a transformed model: a dict without ``quant_method``
+#: holding the options under this key (``qgalore_fx.from_pretrained`` still reads them).
+OLD_MARKER = "qgalore_fx"
+
+_OPTIONS = tuple(f.name for f in dataclasses.fields(QGaLoreConfig))
+
+
+class QGaLoreQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config=`` for transformers: the options of :func:`qgalore_fx.transform`.
+
+    ``QGaLoreQuantizationConfig(rank=256, update_interval=200, ...)`` takes exactly the transform's keyword options
+    (:class:`qgalore_fx.QGaLoreConfig`, validated there) except ``filter_fn``, which a ``config.json`` cannot hold
+    (choose layers with ``target_modules``, regular expressions of module names).
+    """
+
+    def __init__(self, rank: Optional[int] = None, **options):
+        options.pop("quant_method", None)  # from_dict passes a saved dict back whole
+        version = options.pop("qgalore_fx_version", __version__)
+        filter_fn = options.pop("filter_fn", None)
+        if filter_fn is not None and not isinstance(filter_fn, str):
+            raise TypeError("QGaLoreQuantizationConfig cannot hold filter_fn (a config.json holds no callables); "
+                            "choose the layers with target_modules=[regular expressions of module names]")
+        config = QGaLoreConfig.from_options(rank=rank, **options)
+        self.quant_method = METHOD
+        self.__dict__.update({k: v for k, v in config.to_dict().items() if k != "filter_fn"})
+        # A model transformed with filter_fn directly (not through this config) is saved with the callable's
+        # name: enough to refuse a reload that could not choose the same layers.
+        self.filter_fn = filter_fn
+        self.qgalore_fx_version = version
+
+    @classmethod
+    def from_transform_config(cls, config: QGaLoreConfig) -> "QGaLoreQuantizationConfig":
+        return cls(**config.to_dict())
+
+    def transform_config(self) -> QGaLoreConfig:
+        """The :class:`qgalore_fx.QGaLoreConfig` these options describe (validated again: ``update()`` may have
+        changed them)."""
+        if self.filter_fn is not None:
+            raise ValueError(f"this model was transformed with filter_fn={self.filter_fn!r}, which cannot be saved: "
+                             "build the model, transform it with the same filter_fn and load_state_dict the files")
+        options = {k: getattr(self, k) for k in _OPTIONS if k != "filter_fn" and hasattr(self, k)}
+        return QGaLoreConfig.from_options(**options)
+
+
+def _one_device(device_map) -> Optional[torch.device]:
+    """The single device of ``device_map`` (None: CPU); a map over several devices is refused."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, (str, torch.device, int)):
+        devices = {device_map}
+    elif isinstance(device_map, dict):
+        devices = set(device_map.values())
+    else:
+        devices = {object()}
+    if len(devices) != 1 or next(iter(devices)) in ("disk", "auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"quant_method 'qgalore_fx' loads the whole model onto one device; got device_map="
+                         f"{device_map!r}. Pass device_map=None (CPU) or {{'': 'cuda:0'}}; to spread a model over "
+                         "devices, shard it with FSDP2 after loading")
+    device = next(iter(devices))
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
+class QGaLoreHfQuantizer(HfQuantizer):
+    """Builds the transformed model inside ``from_pretrained`` (module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._slots: list = []  # (module, container name, slot name, original tensor), while loading
+
+    # What transformers asks a method -------------------------------------------------------------------------
+
+    def validate_environment(self, *args, **kwargs):
+        _one_device(kwargs.get("device_map"))
+        self.quantization_config.transform_config()  # refuse bad options before the model is built
+
+    def update_dtype(self, dtype):
+        if dtype is not None and dtype != torch.float32:
+            warnings.warn(f"quant_method 'qgalore_fx' keeps the weights it does not project (embeddings, norms, head) "
+                          f"in float32 for its optimizer; dtype={dtype} is not used", stacklevel=2)
+        return torch.float32
+
+    def get_new_dtype(self, converter, param, dtype):
+        return None  # a saved transformed model holds each tensor in its own dtype: load it as it is
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # every projected weight is trained in place (INT8 codes, stochastically rounded)
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True  # full-parameter training of the quantized model itself, no adapters needed
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    # Before and after transformers loads the checkpoint ------------------------------------------------------
+
+    def _process_model_before_weight_loading(self, model, device_map=None, checkpoint_files=None, **kwargs):
+        files = [Path(f) for f in (checkpoint_files or [])]
+        bad = [f.name for f in files if f.suffix != ".safetensors"]
+        if bad:
+            raise ValueError(f"quant_method 'qgalore_fx' reads safetensors checkpoints; got {bad[:3]} (save the model "
+                             "with save_pretrained(..., safe_serialization=True), or convert it)")
+        weights = None if self.pre_quantized or not files else files
+        device = _one_device(device_map)
+        with torch.device(device or "cpu"):  # transformers calls this under its meta-device context
+            transform_projected(model, self.quantization_config.transform_config(), weights=weights, device=device)
+        self._hold(model, _stored_keys(model, files))
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        self._put_back(model)
+        return model
+
+    def _hold(self, model: nn.Module, stored: set) -> None:
+        """Note every real tensor slot; free those the checkpoint will fill; keep transformers' init away."""
+        groups: dict = {}
+        for prefix, module in model.named_modules():
+            real = False
+            for container in ("_parameters", "_buffers"):
+                for name, t in getattr(module, container).items():
+                    if t is None or t.is_meta:
+                        continue
+                    real = True
+                    key = f"{prefix}.{name}" if prefix else name
+                    persistent = container == "_parameters" or name not in module._non_persistent_buffers_set
+                    group = groups.setdefault(id(t), (t, []))
+                    group[1].append((module, container, name, key if persistent else None))
+            if real and all(t is None or not t.is_meta for t in
+                            list(module._parameters.values()) + list(module._buffers.values())):
+                module._is_hf_initialized = True  # transformers' _init_weights must not touch it
+        self._slots = []
+        for t, slots in groups.values():
+            loaded = [key for *_, key in slots if key is not None and key in stored]
+            shape = t.shape
+            if loaded:  # transformers will load it: free ours now, take over its values afterwards
+                placeholder = torch.empty_like(t, device="meta")
+                if isinstance(t, nn.Parameter):
+                    placeholder = nn.Parameter(placeholder, requires_grad=t.requires_grad)
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+                for module, container, name, _ in slots:
+                    getattr(module, container)[name] = placeholder
+            self._slots.append((t, slots, loaded[0] if loaded else None, shape))
+        names = [re.escape(name) for name, _ in projected_layers(model)]
+        names += [re.escape(name) for name, m in model.named_modules() if type(m).__name__ == "QGaLoreExperts"]
+        if names:  # the report: projected layers hold no `weight`, the checkpoint's fp weights are not used
+            layers = r"^(?:" + "|".join(names) + r")\."
+            model._keys_to_ignore_on_load_missing = {layers}
+            model._keys_to_ignore_on_load_unexpected = {layers}
+
+    @torch.no_grad()
+    def _put_back(self, model: nn.Module) -> None:
+        lost = []
+        for t, slots, loaded_key, shape in self._slots:
+            if loaded_key is not None:
+                module, container, name, _ = next(s for s in slots if s[3] == loaded_key)
+                value = getattr(module, container)[name]
+                if value is None or value.is_meta or value.shape != shape or value.dtype != t.dtype:
+                    lost.append(loaded_key)
+                    continue
+                t.data = value.detach().to(t.device)
+            for module, container, name, _ in slots:
+                getattr(module, container)[name] = t
+        self._slots = []
+        for _, layer in projected_layers(model):  # transformers' stand-in for a missing extra state (the layer
+            layer.__dict__.pop("_extra_state", None)  # keeps its own, in its control tensor)
+        for attr in ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected"):
+            model.__dict__.pop(attr, None)
+        if lost:
+            raise ValueError(f"the checkpoint's tensors {lost[:5]} do not fit the transformed model (wrong shape or "
+                             "dtype); was it saved from a model transformed with these options?")
+        _mark(model, self.quantization_config, self)
+
+
+def _stored_keys(model: nn.Module, files: list) -> set:
+    """The model's names of the tensors in the checkpoint ``files`` (transformers' legacy renaming applied)."""
+    from safetensors import safe_open
+
+    keys = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys.update(handle.keys())
+    rename = key_renamer(model)
+    return keys if rename is None else keys | {rename(k) for k in keys}
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def _mark(model: nn.Module, qconfig: QGaLoreQuantizationConfig, quantizer: Optional[QGaLoreHfQuantizer] = None):
+    """Make ``model`` a model quantized with ``qgalore_fx`` in transformers' eyes (``save_pretrained`` writes the
+    method, Trainer accepts it for full-parameter training)."""
+    model.config.quantization_config = qconfig
+    model.hf_quantizer = quantizer or QGaLoreHfQuantizer(qconfig, pre_quantized=True)
+    model.quantization_method = METHOD
+    # transformers' guards for quantized models (no .half()/.float()/.to(dtype); Trainer wants adapters; attention
+    # kernels take the dtype from elsewhere) are for frozen quantized weights. A transformed model trains its INT8
+    # weights in place and its layers keep codes and scales through any cast, so it is not "quantized" for them.
+    model.is_quantized = False
+    from transformers import PretrainedConfig
+
+    for module in model.modules():
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            module.config.__dict__.pop("_is_quantized", None)
+
+
+def _after_transform(model: nn.Module, config: QGaLoreConfig) -> None:
+    """Every HF model transformed by :func:`qgalore_fx.transform` saves as ``quant_method: "qgalore_fx"``."""
+    if _is_hf_model(model):
+        _mark(model, QGaLoreQuantizationConfig.from_transform_config(config))
+
+
+def unmark(model: nn.Module) -> None:
+    """A dense export is a plain model again: no quantization config, no quantizer."""
+    if not _is_hf_model(model):
+        return
+    for attr in ("hf_quantizer", "quantization_method"):
+        model.__dict__.pop(attr, None)
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def from_pretrained(path, model_class=None, device=None, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` of a folder saved from a transformed model (``model_class``:
+    another transformers class; ``device``: where the tensors go, default CPU). Also reads folders saved before
+    ``quant_method`` existed."""
+    import transformers
+
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(str(path))
+    saved = getattr(config, "quantization_config", None)
+    if isinstance(saved, dict) and saved.get("quant_method") is None and OLD_MARKER in saved:
+        config.quantization_config = QGaLoreQuantizationConfig(**saved[OLD_MARKER]).to_dict()
+    elif not (isinstance(saved, dict) and saved.get("quant_method") == METHOD):
+        raise ValueError(f"{str(path)!r} was not saved from a model transformed by qgalore_fx (its config has no "
+                         f"quantization_config with quant_method {METHOD!r}); load it with transformers' "
+                         "from_pretrained, or pass quantization_config=qgalore_fx.QGaLoreQuantizationConfig(rank=...) "
+                         "to transform it while loading")
+    cls = transformers.AutoModelForCausalLM if model_class is None else model_class
+    device_map = None if device is None else {"": str(device)}
+    return cls.from_pretrained(str(path), config=config, device_map=device_map, **kwargs)
+
+
+def register() -> None:
+    """Register ``quant_method: "qgalore_fx"`` with transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(METHOD) is not QGaLoreQuantizationConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(METHOD, None)
+        register_quantization_config(METHOD)(QGaLoreQuantizationConfig)
+    if AUTO_QUANTIZER_MAPPING.get(METHOD) is not QGaLoreHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(METHOD, None)
+        register_quantizer(METHOD)(QGaLoreHfQuantizer)
+    if _after_transform not in TRANSFORM_HOOKS:
+        TRANSFORM_HOOKS.append(_after_transform)
+    if unmark not in EXPORT_HOOKS:
+        EXPORT_HOOKS.append(unmark)
+
+
+register()
