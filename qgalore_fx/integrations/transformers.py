@@ -57,6 +57,9 @@ METHOD = "qgalore_fx"
 OLD_MARKER = "qgalore_fx"
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(QGaLoreConfig))
+#: Layer tensors whose saved shape may differ from a fresh layer's: the accumulator (and its undo copies) are
+#: sized by the optimizer (``accumulation_steps``), the anchor had 0 elements in older saves.
+_SIZED_ON_LOAD = ("accum", "undo_proj_codes", "undo_proj_scales", "anchor")
 
 
 class QGaLoreQuantizationConfig(QuantizationConfigMixin):
@@ -193,7 +196,7 @@ class QGaLoreHfQuantizer(HfQuantizer):
             loaded = [key for *_, key in slots if key is not None and key in stored]
             shape = t.shape
             if loaded:  # transformers will load it: free ours now, take over its values afterwards
-                placeholder = torch.empty_like(t, device="meta")
+                placeholder = torch.empty(stored[loaded[0]], dtype=t.dtype, device="meta")
                 if isinstance(t, nn.Parameter):
                     placeholder = nn.Parameter(placeholder, requires_grad=t.requires_grad)
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -214,9 +217,12 @@ class QGaLoreHfQuantizer(HfQuantizer):
             if loaded_key is not None:
                 module, container, name, _ = next(s for s in slots if s[3] == loaded_key)
                 value = getattr(module, container)[name]
-                if value is None or value.is_meta or value.shape != shape or value.dtype != t.dtype:
+                if value is None or value.is_meta or value.dtype != t.dtype or (
+                        value.shape != shape and name not in _SIZED_ON_LOAD):
                     lost.append(loaded_key)
                     continue
+                if name == "anchor" and value.numel() == 0:  # saved before the anchor had its one element
+                    value = torch.zeros(shape, dtype=t.dtype)
                 t.data = value.detach().to(t.device)
             for module, container, name, _ in slots:
                 getattr(module, container)[name] = t
@@ -231,16 +237,17 @@ class QGaLoreHfQuantizer(HfQuantizer):
         _mark(model, self.quantization_config, self)
 
 
-def _stored_keys(model: nn.Module, files: list) -> set:
-    """The model's names of the tensors in the checkpoint ``files`` (transformers' legacy renaming applied)."""
+def _stored_keys(model: nn.Module, files: list) -> dict:
+    """{the model's name: shape} of the tensors in the checkpoint ``files`` (transformers' legacy renaming
+    applied); only the headers are read."""
     from safetensors import safe_open
 
-    keys = set()
+    shapes = {}
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
-            keys.update(handle.keys())
+            shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
     rename = key_renamer(model)
-    return keys if rename is None else keys | {rename(k) for k in keys}
+    return shapes if rename is None else {**shapes, **{rename(k): v for k, v in shapes.items()}}
 
 
 def _is_hf_model(model: nn.Module) -> bool:
