@@ -39,7 +39,6 @@ class WeightSource:
     def __init__(self, weights: WeightsArg):
         self._mapping: Optional[Mapping[str, Tensor]] = None
         self._files: Dict[str, Path] = {}
-        self._handles: Dict[Path, object] = {}
         self._alias: Dict[str, str] = {}  # the model's name -> the name stored (see use_model_names)
         if weights is None:
             return
@@ -68,11 +67,11 @@ class WeightSource:
 
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt")
+                with safe_open(str(f), framework="pt") as handle:
+                    keys = list(handle.keys())
             except Exception as e:
                 raise ValueError(f"weights file {str(f)!r} is not a readable safetensors file: {e}") from None
-            self._handles[f] = handle
-            for key in handle.keys():
+            for key in keys:
                 self._files[key] = f
 
     @property
@@ -99,7 +98,7 @@ class WeightSource:
         if self._mapping is not None:
             t = self._mapping.get(key)
         elif key in self._files:
-            t = self._handles[self._files[key]].get_tensor(key)
+            t = _read(self._files[key], key)
         else:
             return None
         if t is None:
@@ -107,6 +106,16 @@ class WeightSource:
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"weights[{key!r}] has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         return t
+
+
+def _read(path: Path, key: str) -> Tensor:
+    """One tensor, copied out of its file. The file is mapped only while it is read: pages of a mapping that
+    stays open count in the process's resident memory, so holding every shard open while each layer is read
+    would grow the process by the whole checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(key)
 
 
 def key_renamer(model: nn.Module) -> Optional[Callable[[str], str]]:
