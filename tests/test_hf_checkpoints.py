@@ -89,16 +89,20 @@ def test_alias_and_folders_saved_before_quant_method(tmp_path):
     _assert_same_state(model, qgalore_fx.from_pretrained(tmp_path))
 
 
-def test_without_qgalore_fx_imported_transformers_names_it(tmp_path):
+def test_without_qgalore_fx_imported_transformers_refuses_naming_it(tmp_path):
     model, _ = _trained()
     model.save_pretrained(tmp_path)
     code = ("import sys, transformers\n"
-            f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
-            "assert 'qgalore_fx' not in sys.modules\n")
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode != 0
+    assert "ValueError" in run.stderr and "import qgalore_fx" in run.stderr, run.stderr[-2000:]
     assert "Unknown quantization type, got qgalore_fx" in run.stderr
-    assert "mlp.up_proj.weight" in run.stderr and "MISSING" in run.stderr  # and says the weights are not there
+    # with qgalore_fx imported the model's own attention comes back
+    model.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path / "eager")
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "eager").config._attn_implementation == "eager"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 def test_registration_follows_either_import_order():

@@ -18,9 +18,12 @@ imported, see ``qgalore_fx/__init__.py``). Three things follow:
   schedule), sharded by ``max_shard_size``, in safetensors.
 * **Reloading** that folder with ``from_pretrained(folder)`` (qgalore_fx imported) rebuilds the transformed model
   and restores every tensor exactly; training continues as if never interrupted. Without qgalore_fx imported,
-  transformers warns ``Unknown quantization type, got qgalore_fx`` and its loading report lists every projected
-  weight as missing: the folder is not a dense model (``qgalore_fx.export_dense(model).save_pretrained(dir)``
-  writes one).
+  transformers would skip an unknown quantization method with a warning and load the folder as a dense model
+  whose projected weights are missing (randomly initialized). So the saved ``config.json`` also names, as its
+  ``attn_implementation``, a value transformers refuses with a ``ValueError`` whose text says to
+  ``import qgalore_fx`` (:meth:`QGaLoreHfQuantizer.get_state_dict_and_metadata`); with qgalore_fx imported the
+  model's own attention comes back. ``qgalore_fx.export_dense(model).save_pretrained(dir)`` writes a dense
+  folder any loader reads.
 
 How the loading keeps the state intact: transformers replaces every tensor it loads with a new Parameter, fills
 the keys it did not find with uninitialized memory and re-creates non-persistent buffers. Before it starts, the
@@ -57,6 +60,11 @@ METHOD = "qgalore_fx"
 OLD_MARKER = "qgalore_fx"
 
 _OPTIONS = tuple(f.name for f in dataclasses.fields(QGaLoreConfig))
+#: The ``attn_implementation`` a saved ``config.json`` carries, followed by the model's own attention and ")":
+#: transformers without qgalore_fx refuses to build the model and prints it.
+_REFUSAL = ("qgalore_fx: this folder holds a model trained with qgalore_fx (INT8 weights and training state); "
+            "run `import qgalore_fx` before from_pretrained, or save a dense copy with qgalore_fx.export_dense "
+            "(attention: ")
 #: Layer tensors whose saved shape may differ from a fresh layer's: the accumulator (and its undo copies) are
 #: sized by the optimizer (``accumulation_steps``), the anchor had 0 elements in older saves.
 _SIZED_ON_LOAD = ("accum", "undo_proj_codes", "undo_proj_scales", "anchor")
@@ -137,6 +145,23 @@ class QGaLoreHfQuantizer(HfQuantizer):
             warnings.warn(f"quant_method 'qgalore_fx' keeps the weights it does not project (embeddings, norms, head) "
                           f"in float32 for its optimizer; dtype={dtype} is not used", stacklevel=2)
         return torch.float32
+
+    def update_attn_implementation(self, config):
+        """A folder saved by :meth:`get_state_dict_and_metadata` names an attention only qgalore_fx reads."""
+        saved = getattr(config, "_attn_implementation", None)
+        if isinstance(saved, str) and saved.startswith(_REFUSAL):
+            chosen = saved[len(_REFUSAL):].rstrip(")")
+            config._attn_implementation = None if chosen == "default" else chosen
+        return config
+
+    def get_state_dict_and_metadata(self, model):
+        """Called by ``save_pretrained`` before it writes ``config.json``: the saved config names, as its
+        ``attn_implementation``, a value transformers refuses with a message naming qgalore_fx, so that the
+        folder is never loaded as a dense model with the projected weights missing; with qgalore_fx imported,
+        :meth:`update_attn_implementation` puts the model's own attention back."""
+        chosen = getattr(model.config, "_attn_implementation", None)
+        model.config.__dict__["attn_implementation"] = f"{_REFUSAL}{chosen or 'default'})"
+        return None, {}
 
     def get_new_dtype(self, converter, param, dtype):
         return None  # a saved transformed model holds each tensor in its own dtype: load it as it is
@@ -288,6 +313,7 @@ def unmark(model: nn.Module) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.__dict__.pop("attn_implementation", None)
 
 
 def from_pretrained(path, model_class=None, device=None, **kwargs) -> nn.Module:
