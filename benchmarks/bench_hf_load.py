@@ -1,9 +1,11 @@
 """Process growth of loading a ~117M-parameter fp32 checkpoint with transformers, plain vs quant_method qgalore_fx.
 
     python benchmarks/bench_hf_load.py [--rank 128] [--dir /tmp/qgalore-hf-load]
+    python benchmarks/bench_hf_load.py --preset 7b --dtype bf16 --rank 1024 --dir /tmp/qgalore-hf-load-7b
 
-The checkpoint: a LLaMA of 116.6M parameters (hidden 768, 12 layers, intermediate 2304, vocab 32000, tied
-embeddings), saved once in fp32 safetensors with ``max_shard_size="100MB"``. Each mode runs in a fresh
+The checkpoint (``--preset``): ``117m``, a LLaMA of 116.6M parameters (hidden 768, 12 layers, intermediate 2304,
+vocab 32000, tied embeddings), or ``7b``, LLaMA-7B's shape (6.74B parameters); written once with random weights
+(normal, std 0.02) in ``--dtype`` safetensors shards of at most 2 GB, one tensor generated at a time. Each mode runs in a fresh
 subprocess, which records its RSS after ``import torch, transformers, qgalore_fx`` and its peak RSS
 (``ru_maxrss``) after ``from_pretrained`` and one forward of 1 x 128 tokens:
 
@@ -20,8 +22,58 @@ import subprocess
 import sys
 from pathlib import Path
 
-SHAPE = dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=12, vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=True)
+SHAPES = {
+    "117m": dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=True),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=False),
+}
+VOCAB = 32000
+
+
+def write_checkpoint(path: Path, preset: str, dtype: str) -> None:
+    """A random checkpoint of the preset's shape, written shard by shard (never the whole model in memory)."""
+    import json as _json
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(**SHAPES[preset], dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    path.mkdir(parents=True, exist_ok=True)
+    shard, size, index, files = {}, 0, {}, []
+    gen = torch.Generator().manual_seed(0)
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+            files.append(name)
+            index.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    seen = set()
+    for key, p in model.state_dict(keep_vars=True).items():
+        if id(p) in seen:  # a tied weight is saved once, as save_pretrained does
+            continue
+        seen.add(id(p))
+        if "norm" in key:
+            t = torch.ones(tuple(p.shape), dtype=torch_dtype)
+        else:
+            t = (torch.randn(tuple(p.shape), generator=gen) * 0.02).to(torch_dtype)
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > 2 * 10**9:
+            flush()
+        shard[key], size = t, size + nbytes
+    flush()
+    total = sum((path / f).stat().st_size for f in files)
+    (path / "model.safetensors.index.json").write_text(_json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": index}))
+    config.save_pretrained(path)
 
 
 def _rss_mib() -> float:
@@ -32,7 +84,7 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def child(mode: str, path: str, rank: int, threshold: bool) -> None:
+def child(mode: str, path: str, rank: int, threshold: bool, seq: int = 128) -> None:
     import torch
     import transformers
 
@@ -47,7 +99,7 @@ def child(mode: str, path: str, rank: int, threshold: bool) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     loaded = _rss_mib()
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ids = torch.randint(0, SHAPE["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -60,7 +112,10 @@ def child(mode: str, path: str, rank: int, threshold: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=128, help="projection rank (default: 128)")
-    p.add_argument("--dir", default="/tmp/qgalore-hf-load", help="where the fp32 checkpoint is written")
+    p.add_argument("--dir", default="/tmp/qgalore-hf-load", help="where the checkpoint is written")
+    p.add_argument("--preset", choices=sorted(SHAPES), default="117m", help="checkpoint shape (default: 117m)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="checkpoint dtype (default: fp32)")
+    p.add_argument("--modes", default="plain,qgalore", help="which loads to run (default: plain,qgalore)")
     p.add_argument("--mmap-threshold", action="store_true",
                    help="in both processes, return freed blocks >= 1 MiB to the OS (qgalore_fx.memory."
                         "set_cpu_mmap_threshold); default: glibc's own behaviour")
@@ -70,17 +125,13 @@ def main() -> None:
         child(args._child[0], args._child[1], args.rank, args.mmap_threshold)
         return
     path = Path(args.dir)
-    if not (path / "config.json").exists():
-        import torch
-        import transformers
-
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
-        print(f"writing a {model.num_parameters() / 1e6:.1f}M-parameter fp32 checkpoint to {path}", file=sys.stderr)
-        model.save_pretrained(path, max_shard_size="100MB")
-        del model
+    if not (path / "config.json").exists():  # in its own process: ru_maxrss survives exec into the children
+        print(f"writing a {args.preset} {args.dtype} checkpoint to {path}", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"from bench_hf_load import write_checkpoint; from pathlib import Path; "
+                        f"write_checkpoint(Path({str(path)!r}), {args.preset!r}, {args.dtype!r})"], check=True)
     rows = {}
-    for mode in ("plain", "qgalore"):
+    for mode in args.modes.split(","):
         flags = ["--mmap-threshold"] if args.mmap_threshold else []
         out = subprocess.run([sys.executable, __file__, "--rank", str(args.rank), *flags, "--_child", mode, str(path)],
                              capture_output=True, text=True, check=True).stdout
@@ -90,7 +141,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
         print(f"| {mode} | {r['logical_params'] / 1e6:.1f}M | {r['before_mib']:.0f} | {r['after_load_mib']:.0f} | "
-              f"{r['peak_mib']:.0f} | {r['growth_mib']:.0f} | {r['growth_mib'] / rows['plain']['growth_mib']:.2f} | "
+              f"{r['peak_mib']:.0f} | {r['growth_mib']:.0f} | {r['growth_mib'] / rows['plain']['growth_mib'] if 'plain' in rows else float('nan'):.2f} | "
               f"{r['loss']:.4f} |")
 
 
