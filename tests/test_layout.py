@@ -159,3 +159,34 @@ def test_bogus_proj_method_names_the_option_and_the_allowed_values(capsys, monke
     assert "usage: qgalore-fx pretrain" in err
     assert "proj_method" in err and "'bogus'" in err
     assert all(repr(m) in err for m in PROJ_METHODS)
+
+
+def _imports_of(path: pathlib.Path) -> set:
+    """Every qgalore_fx module ``path`` imports, at module level or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qgalore_fx"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("qgalore_fx"))
+    return out
+
+
+def test_the_package_has_no_import_circle():
+    modules = {}
+    for f in PACKAGE.rglob("*.py"):
+        name = ".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = f
+    graph = {name: {m for m in _imports_of(f) if m in modules and m not in (name, "qgalore_fx")}
+             for name, f in modules.items()}
+
+    def reaches(start, goal, seen):
+        return any(nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen))
+                   for nxt in graph[start])
+
+    circles = sorted(name for name in graph if reaches(name, name, set()))
+    assert not circles, f"modules on an import circle: {circles}"
+    # the transformers integration sits above the transform: nothing below imports it
+    assert not [name for name, deps in graph.items()
+                if "qgalore_fx.integrations.transformers" in deps and not name.startswith("qgalore_fx.app")]
