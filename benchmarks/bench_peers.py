@@ -39,6 +39,9 @@ from pathlib import Path
 
 GiB = 2**30
 METHODS = ("adamw", "adamw8bit", "galore", "qgalore", "qgalore-lowmem")
+#: The method of qgalore_fx.app.floor whose matmuls each one does (8-bit AdamW's are AdamW's).
+FLOOR_OF = {"adamw": "adamw", "adamw8bit": "adamw", "galore": "galore-torch", "qgalore": "qgalore",
+            "qgalore-lowmem": "qgalore"}
 
 
 def _state_bytes(opt) -> int:
@@ -170,16 +173,26 @@ def main(argv=None) -> int:
         rows.append(row)
     print(f"\n{args.preset}, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), RLIMIT_DATA "
           f"{args.cap_gib:g} GiB per process, peers' weights {args.peer_dtype}")
-    print("| method | peak RSS GiB | weights + states GiB | median step s | first step s | result |")
-    print("|---|---:|---:|---:|---:|---|")
+    from qgalore_fx.app.floor import step_floor
+
+    floor = step_floor(args.preset, args.batch_size, args.seq_len, checkpointing=True)
+    adamw = next((r.get("median_step_seconds") for r in rows if r["method"] == "adamw"), None)
+    print(f"matmul floor (qgalore_fx.app.floor, activation checkpointing, rank {floor.rank}): Q-GaLore "
+          f"{floor.ratio('qgalore'):.3f}x AdamW, galore-torch {floor.ratio('galore-torch'):.3f}x AdamW")
+    print("| method | peak RSS GiB | weights + states GiB | median step s | first step s | x AdamW (median) "
+          "| matmul floor x AdamW | result |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         def fmt(key, scale=1.0):
             return f"{r[key] / scale:.2f}" if key in r else "-"
         result = r.get("error", "ok")
         if "error" in r and "phase" in r:
             result = f"failed in {r['phase']}: {r['error']}"
+        measured = (f"{r['median_step_seconds'] / adamw:.2f}" if adamw and "median_step_seconds" in r else "-")
+        r["floor_ratio"] = floor.ratio(FLOOR_OF[r["method"]])
         print(f"| {r['method']} | {fmt('peak_rss_bytes', GiB)} | {fmt('weights_and_states_bytes', GiB)} | "
-              f"{fmt('median_step_seconds')} | {fmt('first_step_seconds')} | {result} |")
+              f"{fmt('median_step_seconds')} | {fmt('first_step_seconds')} | {measured} | {r['floor_ratio']:.3f} "
+              f"| {result} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
