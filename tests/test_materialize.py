@@ -18,12 +18,17 @@ def meta_llama(tie=False):
         return transformers.LlamaForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("source", ["mapping", "file", "directory"])
+@pytest.mark.parametrize("source", ["mapping", "file", "directory", "shards"])
 def test_meta_model_from_weights_equals_transformed_real_model(tmp_path, source):
     real = tiny_llama()
     state = {k: v.contiguous() for k, v in real.state_dict().items()}
     if source == "mapping":
         weights = state
+    elif source == "shards":  # a list of files, as transformers hands a sharded checkpoint over
+        keys = sorted(state)
+        weights = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+        save_file({k: state[k] for k in keys[::2]}, weights[0])
+        save_file({k: state[k] for k in keys[1::2]}, weights[1])
     else:
         save_file(state, tmp_path / "model.safetensors")
         weights = tmp_path / "model.safetensors" if source == "file" else tmp_path
@@ -35,6 +40,20 @@ def test_meta_model_from_weights_equals_transformed_real_model(tmp_path, source)
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_transform_projected_leaves_the_rest_on_meta_and_needs_a_meta_model():
+    from qgalore_fx.config import QGaLoreConfig
+    from qgalore_fx.rewrite import transform_projected
+
+    model = transform_projected(meta_llama(), QGaLoreConfig(rank=8))
+    real = {n for n, t in model.state_dict().items() if not t.is_meta}
+    assert real and all(".mlp." in n or ".self_attn." in n for n in real)
+    assert model.model.embed_tokens.weight.is_meta and model.model.norm.weight.is_meta
+    with pytest.raises(ValueError, match="meta device"):
+        transform_projected(tiny_llama(), QGaLoreConfig(rank=8))
+    with pytest.raises(ValueError, match="not one"):
+        qgalore_fx.transform(meta_llama(), rank=8, weights=["missing.safetensors"])
 
 
 def test_meta_model_initialized_without_weights_trains():
