@@ -84,7 +84,7 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def child(mode: str, path: str, rank: int, threshold: bool, seq: int = 128) -> None:
+def child(mode: str, path: str, rank: int, threshold: bool, device: str = "cpu", seq: int = 128) -> None:
     import torch
     import transformers
 
@@ -96,14 +96,17 @@ def child(mode: str, path: str, rank: int, threshold: bool, seq: int = 128) -> N
         set_cpu_mmap_threshold()
     before = _rss_mib()
     kwargs = {} if mode == "plain" else {"quantization_config": qgalore_fx.QGaLoreQuantizationConfig(rank=rank)}
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     loaded = _rss_mib()
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"mode": mode, "before_mib": before, "after_load_mib": loaded, "peak_mib": peak, "load_peak_mib": load_peak,
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
+    print(json.dumps({"mode": mode, "device": device, "max_memory_allocated_mib": gpu, "before_mib": before, "after_load_mib": loaded, "peak_mib": peak, "load_peak_mib": load_peak,
                       "growth_mib": peak - before, "loss": loss, "params": model.num_parameters(),
                       "logical_params": qgalore_fx.logical_parameters(model) if mode != "plain" else
                       model.num_parameters()}))
@@ -116,13 +119,15 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(SHAPES), default="117m", help="checkpoint shape (default: 117m)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="checkpoint dtype (default: fp32)")
     p.add_argument("--modes", default="plain,qgalore", help="which loads to run (default: plain,qgalore)")
+    p.add_argument("--device", default="cpu", help="where the model is loaded (device_map={'': device}); on CUDA "
+                                                   "the table adds torch.cuda.max_memory_allocated")
     p.add_argument("--mmap-threshold", action="store_true",
                    help="in both processes, return freed blocks >= 1 MiB to the OS (qgalore_fx.memory."
                         "set_cpu_mmap_threshold); default: glibc's own behaviour")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
-        child(args._child[0], args._child[1], args.rank, args.mmap_threshold)
+        child(args._child[0], args._child[1], args.rank, args.mmap_threshold, args.device)
         return
     path = Path(args.dir)
     if not (path / "config.json").exists():  # in its own process: ru_maxrss survives exec into the children
@@ -132,7 +137,7 @@ def main() -> None:
                         f"write_checkpoint(Path({str(path)!r}), {args.preset!r}, {args.dtype!r})"], check=True)
     rows = {}
     for mode in args.modes.split(","):
-        flags = ["--mmap-threshold"] if args.mmap_threshold else []
+        flags = (["--mmap-threshold"] if args.mmap_threshold else []) + ["--device", args.device]
         out = subprocess.run([sys.executable, __file__, "--rank", str(args.rank), *flags, "--_child", mode, str(path)],
                              capture_output=True, text=True, check=True).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
@@ -142,7 +147,8 @@ def main() -> None:
     for mode, r in rows.items():
         print(f"| {mode} | {r['logical_params'] / 1e6:.1f}M | {r['before_mib']:.0f} | {r['after_load_mib']:.0f} | "
               f"{r['peak_mib']:.0f} | {r['growth_mib']:.0f} | {r['growth_mib'] / rows['plain']['growth_mib'] if 'plain' in rows else float('nan'):.2f} | "
-              f"{r['loss']:.4f} |")
+              f"{r['loss']:.4f} |" + (f" GPU max allocated {r['max_memory_allocated_mib']:.0f} MiB"
+                                        if r.get("max_memory_allocated_mib") is not None else ""))
 
 
 if __name__ == "__main__":

@@ -81,5 +81,10 @@ except ValueError as e:
 dist.destroy_process_group()
 EOF2
 part fsdp-cuda torchrun --nproc-per-node 1 "$OUT/fsdp_cuda.py"
+# 7. transformers' from_pretrained(quantization_config=QGaLoreQuantizationConfig) onto the GPU: a 117M fp32
+#    checkpoint, plain vs straight into INT8, with torch.cuda.max_memory_allocated; and the matmul floor the
+#    step-time figures are read against (bench_peers prints it beside each measured ratio).
+part hf-load-cuda python benchmarks/bench_hf_load.py --device cuda:0 --dir "$OUT/hf-load-117m"
+part floor python -m qgalore_fx.app.floor --preset 1b --batch-size 1 4 --checkpointing
 echo "parts failed: $failed (logs in $OUT)"
 exit "$failed"
