@@ -93,6 +93,66 @@ def test_non_finite_gradient_is_skipped_without_synchronizing():
     assert opt.skipped_updates == 14 + 1  # every projected layer and the AdamW group
 
 
+def _host_tensors_of_a_steady_step(write_chunk: int, monkeypatch) -> int:
+    """How many tensors a steady-state step builds from host values (``torch.tensor``: ``aten::lift_fresh``, each
+    a small host-to-device copy on a GPU), with the weights rewritten ``write_chunk`` elements at a time."""
+    from qgalore_fx import lowrank
+
+    monkeypatch.setattr(lowrank, "WRITE_CHUNK", write_chunk)
+    ids = _batch()
+    model = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=1000)
+    model.train()
+    opt = qgalore_fx.optimizer(model, lr=1e-3)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name == "aten::lift_fresh")
+
+
+def test_write_back_builds_no_host_tensor_per_chunk(monkeypatch):
+    """Each write-back chunk's stochastic-rounding offset is computed on the device: rewriting the weights in
+    chunks of about 256 elements (several per layer) builds no more host tensors than in one chunk."""
+    whole = _host_tensors_of_a_steady_step(1 << 20, monkeypatch)
+    chunked = _host_tensors_of_a_steady_step(256, monkeypatch)
+    assert chunked == whole, (chunked, whole)
+
+
+def test_bf16_head_updated_in_its_backward_adds_no_host_sync(monkeypatch):
+    """A bf16 head under ``rest_in_backward`` rounds stochastically with draws seeded from its step count, which
+    stays on the device (reading it seeded a generator: one synchronization per step)."""
+    from qgalore_fx import fused_rest
+
+    monkeypatch.setattr(fused_rest, "FUSED_MIN_NUMEL", 1)  # this tiny head (128 x 64) takes the fused backward
+    ids = _batch()
+    plain = tiny_llama()
+    baseline = _syncs(lambda: plain(input_ids=ids, labels=ids).loss.backward())
+
+    model = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=1000)
+    model.train()
+    model.lm_head.to(torch.bfloat16)
+    opt = qgalore_fx.optimizer(model, lr=1e-3, rest_lr=1e-3, rest_in_backward=True)
+    assert model.lm_head in opt._fused_modules
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(2):  # refreshes and AdamW state
+        step()
+    before = model.lm_head.weight.detach().clone()
+    ours = _syncs(step)
+    assert not torch.equal(model.lm_head.weight, before)  # the head was updated in the step measured
+    assert ours <= baseline, (ours, baseline)
+
+
 # --------------------------------------------------------------------------- the application's step loop
 def _loop_config(steps: int, **kw):
     from types import SimpleNamespace
