@@ -34,6 +34,10 @@ synchronization). BENCHMARKS.md ("LLaMA-7B on one 24 GiB machine") measures its 
 The routing is an instance attribute ``forward`` on the module (:class:`FusedForward`); it holds the
 optimizer weakly and falls back to the module's own forward once the optimizer is gone (a bf16 head
 keeps :func:`linear_any_dtype`), and a copy or a pickle of the model gets the plain forward back.
+It is an attribute rather than a hook or a subclass: a forward hook runs after autograd has tied the
+output to the weight (whose whole gradient would then be formed), and swapping the module's class (as
+``torch.nn.utils.parametrize`` does) would change ``type(module)``, which :func:`eligible` and callers
+match on, and what a pickle of the model has to import.
 """
 
 from __future__ import annotations
