@@ -4,9 +4,10 @@ Run: ``.venv/bin/pytest benchmarks/bench_adam8bit.py --benchmark-enable``
 (add ``--benchmark-json=out.json`` to keep the figures; BENCHMARKS.md
 was written from such a run).
 
-Measures ``adam_direction_`` (what a projected layer calls every step) for
-the two low-rank shapes of 1M elements, for the pure-torch reference and the
-bitsandbytes backend, with 8-bit and 32-bit moments. ``extra_info`` carries
+Measures one Adam direction update (what a projected layer runs every step) for
+the two low-rank shapes of 1M elements, for the pure-torch reference (the
+library's ``adam_direction_masked_``) and bitsandbytes' kernel, with 8-bit and
+32-bit moments (both from tests/adam_peers.py). ``extra_info`` carries
 the state's exact bytes so the memory ratio sits next to the time.
 Gradients come from the tests' ``make_case`` so benchmark and tests use the
 same data.
@@ -15,12 +16,16 @@ same data.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_
+from qgalore_fx.kernels.adam8bit import AdamState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from adam_peers import adam_direction  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
     "_adam8bit_cases", Path(__file__).resolve().parents[1] / "tests" / "test_adam8bit.py"
@@ -42,7 +47,7 @@ def test_adam_direction(benchmark, shape, backend, bits):
 
     def update():
         step[0] += 1
-        return adam_direction_(grads[step[0] % len(grads)], state, step[0], backend=backend)
+        return adam_direction(grads[step[0] % len(grads)], state, step[0], backend=backend)
 
     benchmark.extra_info.update(
         shape=list(shape), backend=backend, bits=state.bits, state_bytes=state.nbytes,

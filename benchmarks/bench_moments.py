@@ -15,7 +15,8 @@ step. The recorded stream is then replayed, from zero moments, through:
   AdamW group runs it;
 * ``8bit-no-floor``: the same with the zero-code floor of positive second
   moments switched off (the behaviour before it existed);
-* ``bitsandbytes``: bitsandbytes' CPU optimizer (``backend="bitsandbytes"``).
+* ``bitsandbytes``: bitsandbytes' CPU optimizer kernel on the same 8-bit state
+  (``tests/adam_peers.py``, ``backend="bitsandbytes"``).
 
 Adam's direction does not depend on the parameter, so the replay compares the
 directions N (moves in units of lr): the largest single-step move, and the
@@ -44,6 +45,8 @@ from qgalore_fx.kernels import adam8bit as A
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data" / "embedding_grads.pt"
+sys.path.insert(0, str(ROOT / "tests"))
+from adam_peers import adam_direction  # noqa: E402  (the library's reference and bitsandbytes' kernel)
 
 
 def record_embedding_grads(steps: int, seed: int, threads: int) -> list[torch.Tensor]:
@@ -76,7 +79,7 @@ def replay(grads, bits: int, backend: str = "torch", floor: bool = True) -> torc
              else mock.patch.object(A, "_floor_positive_codes", A._floor_positive_codes))
     with patch:
         for t, g in enumerate(grads, 1):
-            out[t - 1] = A.adam_direction_(g, state, t, backend=backend)
+            out[t - 1] = adam_direction(g, state, t, backend=backend)
     return out
 
 

@@ -4,13 +4,13 @@
     extra = load_checkpoint("ckpt", model, opt, sched)   # -> {"step": 1000, "data_position": 123456}
 
 A checkpoint is a directory holding everything a run needs to continue
-bit-for-bit: the model's state dict (INT8 codes and scales of the projected
-layers, every other parameter and persistent buffer), the optimizer's state
-dict (for :class:`~qgalore_fx.optim.QGaLoreOptimizer` this includes every
-projected layer's INT4 projection, 8-bit moments, refresh schedule and step
-count, which is also what seeds stochastic rounding), the scheduler's state,
-the RNG states, the model's qgalore_fx config and any JSON-safe ``extra``
-values. Nothing is pickled, and loading never unpickles: tensors live in
+bit-for-bit: the model's state dict (for every projected layer its INT8 codes
+and scales, INT4 projection, 8-bit moments, refresh schedule and step count,
+the count that also seeds stochastic rounding; every other parameter and
+persistent buffer), the optimizer's state dict (the 8-bit AdamW state of the
+parameters that are not projected, the parameter groups), the scheduler's
+state, the RNG states, the model's qgalore_fx config and any JSON-safe
+``extra`` values. Nothing is pickled, and loading never unpickles: tensors live in
 safetensors files and everything else in JSON.
 
 Layout (format version 1)

@@ -27,13 +27,17 @@ the optimizer: half the bytes, 0.24 GiB instead of 0.49 GiB each at LLaMA-7B) wh
 fp32: the embedding returns its bf16 rows (the next fp32 operation promotes them), the head multiplies
 fp32 inputs by fp32 row chunks of the weight (:func:`linear_any_dtype`), and each updated row chunk is
 computed in fp32 and written back with stochastic rounding (:func:`round_bf16_`), so updates far below
-bf16's resolution still move the weight in expectation. The rounding stream is seeded from the parameter's
-name and its step count, which the host reads (free on the CPU; one synchronization per bf16 weight and step on
-a GPU). BENCHMARKS.md ("LLaMA-7B on one 24 GiB machine") measures its quality.
+bf16's resolution still move the weight in expectation. The draws are a hash of each element's index, the
+parameter's name and its step count, computed where the weight is (the step count stays a device tensor: no
+synchronization). BENCHMARKS.md ("LLaMA-7B on one 24 GiB machine") measures its quality.
 
 The routing is an instance attribute ``forward`` on the module (:class:`FusedForward`); it holds the
 optimizer weakly and falls back to the module's own forward once the optimizer is gone (a bf16 head
 keeps :func:`linear_any_dtype`), and a copy or a pickle of the model gets the plain forward back.
+It is an attribute rather than a hook or a subclass: a forward hook runs after autograd has tied the
+output to the weight (whose whole gradient would then be formed), and swapping the module's class (as
+``torch.nn.utils.parametrize`` does) would change ``type(module)``, which :func:`eligible` and callers
+match on, and what a pickle of the model has to import.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qgalore_fx.kernels import all_finite
+from qgalore_fx.kernels.adam8bit import _rounding_salt, _uniform
 from qgalore_fx.kernels.quant import row_chunks
 
 #: Parameters below this many elements keep the post-accumulate-grad hook (their gradient is small).
@@ -184,16 +189,20 @@ def install(module: nn.Module, update: Callable) -> None:
     module.forward = FusedForward(module, update)
 
 
-def round_bf16_(dst: Tensor, values: Tensor, generator: Optional[torch.Generator]) -> None:
+def round_bf16_(dst: Tensor, values: Tensor, step: Optional[Tensor], stream: int = 0, offset: int = 0) -> None:
     """Write fp32 ``values`` into the bf16 ``dst`` (same number of elements), rounding stochastically.
 
     bf16 is the top half of an fp32 bit pattern: adding a uniform 16-bit integer to the pattern and clearing
     the low half rounds the magnitude up with probability equal to the discarded fraction, so the expected
-    result is ``values`` (``generator`` None: round to nearest even). Values that are already bf16 are kept.
+    result is ``values`` (``step`` None: round to nearest even). Values that are already bf16 are kept.
+    The 16-bit draws are those of the 8-bit moments' rounding (:func:`qgalore_fx.kernels.adam8bit._uniform`):
+    a hash of the element's index (``offset`` + its position, plus ``stream``) moved along with ``step``, a
+    0-d integer tensor that is never read on the host.
     """
-    if generator is None:
+    if step is None:
         dst.view(-1).copy_(values.reshape(-1))
         return
     bits = values.reshape(-1).contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    index = torch.arange(offset, offset + bits.numel(), dtype=torch.int64, device=bits.device)
+    noise = (_uniform(index, _rounding_salt(step, stream, bits.device)) * (1 << 16)).to(torch.int32)
     dst.view(-1).copy_(((bits + noise) & -65536).view(torch.float32))

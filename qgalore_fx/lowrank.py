@@ -434,7 +434,7 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
         first, last = start * n // bs, -(-stop * n // bs)  # the chunk starts on a block boundary
         codes_now, scales_now = weight[rows], scales[first:last]
         offset = (row0 + start) * n  # the stream of these rows in the whole weight: sharded or not, the same draws
-        chunk_seed = None if seed is None else seed + torch.tensor([0, offset], dtype=seed.dtype).to(seed.device)
+        chunk_seed = None if seed is None else torch.stack((seed[0], seed[1] + offset))  # on seed's device: no copy
         if writeback_applies(codes_now, bs) and writeback_(codes_now, scales_now, delta, decay, step_size, bs,
                                                            chunk_seed, ok):
             continue  # the same codes and scales as the three ops below, in one compiled pass

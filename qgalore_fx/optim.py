@@ -295,11 +295,9 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             return
         state = self._adam_state_of(p)
         beta1, beta2 = group["betas"]
-        seed = None
-        if p.dtype != torch.float32:  # stochastic rounding back to the storage dtype, reproducible per step
-            seed = zlib.crc32(self._param_names.get(id(p), "").encode()) * _SR_STRIDE + int(state["step"])
+        stream = zlib.crc32(self._param_names.get(id(p), "").encode())  # bf16: its stochastic rounding's draws
         _masked_adamw_rows_(p, grad_rows, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
-                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], seed=seed)
+                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], stream=stream)
         self._rest_bad.logical_or_(~ok)
 
     def _adam_state_of(self, p: Tensor) -> dict:
@@ -494,19 +492,15 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     step.add_(ok.to(torch.int64))
 
 
-_SR_STRIDE = 1 << 31
-
-
 @torch.no_grad()
 def _masked_adamw_rows_(p: Tensor, grad_rows, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
-                        beta2: float, eps: float, weight_decay: float, seed: Optional[int] = None) -> None:
+                        beta2: float, eps: float, weight_decay: float, stream: int = 0) -> None:
     """:func:`_masked_adamw_` for a contiguous 2-D ``p`` whose gradient is never whole: chunks of whole rows
     (about :data:`ADAMW_CHUNK` elements, starting on moment-block boundaries), each chunk's gradient rows from
     ``grad_rows(first_row, stop_row)`` just before they are used. A bf16 ``p`` is updated in fp32 a chunk at a
-    time and written back by :func:`qgalore_fx.fused_rest.round_bf16_` from the stream ``seed``."""
+    time and written back by :func:`qgalore_fx.fused_rest.round_bf16_`, its draws those of ``stream`` at ``step``."""
     rows, cols = p.shape
     flat = p.view(-1)
-    generator = None if seed is None else torch.Generator(device=p.device).manual_seed(seed)
     t = step + 1
     for first, last in row_chunks(rows, cols, state.block_size, ADAMW_CHUNK):  # whole moment blocks
         start, stop = first * cols, last * cols
@@ -514,7 +508,7 @@ def _masked_adamw_rows_(p: Tensor, grad_rows, state: AdamState, step: Tensor, ok
         adamw_masked_(p32, grad_rows(first, last).reshape(-1), state.part(start, stop), t, ok, lr, beta1, beta2, eps,
                       weight_decay, offset=start)
         if p.dtype != torch.float32:
-            fused_rest.round_bf16_(flat[start:stop], p32, generator)
+            fused_rest.round_bf16_(flat[start:stop], p32, step, stream, offset=start)
     step.add_(ok.to(torch.int64))
 
 

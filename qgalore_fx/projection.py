@@ -224,7 +224,7 @@ interval 10 that capped the saving at 0.47x even if every refresh agreed.)
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -716,20 +716,16 @@ class LazyRefreshPolicy:
         queue_size: agreeing refreshes in a row needed to double the interval (int >= 1);
             5, the official code's default.
         adaptive: ``False`` keeps the interval fixed (plain GaLore).
-        max_interval: optional cap on the interval (int >= update_interval); ``None``
-            (the paper) lets it grow without bound.
 
     Usage, per layer and step::
 
         if policy.should_refresh(step):
             P_new = compute_projection(G, rank, side, prev=P_old)
-            sim = None if P_old is None else subspace_similarity(P_new, P_old, side)
+            sim = None if P_old is None else weighted_similarity(G, P_new, P_old, side, chance_adjusted=True)
             policy.record_refresh(step, sim)
 
     ``step`` is the layer's own update counter; steps must not go backwards.
     """
-
-    _STATE_VERSION = 1
 
     def __init__(
         self,
@@ -737,7 +733,6 @@ class LazyRefreshPolicy:
         cos_threshold: float = 0.4,
         queue_size: int = 5,
         adaptive: bool = True,
-        max_interval: Optional[int] = None,
     ) -> None:
         if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
             raise ValueError(f"update_interval must be an int >= 1, got {update_interval!r}")
@@ -751,17 +746,10 @@ class LazyRefreshPolicy:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be a bool, got {adaptive!r}")
-        if max_interval is not None and (
-            isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < update_interval
-        ):
-            raise ValueError(
-                f"max_interval must be None or an int >= update_interval ({update_interval}), got {max_interval!r}"
-            )
         self.update_interval = update_interval
         self.cos_threshold = float(cos_threshold)
         self.queue_size = queue_size
         self.adaptive = adaptive
-        self.max_interval = max_interval
         # Schedule state.
         self.interval = update_interval
         self.last_refresh_step: Optional[int] = None
@@ -791,13 +779,14 @@ class LazyRefreshPolicy:
     def record_refresh(self, step: int, similarity: Optional[float]) -> bool:
         """Record a refresh at ``step``; returns True if the interval grew.
 
-        ``similarity`` compares the new projection with the previous one (e.g.
-        :func:`subspace_similarity`); ``None`` when there was no previous one (the first
+        ``similarity`` compares the new projection with the previous one (the library's
+        layers record :func:`weighted_similarity` with ``chance_adjusted=True``, see
+        ``lowrank._refresh_similarity``); ``None`` when there was no previous one (the first
         refresh), in which case the queue is left as it is. With ``adaptive=True`` the value
         joins the queue of the last ``queue_size`` similarities; a value below ``cos_threshold``
         puts the interval back to ``update_interval`` (the subspace moved: the lazy schedule
         re-arms); when the queue is full and every entry is ``>= cos_threshold`` the interval
-        doubles (up to ``max_interval``).
+        doubles.
         """
         step = _check_step(step)
         if self.last_refresh_step is not None and step <= self.last_refresh_step:
@@ -819,91 +808,15 @@ class LazyRefreshPolicy:
             return False
         if len(self.queue) < self.queue_size or min(self.queue) < self.cos_threshold:
             return False
-        new_interval = self.interval * 2
-        if self.max_interval is not None:
-            new_interval = min(new_interval, self.max_interval)
-        if new_interval == self.interval:
-            return False
-        self.interval = new_interval
-        self.interval_history.append((step, new_interval))
+        self.interval *= 2
+        self.interval_history.append((step, self.interval))
         return True
-
-    # -- serialization -------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume, as JSON-safe ints, floats, bools, None and lists."""
-        return {
-            "version": self._STATE_VERSION,
-            "update_interval": self.update_interval,
-            "cos_threshold": self.cos_threshold,
-            "queue_size": self.queue_size,
-            "adaptive": self.adaptive,
-            "max_interval": self.max_interval,
-            "interval": self.interval,
-            "last_refresh_step": self.last_refresh_step,
-            "refresh_count": self.refresh_count,
-            "last_similarity": self.last_similarity,
-            "queue": list(self.queue),
-            "interval_history": [[s, i] for s, i in self.interval_history],
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore configuration and schedule state from :meth:`state_dict` (also after JSON)."""
-        expected = set(self.state_dict())
-        missing, unknown = expected - set(state), set(state) - expected
-        if missing or unknown:
-            raise ValueError(f"state dict keys do not match: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        if state["version"] != self._STATE_VERSION:
-            raise ValueError(
-                f"state dict version {state['version']!r} is not supported (expected {self._STATE_VERSION})"
-            )
-        fresh = LazyRefreshPolicy(
-            update_interval=state["update_interval"],
-            cos_threshold=state["cos_threshold"],
-            queue_size=state["queue_size"],
-            adaptive=state["adaptive"],
-            max_interval=state["max_interval"],
-        )
-        interval = state["interval"]
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        last = state["last_refresh_step"]
-        if last is not None:
-            _check_step(last)
-        count = state["refresh_count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"refresh_count must be an int >= 0, got {count!r}")
-        last_sim = state["last_similarity"]
-        if last_sim is not None:
-            last_sim = _as_similarity("last_similarity", last_sim)
-        if not isinstance(state["queue"], (list, tuple)):
-            raise ValueError(f"queue must be a list of similarities, got {state['queue']!r}")
-        queue = [_as_similarity("queue entry", x) for x in state["queue"]]
-        if len(queue) > fresh.queue_size:
-            raise ValueError(f"queue holds {len(queue)} values, more than queue_size={fresh.queue_size}")
-        try:
-            history = [(_check_step(s), int(i)) for s, i in state["interval_history"]]
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"interval_history must be a list of [step, interval] pairs: {e}") from None
-        self.__dict__.update(fresh.__dict__)
-        self.interval = interval
-        self.last_refresh_step = last
-        self.refresh_count = count
-        self.last_similarity = last_sim
-        self.queue = queue
-        self.interval_history = history
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "LazyRefreshPolicy":
-        policy = cls()
-        policy.load_state_dict(state)
-        return policy
 
     def __repr__(self) -> str:
         return (
             f"LazyRefreshPolicy(interval={self.interval}, update_interval={self.update_interval}, "
             f"cos_threshold={self.cos_threshold}, queue_size={self.queue_size}, adaptive={self.adaptive}, "
-            f"max_interval={self.max_interval}, refresh_count={self.refresh_count}, "
+            f"refresh_count={self.refresh_count}, "
             f"last_refresh_step={self.last_refresh_step}, last_similarity={self.last_similarity})"
         )
 

@@ -9,7 +9,7 @@ tests/test_adam8bit.py.
 import pytest
 import torch
 
-from qgalore_fx.kernels import adam8bit, fastpath
+from qgalore_fx.kernels import fastpath
 from qgalore_fx.kernels.quant import dequantize_reference, quantize_reference
 
 triton_modules = pytest.importorskip("qgalore_fx.kernels.quant_triton")
@@ -55,11 +55,6 @@ def test_cuda_kernels_use_triton_otherwise(monkeypatch):
     assert mm._int8_matmul_cuda(torch.randn(4, 512), codes, scales, 256) == "triton"
     assert mm._int8_matmul_t_cuda(torch.randn(4, 8), codes, scales, 256) == "triton"
     assert len(calls) == 4
-
-
-def test_auto_backend_is_torch_when_forced(forced):
-    assert adam8bit._resolve_backend("auto", torch.device("cuda")) == "torch"
-    assert adam8bit._resolve_backend("bitsandbytes", torch.device("cuda")) == "bitsandbytes"  # explicit wins
 
 
 @pytest.mark.parametrize("value, expect", [("1", True), ("yes", True), ("0", False), ("", False)])

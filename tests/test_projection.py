@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -584,7 +583,7 @@ def drive(policy: LazyRefreshPolicy, similarities, start: int = 0, max_steps: in
 
 def test_policy_defaults_match_the_paper_and_official_code():
     p = LazyRefreshPolicy()
-    assert (p.update_interval, p.cos_threshold, p.queue_size, p.adaptive, p.max_interval) == (200, 0.4, 5, True, None)
+    assert (p.update_interval, p.cos_threshold, p.queue_size, p.adaptive) == (200, 0.4, 5, True)
     assert p.interval == 200 and p.refresh_count == 0 and p.last_refresh_step is None and p.last_similarity is None
 
 
@@ -661,52 +660,6 @@ def test_policy_none_similarity_leaves_the_queue_alone():
     assert p.interval == 2
 
 
-def test_policy_max_interval_caps_the_growth():
-    p = LazyRefreshPolicy(update_interval=10, queue_size=1, max_interval=25)
-    drive(p, [0.9] * 4)
-    assert p.interval == 25
-    assert p.interval_history == [(10, 20), (30, 25)]
-
-
-def test_policy_state_dict_is_json_safe_and_round_trips():
-    p = LazyRefreshPolicy(update_interval=5, cos_threshold=0.6, queue_size=3, max_interval=1000)
-    drive(p, [0.7, 0.8, 0.9, 0.2, 0.95])
-    state = json.loads(json.dumps(p.state_dict()))
-    q = LazyRefreshPolicy.from_state_dict(state)
-    assert q.state_dict() == p.state_dict()
-    # both continue identically
-    sims = [0.9, 0.9, 0.3, 0.9, 0.9, 0.9, 0.9]
-    start = p.last_refresh_step + 1
-    assert drive(p, sims, start=start) == drive(q, sims, start=start)
-    assert q.state_dict() == p.state_dict()
-
-    fresh = LazyRefreshPolicy()
-    fresh.load_state_dict(state)
-    assert fresh.interval_history == LazyRefreshPolicy.from_state_dict(state).interval_history
-
-
-def test_policy_load_state_dict_validates():
-    state = LazyRefreshPolicy().state_dict()
-    with pytest.raises(ValueError, match=r"missing \['queue'\]"):
-        LazyRefreshPolicy.from_state_dict({k: v for k, v in state.items() if k != "queue"})
-    with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
-        LazyRefreshPolicy.from_state_dict({**state, "extra": 1})
-    with pytest.raises(ValueError, match=r"^state dict version 99"):
-        LazyRefreshPolicy.from_state_dict({**state, "version": 99})
-    with pytest.raises(ValueError, match=r"^queue_size must be"):
-        LazyRefreshPolicy.from_state_dict({**state, "queue_size": 0})
-    with pytest.raises(ValueError, match=r"^queue holds 6 values"):
-        LazyRefreshPolicy.from_state_dict({**state, "queue": [0.5] * 6})
-    with pytest.raises(ValueError, match=r"^interval must be an int >= 1"):
-        LazyRefreshPolicy.from_state_dict({**state, "interval": 0})
-    with pytest.raises(ValueError, match=r"^queue entry must be a float or None, got None"):
-        LazyRefreshPolicy.from_state_dict({**state, "queue": [None]})
-    with pytest.raises(ValueError, match=r"^last_similarity must be a finite number"):
-        LazyRefreshPolicy.from_state_dict({**state, "last_similarity": float("nan")})
-    with pytest.raises(ValueError, match=r"^interval_history must be a list of \[step, interval\] pairs"):
-        LazyRefreshPolicy.from_state_dict({**state, "interval_history": [[1]]})
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -719,7 +672,6 @@ def test_policy_load_state_dict_validates():
         (dict(cos_threshold="0.4"), r"^cos_threshold must be"),
         (dict(queue_size=0), r"^queue_size must be an int >= 1, got 0"),
         (dict(adaptive="yes"), r"^adaptive must be a bool"),
-        (dict(update_interval=100, max_interval=50), r"^max_interval must be None or an int >= update_interval \(100\)"),
     ],
 )
 def test_policy_constructor_errors_name_the_argument(kwargs, match):

@@ -1,6 +1,7 @@
 """How ``qgalore-fx pretrain`` runs: in one process, or sharded over the processes ``torchrun`` starts.
 
-The training loop (:mod:`qgalore_fx.app.train`) asks a *job* everything that depends on the number of processes:
+The training loop (:mod:`qgalore_fx.app.loop`, driven by :mod:`qgalore_fx.app.train`) asks a *job* everything that
+depends on the number of processes:
 
 ==========================  ==========================================  ==============================================
                             :class:`Local` (one process)                :class:`Sharded` (``torchrun``, WORLD_SIZE > 1)

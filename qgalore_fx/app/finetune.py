@@ -46,8 +46,11 @@ and optimizer state, not in activations. The summary records, from ``/proc/self/
 ``rss_after_load`` (resident memory once the model and optimizer exist), ``peak_rss_load`` (the
 high-water mark up to then: what loading cost) and ``peak_rss_train`` (the high-water mark during the
 training steps, reset after loading — the figure methods are compared on), plus the library's memory
-report of real tensor bytes. Step times: every record of ``metrics.jsonl`` has ``step_s``; the summary
-has the median and the first step (which includes the first subspace refresh for ``qgalore``).
+report of real tensor bytes. Step times: every record of ``metrics.jsonl`` has ``step_s`` (its step's) and
+``tokens_per_s`` (since the previous record); the summary has the median and the first step (which includes
+the first subspace refresh for ``qgalore``).
+
+The steps themselves are those of ``qgalore-fx pretrain``: :func:`qgalore_fx.app.loop.train_steps`.
 
 Run directory (default ``runs/<YYYYmmdd-HHMMSS>-finetune-<method>``): ``config.json``,
 ``metrics.jsonl`` (step 0 holds the held-out perplexity before training), ``loss.png``,
@@ -69,23 +72,16 @@ import os
 import pathlib
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from qgalore_fx.app import data as data_lib
-from qgalore_fx.app.train import (
-    _make_run_dir,
-    _with_transform_options,
-    _write_json,
-    _write_lines,
-    cosine_with_warmup,
-    device_problem,
-    is_device_name,
-)
+from qgalore_fx.app import distributed as distributed_lib
+from qgalore_fx.app import loop
+from qgalore_fx.app.loop import device_problem, is_device_name, is_number, require, require_int
+from qgalore_fx.app.train import _with_transform_options
 from qgalore_fx.config import QGaLoreConfig, cli_fields
 from qgalore_fx.memory import process_memory
 
@@ -154,36 +150,36 @@ class FinetuneConfig:
     export: str | None = None  # a directory for the dense Hugging Face export
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.model, (str, os.PathLike)) and str(self.model) != "", "model",
+        require(isinstance(self.model, (str, os.PathLike)) and str(self.model) != "", "model",
                  "a Hugging Face directory or a .gguf file", self.model)
         object.__setattr__(self, "model", str(self.model))
-        _require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
-        _require(is_device_name(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
-        _require(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'", self.autocast)
+        require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
+        require(is_device_name(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        require(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'", self.autocast)
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_tokens", "lora_rank"):
-            _require_int(self, name, 1, "a positive integer")
+            require_int(self, name, 1, "a positive integer")
         for name in ("eval_every", "save_every"):
-            _require_int(self, name, 0, "an integer >= 0")
+            require_int(self, name, 0, "an integer >= 0")
         if self.threads is not None:
-            _require_int(self, "threads", 1, "a positive integer")
+            require_int(self, "threads", 1, "a positive integer")
         if self.warmup is not None:
-            _require_int(self, "warmup", 0, f"an integer in [0, steps={self.steps}]", high=self.steps)
-        _require_int(self, "seed", 0, "an integer in [0, 2**63)", high=2**63 - 1)
+            require_int(self, "warmup", 0, f"an integer in [0, steps={self.steps}]", high=self.steps)
+        require_int(self, "seed", 0, "an integer in [0, 2**63)", high=2**63 - 1)
         for name in ("lr", "rest_lr"):
             value = getattr(self, name)
-            _require(value is None or (_is_number(value) and math.isfinite(value) and value > 0), name,
+            require(value is None or (is_number(value) and math.isfinite(value) and value > 0), name,
                      "a positive finite number", value)
-        _require(self.rest_lr is None or self.method == "qgalore", "rest_lr", "None unless method is 'qgalore'",
+        require(self.rest_lr is None or self.method == "qgalore", "rest_lr", "None unless method is 'qgalore'",
                  self.rest_lr)
-        _require(_is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf, "lora_alpha",
+        require(is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf, "lora_alpha",
                  "a positive finite number", self.lora_alpha)
-        _require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+        require(is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
                  "a number in [0, 1]", self.min_lr_ratio)
-        _require(_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf, "weight_decay",
+        require(is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf, "weight_decay",
                  "a finite number >= 0", self.weight_decay)
-        _require(_is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
+        require(is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
                  "a number in (0, 1)", self.val_fraction)
-        _require(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "a bool",
+        require(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "a bool",
                  self.gradient_checkpointing)
         self.qgalore_config()  # the transform options, checked by the library's own config
 
@@ -233,21 +229,6 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"unknown fine-tuning options {unknown}")
         return cls(**d, **transform)
-
-
-def _require(ok: bool, name: str, what: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {what}; got {value!r}")
-
-
-def _require_int(config, name: str, low: int, what: str, high: int | None = None) -> None:
-    value = getattr(config, name)
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    _require(ok, name, what, value)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------- memory
@@ -511,44 +492,13 @@ def tokenize_corpus(corpus: str | None, tokenizer, val_fraction: float) -> Token
 # --------------------------------------------------------------------------- loop pieces
 
 
-def _autocast(cfg: FinetuneConfig):
-    import contextlib
-
-    if cfg.autocast == "bf16":
-        return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _loss(model, batch: data_lib.Batch, cfg: FinetuneConfig, reduction: str = "mean") -> torch.Tensor:
-    x = batch.input_ids.to(cfg.device)
-    y = batch.labels.to(cfg.device)
-    with _autocast(cfg):
-        logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
-
-
 @torch.no_grad()
 def evaluate(model, val_ids: torch.Tensor, cfg: FinetuneConfig) -> tuple[float, int]:
     """Token-mean held-out loss over ``eval_tokens // seq_len`` fixed, evenly spaced windows."""
-    was_training = model.training
-    model.eval()
-    windows = data_lib.validation_windows(val_ids, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len))
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], cfg.batch_size):
-        w = windows[i:i + cfg.batch_size].long()
-        batch = data_lib.Batch(w[:, :-1], w[:, 1:])
-        total += float(_loss(model, batch, cfg, reduction="sum"))
-        count += batch.labels.numel()
-    model.train(was_training)
-    return total / count, count
+    windows = data_lib.validation_windows(val_ids, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len)).long()
+    batches = (data_lib.Batch(w[:, :-1], w[:, 1:]) for w in windows.split(cfg.batch_size))
+    return loop.evaluate(model, batches, cfg)
 
-
-def _refreshes(optimizer) -> tuple[int | None, float | None]:
-    layer_stats = getattr(optimizer, "layer_stats", None)
-    if layer_stats is None:
-        return None, None
-    stats = layer_stats().values()
-    return sum(s["refresh_count"] for s in stats), sum(s["refresh_seconds"] for s in stats)
 
 
 def export_model(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, directory: str | os.PathLike) -> None:
@@ -566,26 +516,6 @@ def export_model(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, directo
         dense = model
     dense.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-
-
-def _plot(path: pathlib.Path, history: list[dict], title: str) -> None:
-    """Training loss and held-out perplexity (step 0: before training) against step."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_ppl = fig.subplots(1, 2)
-    train = [r for r in history if "loss" in r]
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    evals = [r for r in history if "val_ppl" in r]
-    ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
-    ax_ppl.plot([r["step"] for r in evals], [r["val_ppl"] for r in evals], "o-", label="held-out")
-    ax_loss.set(xlabel="step", ylabel="cross entropy (nats/token)")
-    ax_ppl.set(xlabel="step", ylabel="perplexity")
-    for ax in (ax_loss, ax_ppl):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
 
 
 # --------------------------------------------------------------------------- result
@@ -681,8 +611,6 @@ def finetune(config: FinetuneConfig, *, verbose: bool = True, resume: bool = Fal
 
 
 def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneResult:
-    from tqdm import tqdm
-
     import qgalore_fx
 
     t_start = time.perf_counter()
@@ -697,7 +625,7 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
     if resume:
         if (run_dir / "summary.json").exists():
             raise ValueError(f"--resume {run_dir}: the run finished (it has summary.json); nothing to resume")
-        if not (run_dir / "checkpoint").exists() and not any(run_dir.glob("checkpoint.old-*")):
+        if not distributed_lib.Local().has_checkpoint(run_dir):
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint to resume from (the run stopped before "
                                     f"its first save; save_every={cfg.save_every}): start it again")
     torch.set_num_threads(cfg.threads)
@@ -723,7 +651,7 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
     loaded = load_model(cfg, tokenizer)
     model = loaded.model
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.steps, cfg.warmup,
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.cosine_with_warmup(cfg.steps, cfg.warmup,
                                                                                  cfg.min_lr_ratio))
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = data_lib.random_batches(text.train_ids, cfg.batch_size, cfg.seq_len, generator)
@@ -731,28 +659,18 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
     load_memory = {"rss_before_bytes": rss_start["rss"], "peak_rss_bytes": rss_loaded["peak"],
                    "rss_after_bytes": rss_loaded["rss"], "seconds": loaded.load_seconds, "source": loaded.source}
 
-    history: list[dict] = []
-    window_loss, window_steps, train_time, step_times = torch.zeros(()), 0, 0.0, []
-    start_step, resumed_at, refresh_before = 0, [], 0.0
+    job = distributed_lib.Local()
+    identity = {"finetune_config": _comparable(cfg), "data_fingerprint": text.fingerprint}
+    progress = loop.Progress(started=t_start)
     if resume:
-        extra = qgalore_fx.load_checkpoint(run_dir / "checkpoint", model, optimizer, scheduler)
-        where = f"--resume {run_dir}: checkpoint"
-        if extra.get("finetune_config") != _comparable(cfg):
-            raise ValueError(f"{where} was written by another configuration than {run_dir}/config.json")
-        if extra.get("data_fingerprint") != text.fingerprint:
-            raise ValueError(f"{where}: the corpus or tokenizer changed since the run started")
-        generator.set_state(extra["batch_generator"])
-        start_step, history = extra["step"], extra["history"]
-        window_loss, window_steps = extra["window_loss"], extra["window_steps"]
-        train_time, step_times = extra["train_seconds"], list(extra["step_seconds"])
-        refresh_before = extra["refresh_seconds"]
-        resumed_at = [*extra["resumed_at"], start_step]
+        progress = loop.load(job, run_dir, model, optimizer, scheduler, generator, cfg.steps, identity, t_start)
     else:
-        run_dir = _make_run_dir(cfg.run_dir, explicit_run_dir)
+        run_dir = loop.make_run_dir(cfg.run_dir, explicit_run_dir)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
         val_loss, val_tokens = evaluate(model, text.val_ids, cfg)
-        history.append({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": val_tokens})
-        _write_json(run_dir / "config.json", {
+        progress.history.append({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+                                 "val_tokens": val_tokens})
+        loop.write_json(run_dir / "config.json", {
             "finetune": cfg.to_json(),
             "model": {"class": loaded.model_class, "source": loaded.source, "n_params": loaded.n_params,
                       "tied_embeddings": loaded.tied_embeddings},
@@ -760,87 +678,40 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
             "optimizer": type(optimizer).__module__ + "." + type(optimizer).__qualname__,
             "versions": {"qgalore_fx": qgalore_fx.__version__, "torch": torch.__version__},
         })
+    history = progress.history
     if verbose:
         logger.info("run %s: %s on %s (%.1fM parameters, %s), %d train / %d held-out tokens; held-out ppl "
                     "before %.2f", run_dir, cfg.method, cfg.model, loaded.n_params / 1e6, loaded.source,
                     text.train_ids.numel(), text.val_ids.numel(), history[0]["val_ppl"])
 
-    def save(step: int) -> pathlib.Path:
-        _, refresh_seconds = _refreshes(optimizer)
-        return pathlib.Path(qgalore_fx.save_checkpoint(
-            run_dir / "checkpoint", model, optimizer, scheduler=scheduler, step=step,
-            batch_generator=generator.get_state(), history=history, window_loss=window_loss.detach().clone(),
-            window_steps=window_steps, train_seconds=train_time, step_seconds=step_times,
-            refresh_seconds=refresh_before + (refresh_seconds or 0.0), resumed_at=resumed_at,
-            finetune_config=_comparable(cfg), data_fingerprint=text.fingerprint))
+    def save(progress: loop.Progress) -> pathlib.Path:
+        return loop.save(job, run_dir, model, optimizer, scheduler, generator, progress, identity)
 
-    _write_lines(run_dir / "metrics.jsonl", history)
-    metrics = (run_dir / "metrics.jsonl").open("a")
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     _reset_peak_rss()  # from here the high-water mark is training's own
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=f"finetune {cfg.method}", disable=not verbose,
-               dynamic_ncols=True, file=sys.stderr, initial=start_step, total=cfg.steps)
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            loss = _loss(model, next(batches), cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at step {step}; lower --lr (now "
-                                         f"{cfg.lr:g})")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            window_loss += loss.detach()
-            window_steps += 1
-            if torch.device(cfg.device).type == "cuda":
-                torch.cuda.synchronize(cfg.device)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            step_times.append(dt)
-            last = step == cfg.steps
-            do_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not last
-            if last or do_eval or step % cfg.log_every == 0:
-                record = {"step": step, "loss": window_loss.item() / window_steps, "lr": lr, "step_s": dt,
-                          "tokens_per_s": tokens_per_step / dt}
-                window_loss.zero_()
-                window_steps = 0
-                if do_eval:
-                    val_loss, val_tokens = evaluate(model, text.val_ids, cfg)
-                    record.update(val_loss=val_loss, val_ppl=math.exp(val_loss), val_tokens=val_tokens)
-                history.append(record)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-            if cfg.save_every and step % cfg.save_every == 0 and not last:
-                save(step)
-    finally:
-        bar.close()
-        metrics.close()
+    with loop.MetricsLog(run_dir / "metrics.jsonl", history) as metrics:
+        loop.train_steps(model, optimizer, scheduler, batches, progress, cfg,
+                         evaluate=lambda last: evaluate(model, text.val_ids, cfg), save=save, metrics=metrics,
+                         times=("step_s",), desc=f"finetune {cfg.method}", verbose=verbose)
     train_memory = {"peak_rss_bytes": _rss()["peak"]}
 
-    val_loss, val_tokens = evaluate(model, text.val_ids, cfg)
-    final_train_loss = next(r["loss"] for r in reversed(history) if "loss" in r)
-    history[-1].update(val_loss=val_loss, val_ppl=math.exp(val_loss), val_tokens=val_tokens)
-    _write_lines(run_dir / "metrics.jsonl", history)
-    _plot(run_dir / "loss.png", history, f"finetune {cfg.method}: {pathlib.Path(cfg.model).name}")
-    checkpoint = save(cfg.steps)
-    refreshes, refresh_seconds = _refreshes(optimizer)
+    final = history[-1]
+    loop.plot(run_dir / "loss.png", history, f"finetune {cfg.method}: {pathlib.Path(cfg.model).name}")
+    checkpoint = save(progress)
+    refreshes, refresh_seconds = loop.refreshes(optimizer)
     report = qgalore_fx.memory_report(model, optimizer)
     memory = {**report.to_dict(), "load": load_memory, "train": train_memory,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if cfg.export is not None:
         export_model(model, tokenizer, cfg, cfg.export)
     result = FinetuneResult(
-        run_dir=run_dir, config=cfg, val_ppl_before=history[0]["val_ppl"], val_ppl=math.exp(val_loss),
-        val_loss=val_loss, val_tokens=val_tokens, final_train_loss=final_train_loss, steps=cfg.steps,
-        tokens=cfg.steps * tokens_per_step, train_seconds=train_time,
-        step_seconds_median=statistics.median(step_times), step_seconds_first=step_times[0], refreshes=refreshes,
-        refresh_seconds=None if refresh_seconds is None else refresh_before + refresh_seconds,
-        memory_text=str(report), memory=memory, checkpoint=checkpoint, export=cfg.export, resumed_at=resumed_at,
-        history=history)
-    _write_json(run_dir / "summary.json", result.to_json() | {"total_seconds": time.perf_counter() - t_start})
+        run_dir=run_dir, config=cfg, val_ppl_before=history[0]["val_ppl"], val_ppl=final["val_ppl"],
+        val_loss=final["val_loss"], val_tokens=final["val_tokens"], final_train_loss=progress.final_train_loss(),
+        steps=cfg.steps, tokens=cfg.steps * cfg.batch_size * cfg.seq_len, train_seconds=progress.train_seconds,
+        step_seconds_median=statistics.median(progress.step_seconds), step_seconds_first=progress.step_seconds[0],
+        refreshes=refreshes, refresh_seconds=None if refresh_seconds is None else progress.refresh_seconds
+        + refresh_seconds, memory_text=str(report), memory=memory, checkpoint=checkpoint, export=cfg.export,
+        resumed_at=progress.resumed_at, history=history)
+    loop.write_json(run_dir / "summary.json", result.to_json() | {"total_seconds": progress.elapsed()})
     if verbose:
         print(result.summary())
     return result

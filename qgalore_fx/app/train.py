@@ -15,8 +15,9 @@ and writes a run directory:
 ==============  ===========================================================
 
 The loop is the plain one users write (forward, ``backward``, ``step``,
-``zero_grad``, scheduler step), with a cosine schedule after a linear warmup.
-The loss is the token-mean cross entropy computed here from the logits, because
+``zero_grad``, scheduler step), with a cosine schedule after a linear warmup; it is
+:func:`qgalore_fx.app.loop.train_steps`, which ``qgalore-fx finetune`` drives too.
+The loss is the token-mean cross entropy computed from the logits, because
 the batches' labels are already shifted (see :mod:`qgalore_fx.app.data`).
 No gradient clipping: with the fused Q-GaLore backward each layer is updated
 before the global norm would be known, and the baselines are run the same way
@@ -60,7 +61,6 @@ checkpoint, ``elapsed_s`` continues from it).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -70,17 +70,17 @@ import pathlib
 import platform
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from qgalore_fx.app import data as data_lib
 from qgalore_fx.app import distributed as distributed_lib
+from qgalore_fx.app import loop
 from qgalore_fx.app import presets as presets_lib
+from qgalore_fx.app.loop import cosine_with_warmup, device_problem, is_device_name, is_number, require, require_int
 from qgalore_fx.config import QGaLoreConfig, cli_fields
 
 __all__ = [
@@ -208,29 +208,29 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
                 )
-        _require(is_device_name(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        require(is_device_name(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         for name in ("steps", "batch_size", "log_every", "eval_batches"):
-            _require_int(self, name, 1, "a positive integer")
+            require_int(self, name, 1, "a positive integer")
         for name in ("seq_len", "threads"):
-            _require_int(self, name, 1, "a positive integer", optional=True)
-        _require_int(self, "warmup", 0, f"an integer in [0, steps={self.steps}]", optional=True,
+            require_int(self, name, 1, "a positive integer", optional=True)
+        require_int(self, "warmup", 0, f"an integer in [0, steps={self.steps}]", optional=True,
                      high=self.steps)
-        _require_int(self, "eval_every", 0, "a non-negative integer")
-        _require_int(self, "save_every", 0, "a non-negative integer")
-        _require_int(self, "seed", 0, "an integer in [0, 2**63)", high=2**63 - 1)
-        _require_int(self, "vocab_size", data_lib.MIN_VOCAB_SIZE, f"an integer >= {data_lib.MIN_VOCAB_SIZE}")
+        require_int(self, "eval_every", 0, "a non-negative integer")
+        require_int(self, "save_every", 0, "a non-negative integer")
+        require_int(self, "seed", 0, "an integer in [0, 2**63)", high=2**63 - 1)
+        require_int(self, "vocab_size", data_lib.MIN_VOCAB_SIZE, f"an integer >= {data_lib.MIN_VOCAB_SIZE}")
         for name in ("lr", "rest_lr"):
             value = getattr(self, name)
-            _require(value is None or (_is_number(value) and math.isfinite(value) and value > 0), name,
+            require(value is None or (is_number(value) and math.isfinite(value) and value > 0), name,
                      "a positive finite number", value)
-        _require(self.rest_lr is None or self.method in PROJECTED_METHODS, "rest_lr",
+        require(self.rest_lr is None or self.method in PROJECTED_METHODS, "rest_lr",
                  "None unless method is 'qgalore' or 'galore'", self.rest_lr)
-        _require(_is_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio",
+        require(is_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio",
                  "a number in [0, 1]", self.min_lr_ratio)
-        _require(_is_number(self.weight_decay) and 0.0 <= self.weight_decay < math.inf, "weight_decay",
+        require(is_number(self.weight_decay) and 0.0 <= self.weight_decay < math.inf, "weight_decay",
                  "a finite non-negative number", self.weight_decay)
-        _require(isinstance(self.betas, tuple) and len(self.betas) == 2
-                 and all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas), "betas",
+        require(isinstance(self.betas, tuple) and len(self.betas) == 2
+                 and all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas), "betas",
                  "two numbers in [0, 1)", self.betas)
         self.qgalore_config()  # the transform options, validated by the library's config
 
@@ -303,23 +303,6 @@ class TrainConfig:
         return cls(**d, **transform)
 
 
-def _require(ok: bool, name: str, what: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {what}; got {value!r}")
-
-
-def _require_int(config, name: str, low: int, what: str, optional: bool = False, high: int | None = None) -> None:
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    _require(ok, name, what, value)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _plain(value):
     """A numpy scalar as the Python number (or bool) it holds; anything else unchanged."""
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and hasattr(value, "item"):
@@ -327,55 +310,8 @@ def _plain(value):
     return value
 
 
-DEVICE_TYPES = ("cpu", "cuda")  # what the training loop runs on; "meta", "mps", ... are refused
-
-
-def is_device_name(device) -> bool:
-    """``device`` is "auto" or names a device type the loop runs on (not whether this machine has it)."""
-    if device == "auto":
-        return True
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return d.type in DEVICE_TYPES and (d.type == "cuda" or d.index is None)
-
-
-def device_problem(device: str) -> str | None:
-    """Why this machine cannot train on ``device`` (a resolved device name), or None."""
-    d = torch.device(device)
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            return "CUDA is not available on this machine"
-        count = torch.cuda.device_count()
-        if d.index is not None and d.index >= count:
-            return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-    return None
-
-
 def _default_run_dir(method: str) -> str:
     return str(pathlib.Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}")
-
-
-def _make_run_dir(run_dir: str, explicit: bool) -> pathlib.Path:
-    path = pathlib.Path(run_dir)
-    if explicit:
-        if (path / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"run_dir {path} already holds a run (metrics.jsonl); choose another directory, or "
-                f"continue that run with --resume {path}"
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    # Default names carry a timestamp; two runs started in the same second get -2, -3, ...
-    for i in range(1, 1000):
-        candidate = path if i == 1 else path.with_name(f"{path.name}-{i}")
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a fresh run directory next to {path}")
 
 
 def recorded_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -399,22 +335,6 @@ RESUME_MAY_CHANGE = ("run_dir", "save_every")
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-def cosine_with_warmup(steps: int, warmup: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for ``LambdaLR``: linear warmup to 1, then cosine down to ``min_lr_ratio``.
-
-    Step ``s`` (0-based, the number of ``scheduler.step()`` calls so far) gets
-    ``(s + 1) / warmup`` during warmup, so the first step already trains.
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig,
@@ -442,48 +362,16 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig,
     return model, optimizer
 
 
-def _logits(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    return logits if logits is not None else output[0]
-
-
-def _autocast(config: TrainConfig):
-    if config.autocast == "bf16":
-        return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _loss(model, batch: data_lib.Batch, config: TrainConfig, reduction: str = "mean"):
-    x = batch.input_ids.to(config.device, non_blocking=True)
-    y = batch.labels.to(config.device, non_blocking=True)
-    with _autocast(config):
-        logits = _logits(model(input_ids=x))
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
-
-
 @torch.no_grad()
 def evaluate(
     model, val_ids: torch.Tensor, config: TrainConfig, max_batches: int | None = None, job=None
 ) -> tuple[float, int]:
-    """Token-mean validation loss over the fixed windows, and the number of tokens scored.
-
-    ``job`` (:mod:`qgalore_fx.app.distributed`): each rank scores its rows of every batch and the sums are
-    added over ranks, so every rank returns the loss over all windows.
+    """Token-mean validation loss over the fixed windows (the first ``max_batches`` batches of them; None: all),
+    and the number of tokens scored. ``job``: every rank returns the loss over all windows (:func:`loop.evaluate`).
     """
-    job = job or distributed_lib.Local()
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
     batches = data_lib.validation_batches(val_ids, config.batch_size, config.seq_len, max_batches)
-    for batch in batches:
-        batch = job.local(batch)
-        total += float(_loss(model, batch, config, reduction="sum"))
-        count += int((batch.labels != distributed_lib.IGNORE).sum())
-    total, count = job.total(torch.tensor([total, count], dtype=torch.float64)).tolist()
-    model.train(was_training)
-    return total / count, int(count)
+    return loop.evaluate(model, batches, config, job)
+
 
 
 def _format_bytes(n: float) -> str:
@@ -502,30 +390,6 @@ def _memory_report(model, optimizer) -> tuple[str, dict]:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     text = f"{report}\npeak resident memory of this process: {_format_bytes(peak_rss)}"
     return text, {**report.to_dict(), "peak_rss_bytes": peak_rss}
-
-
-def _plot(path: pathlib.Path, history: list[dict], unigram_ppl: float, title: str) -> None:
-    """Training loss and validation perplexity against step, without touching pyplot state."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_ppl = fig.subplots(1, 2)
-    ax_loss.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss")
-    evals = [r for r in history if "val_loss" in r]
-    if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
-                     label="validation loss")
-        ax_ppl.plot([r["step"] for r in evals], [r["val_ppl"] for r in evals], "o-",
-                    label="validation")
-    ax_ppl.axhline(unigram_ppl, color="gray", linestyle="--",
-                   label=f"unigram baseline ({unigram_ppl:.0f})")
-    ax_loss.set(xlabel="step", ylabel="cross entropy (nats/token)")
-    ax_ppl.set(xlabel="step", ylabel="perplexity", yscale="log")
-    for ax in (ax_loss, ax_ppl):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
 
 
 # --------------------------------------------------------------------------- train
@@ -629,8 +493,6 @@ def train(
 
 def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose: bool, resume: bool, job):
     """The run; ``job`` (:mod:`qgalore_fx.app.distributed`) says what this process trains on and writes."""
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     explicit_run_dir = config.run_dir is not None
     cfg = config.resolved()
@@ -642,7 +504,7 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     if corpus is None:  # rank 0 first: it trains and caches the tokenizer the others load
         corpus = job.main_first(lambda: data_lib.prepare_corpus(cfg.corpus, cfg.vocab_size, cfg.cache_dir))
     if not resume:
-        run_dir = job.from_main(lambda: _make_run_dir(cfg.run_dir, explicit_run_dir))
+        run_dir = job.from_main(lambda: loop.make_run_dir(cfg.run_dir, explicit_run_dir))
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
     torch.set_num_threads(cfg.threads)
@@ -658,7 +520,7 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     model.train()
     model, optimizer = build_optimizer(model, cfg, shard=job.shard)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.steps, cfg.warmup, cfg.min_lr_ratio)
+        optimizer, loop.cosine_with_warmup(cfg.steps, cfg.warmup, cfg.min_lr_ratio)
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = data_lib.random_batches(corpus.train_ids, cfg.batch_size, cfg.seq_len, generator)
@@ -667,11 +529,12 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
 
     import qgalore_fx
 
-    progress = _Progress()
+    identity = {"train_config": _recorded_train(cfg), "corpus_fingerprint": corpus.fingerprint}
+    progress = loop.Progress(started=t_start)
     if resume:
-        progress = _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator, job)
+        progress = loop.load(job, run_dir, model, optimizer, scheduler, generator, cfg.steps, identity, t_start)
     elif job.is_main:
-        _write_json(run_dir / "config.json", {
+        loop.write_json(run_dir / "config.json", {
             "train": cfg.to_json() | {"preset": preset.name},
             "preset": dataclasses.asdict(preset),
             "model": {"n_params": n_params,
@@ -690,89 +553,26 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
                     f" per process, {job.world_size} processes" if job.world_size > 1 else "",
                     f"; resumed at step {progress.step}" if resume else "")
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    history = progress.history
-    window_loss = progress.window_loss.to(device)
-    window_steps, window_time = progress.window_steps, progress.window_seconds
-    train_time = progress.train_seconds
-    last_loss = history[-1]["loss"] if history else float("nan")
-    elapsed_before = progress.elapsed_seconds
+    def save(progress: loop.Progress) -> pathlib.Path:
+        return loop.save(job, run_dir, model, optimizer, scheduler, generator, progress, identity)
 
-    def now(step: int) -> _Progress:  # where the run stands after ``step``, for a checkpoint
-        return dataclasses.replace(
-            progress, step=step, history=history, window_loss=window_loss, window_steps=window_steps,
-            window_seconds=window_time, train_seconds=train_time,
-            elapsed_seconds=elapsed_before + time.perf_counter() - t_start)
+    def evaluate_at(last: bool) -> tuple[float, int]:  # the last evaluation scores every window
+        return evaluate(model, corpus.val_ids, cfg, None if last else cfg.eval_batches, job)
+
     # metrics.jsonl holds exactly the checkpoint's records (a killed run may have logged later steps)
-    metrics = _MetricsLog(run_dir / "metrics.jsonl", history, write=job.is_main)
-    bar = tqdm(range(progress.step + 1, cfg.steps + 1), desc=f"pretrain {cfg.method}",
-               disable=not verbose, dynamic_ncols=True, file=sys.stderr,
-               initial=progress.step, total=cfg.steps)
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            loss = _loss(model, job.local(next(batches)), cfg)
-            batch_loss = job.mean(loss.detach())  # over the whole global batch
-            if not torch.isfinite(batch_loss):
-                raise FloatingPointError(
-                    f"training loss is {batch_loss.item()} at step {step}; lower --lr "
-                    f"(now {cfg.lr:g}) or raise --warmup (now {cfg.warmup})"
-                )
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            window_loss += batch_loss
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            window_time += dt
-            train_time += dt
-            window_steps += 1
+    with loop.MetricsLog(run_dir / "metrics.jsonl", progress.history, write=job.is_main) as metrics:
+        loop.train_steps(model, optimizer, scheduler, batches, progress, cfg, evaluate=evaluate_at, save=save,
+                         metrics=metrics, times=("elapsed_s",), desc=f"pretrain {cfg.method}", verbose=verbose,
+                         job=job)
 
-            last = step == cfg.steps
-            do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
-            if not (last or do_eval or step % cfg.log_every == 0):
-                if cfg.save_every and step % cfg.save_every == 0:
-                    _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step), job)
-                continue
-            last_loss = window_loss.item() / window_steps
-            record = {
-                "step": step,
-                "loss": last_loss,
-                "lr": lr,
-                "tokens_per_s": window_steps * tokens_per_step / window_time if window_time else None,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-            }
-            window_loss.zero_()
-            window_steps, window_time = 0, 0.0
-            if do_eval:
-                val_loss, val_tokens = evaluate(
-                    model, corpus.val_ids, cfg, None if last else cfg.eval_batches, job
-                )
-                record.update(val_loss=val_loss, val_ppl=math.exp(val_loss), val_tokens=val_tokens)
-            history.append(record)
-            metrics.append(record)
-            postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}"}
-            if record["tokens_per_s"] is not None:
-                postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
-            if do_eval:
-                postfix["val_ppl"] = f"{record['val_ppl']:.1f}"
-            bar.set_postfix(postfix, refresh=False)
-            if cfg.save_every and step % cfg.save_every == 0 and not last:
-                _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(step), job)
-    finally:
-        bar.close()
-        metrics.close()
-
-    final = history[-1]
+    final = progress.history[-1]
     if job.is_main:
-        _plot(run_dir / "loss.png", history, unigram_ppl,
-              f"{cfg.method}, preset {preset.name}, vocab {corpus.vocab_size}")
-    checkpoint = _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, now(cfg.steps), job)
-    refreshes, refresh_seconds = _refreshes(optimizer)
+        loop.plot(run_dir / "loss.png", progress.history,
+                  f"{cfg.method}, preset {preset.name}, vocab {corpus.vocab_size}", unigram_ppl)
+    checkpoint = save(progress)
+    refreshes, refresh_seconds = loop.refreshes(optimizer)
     memory_text, memory = _memory_report(model, optimizer)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
     result = TrainResult(
         run_dir=run_dir,
         config=cfg,
@@ -780,9 +580,9 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
         n_params=n_params,
         steps=cfg.steps,
         tokens=cfg.steps * tokens_per_step,
-        train_seconds=train_time,
-        total_seconds=elapsed_before + time.perf_counter() - t_start,
-        final_train_loss=last_loss,
+        train_seconds=progress.train_seconds,
+        total_seconds=progress.elapsed(),
+        final_train_loss=progress.final_train_loss(),
         val_loss=final["val_loss"],
         val_ppl=final["val_ppl"],
         val_tokens=final["val_tokens"],
@@ -790,78 +590,20 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
         checkpoint=checkpoint,
         memory_text=memory_text,
         memory=memory,
-        history=history,
+        history=progress.history,
         refreshes=refreshes,
         refresh_seconds=None if refresh_seconds is None else progress.refresh_seconds + refresh_seconds,
         resumed_at=progress.resumed_at,
         world_size=job.world_size,
     )
     if job.is_main:
-        _write_json(run_dir / "summary.json", result.to_json())
+        loop.write_json(run_dir / "summary.json", result.to_json())
     if verbose:
         print(result.summary())
     return result
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-class _MetricsLog:
-    """``metrics.jsonl``: rewritten to ``history`` on opening, then one line per record (no file when not
-    ``write``: the ranks other than 0 of a sharded run)."""
-
-    def __init__(self, path: pathlib.Path, history: list[dict], write: bool = True):
-        self.file = None
-        if write:
-            _write_lines(path, history)
-            self.file = path.open("a")
-
-    def append(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _write_lines(path: pathlib.Path, records: list[dict]) -> None:
-    """``records`` as JSON lines, replacing ``path`` atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- checkpoints and resume
-
-
-@dataclass
-class _Progress:
-    """Where a run stands: what a checkpoint adds to the model, optimizer, scheduler and RNG states."""
-
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # training loss since the last record
-    window_steps: int = 0
-    window_seconds: float = 0.0
-    train_seconds: float = 0.0
-    elapsed_seconds: float = 0.0
-    refresh_seconds: float = 0.0  # refresh time measured before the last resume (the layers count since then)
-    resumed_at: list[int] = field(default_factory=list)
-
-
-def _refreshes(optimizer) -> tuple[int | None, float | None]:
-    """Subspace refreshes over all projected layers, and the seconds they took (None, None: no such layers)."""
-    layer_stats = getattr(optimizer, "layer_stats", None)
-    if layer_stats is None:
-        return None, None
-    stats = layer_stats().values()
-    return sum(s["refresh_count"] for s in stats), sum(s["refresh_seconds"] for s in stats)
 
 
 def _recorded_train(cfg: TrainConfig) -> dict:
@@ -871,28 +613,6 @@ def _recorded_train(cfg: TrainConfig) -> dict:
         d.pop(name)
     d["preset"] = presets_lib.get_preset(cfg.preset).name
     return d
-
-
-_TIMES = ("window_seconds", "train_seconds", "elapsed_seconds", "refresh_seconds")
-
-
-def _save(run_dir, cfg, corpus, model, optimizer, scheduler, generator, progress: _Progress,
-          job) -> pathlib.Path:
-    """Write a checkpoint (``run_dir/checkpoint`` in one process, atomically; a new DCP directory when sharded,
-    see :mod:`qgalore_fx.app.distributed`): the run's objects and ``progress``."""
-    _, refresh_seconds = _refreshes(optimizer)
-    return job.save(run_dir, model, optimizer, scheduler, dict(
-        step=progress.step,
-        batch_generator=generator.get_state(),
-        history=progress.history,
-        window_loss=progress.window_loss.detach(),
-        window_steps=progress.window_steps,
-        **{k: getattr(progress, k) for k in _TIMES if k != "refresh_seconds"},
-        refresh_seconds=progress.refresh_seconds + (refresh_seconds or 0.0),
-        resumed_at=progress.resumed_at,
-        train_config=_recorded_train(cfg),
-        corpus_fingerprint=corpus.fingerprint,
-    ))
 
 
 def _check_resumable(cfg: TrainConfig, job) -> pathlib.Path:
@@ -913,38 +633,6 @@ def _check_resumable(cfg: TrainConfig, job) -> pathlib.Path:
             f"{run_dir} has no checkpoint to resume from (it was stopped before its first save; "
             f"save_every={recorded.save_every}): start the run again")
     return run_dir
-
-
-def _load_progress(run_dir, cfg, corpus, model, optimizer, scheduler, generator, job) -> _Progress:
-    """Load the run's checkpoint into the run's objects; the progress it records."""
-    extra, where = job.load(run_dir, model, optimizer, scheduler)
-    if extra.get("train_config") != _recorded_train(cfg):
-        raise ValueError(f"{where} was written by another run configuration than {run_dir}/config.json")
-    if extra.get("corpus_fingerprint") != corpus.fingerprint:
-        raise ValueError(f"{where}: the corpus changed since the run started (fingerprint "
-                         f"{extra.get('corpus_fingerprint')!r}, now {corpus.fingerprint!r})")
-    step = extra.get("step")
-    if not (isinstance(step, int) and 1 <= step <= cfg.steps):  # at cfg.steps: only the summary is missing
-        raise ValueError(f"{where}: step must be in [1, {cfg.steps}], got {step!r}")
-    try:
-        generator.set_state(extra["batch_generator"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{where}: batch_generator is not a torch.Generator state ({e})") from None
-    history, window_loss = extra.get("history"), extra.get("window_loss")
-    if not (isinstance(history, list) and all(isinstance(r, dict) and isinstance(r.get("step"), int)
-                                              and r["step"] <= step for r in history)):
-        raise ValueError(f"{where}: history must be the list of metrics records up to step {step}")
-    if not (isinstance(window_loss, torch.Tensor) and window_loss.dim() == 0 and window_loss.is_floating_point()):
-        raise ValueError(f"{where}: window_loss must be a 0-d float tensor, got {window_loss!r}")
-    numbers = {k: extra.get(k) for k in ("window_steps", *_TIMES)}
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-               for v in numbers.values()) or not isinstance(numbers["window_steps"], int):
-        raise ValueError(f"{where}: {numbers} must be finite numbers >= 0 (window_steps an int)")
-    resumed_at = extra.get("resumed_at")
-    if not (isinstance(resumed_at, list) and all(isinstance(s, int) for s in resumed_at)):
-        raise ValueError(f"{where}: resumed_at must be a list of steps, got {resumed_at!r}")
-    return _Progress(step=step, history=history, window_loss=window_loss, resumed_at=[*resumed_at, step],
-                     **{k: float(numbers[k]) for k in _TIMES}, window_steps=numbers["window_steps"])
 
 
 def _versions(qgalore_fx_version: str) -> dict:

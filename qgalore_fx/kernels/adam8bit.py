@@ -3,13 +3,16 @@
 Q-GaLore runs Adam on the low-rank gradient R of every projected layer and on
 the ordinary parameters that are not projected (DESIGN.md §2). This module
 holds the moments and does the update; the rest of qgalore_fx calls exactly
-two functions:
+two functions, neither of which synchronizes with the host:
 
-* ``adam_direction_(grad, state, step)`` updates the moments with ``grad`` and
-  returns Adam's normalized, bias-corrected update ``N = m̂ / (sqrt(v̂) + eps)``.
-  The caller projects N back and scales it.
-* ``adamw_step_(param, grad, state, step, lr)`` is a whole AdamW step with
-  decoupled weight decay on a parameter.
+* ``adam_direction_masked_(grad, state, step, beta1, beta2, eps, ok)`` updates
+  the moments with ``grad`` and returns Adam's normalized, bias-corrected update
+  ``N = m̂ / (sqrt(v̂) + eps)``. The caller projects N back and scales it.
+* ``adamw_masked_(p32, grad, state, step, ok, lr, ...)`` is a whole AdamW step
+  with decoupled weight decay on an fp32 parameter.
+
+``step`` is a 0-d integer tensor (so a compiled caller does not recompile per
+step) and ``ok`` a 0-d bool tensor: where it is False nothing changes and N is 0.
 
 Storage (``AdamState``)
 -----------------------
@@ -23,7 +26,8 @@ of an even split of ``[0.1, 1]`` times that decade (2^k parts per sign for the
 signed map, 2^(k+1) for the unsigned map, k = 0..6). The signed map has no
 ``-1``: its most negative value is about ``-0.993``. The maps equal
 ``bitsandbytes.functional.create_dynamic_map(signed=...)`` bit for bit (a test
-checks it), so states written by either backend are read by the other.
+checks it), so bitsandbytes' kernels read and write these states as their own
+(tests/adam_peers.py runs them on an ``AdamState`` to check the math below).
 
 With ``bits=32`` the moments are plain fp32 tensors. Tensors with fewer than
 ``min_8bit_size`` (default 4096) elements are kept in fp32 even when 8 bits are
@@ -32,8 +36,8 @@ on them and keeps that default): tiny tensors (norms, biases, small low-rank sta
 nothing and are the ones most hurt by quantized moments. ``state.bits`` is the
 width actually stored. Pass ``min_8bit_size=0`` to quantize everything.
 
-The math (both backends, per element, fp32)
--------------------------------------------
+The math (per element, fp32)
+----------------------------
 ::
 
     m, v   = dequant(m), dequant(v)                  # qmap[code] * absmax
@@ -70,7 +74,7 @@ instead: positive stays positive, so the step it damps is at most
 by eps. The element is over-damped where its true v was smaller (it moves
 less than fp32 Adam would, never more). The first moment keeps nearest
 rounding: a small m that rounds to the zero code gives N = 0 (no move), and
-nearest rounding never changes its sign. The ``bitsandbytes`` backend applies
+nearest rounding never changes its sign. The tests' bitsandbytes peer applies
 the same floor after bitsandbytes' kernel (its CUDA kernel can return code 0
 for such values; its CPU library floors them to code 7 itself).
 
@@ -97,7 +101,7 @@ to bitsandbytes' and so is the new absmax. Where it differs:
   above the nearest, 0; the reference's is the closer one).
 * Weight decay order. bitsandbytes' CPU backend applies ``p *= 1 - lr*wd``
   before the Adam step (as here and in torch.optim.AdamW); its CUDA kernel
-  applies it after. The ``bitsandbytes`` backend here therefore applies weight
+  applies it after. The tests' bitsandbytes peer therefore applies weight
   decay itself and calls bitsandbytes with ``weight_decay=0``, so both devices
   follow the order above.
 * Param update rounding. bitsandbytes adds ``(-lr / c1) * m / denom`` to p;
@@ -113,45 +117,31 @@ The 32-bit path computes exactly the formula above on fp32 moments; it equals
 bitsandbytes' 32-bit kernel computes ``c2/c1 * m / (sqrt(v) + eps*c2)``, the
 same quantity rounded differently.
 
-Backends
---------
-``"torch"`` is the pure-torch reference above (any device, any block size,
-``step`` may be a 0-d tensor so a compiled caller does not recompile per
-step). ``"bitsandbytes"`` calls ``bitsandbytes.functional.
-optimizer_update_8bit_blockwise`` / ``optimizer_update_32bit`` with every
-argument by keyword (block size 256 only). For ``adam_direction_`` it updates
-a zero fp32 buffer with ``lr=-1`` and no weight decay: bitsandbytes then
-writes ``0 + (1/c1) * m / denom``, which is N exactly. ``"auto"`` picks
-bitsandbytes for CUDA tensors (when it imports) and torch otherwise (torch
-everywhere under ``QGALORE_FX_REFERENCE=1``, see ``qgalore_fx.kernels.fastpath``).
-
-The masked entry points the optimizer uses (``adam_direction_masked_``,
-``adamw_masked_``: no host sync, a 0-d ``ok`` selects skip or update) run the
-*fused step* on whole blocks of 8-bit states: the same math compiled into a few
-loops by ``torch.compile``, equal to the reference up to float rounding (see
-"fused step" below for exactly where and by how much), about 2x faster on the
-CPU. ``QGALORE_FX_REFERENCE=1`` or ``impl="reference"`` runs the reference.
+Implementations
+---------------
+The pure-torch reference is the math above (any device, any block size). On
+whole blocks of 8-bit states both entry points run the *fused step*: the same
+math compiled into a few loops by ``torch.compile``, equal to the reference up
+to float rounding (see "fused step" below for exactly where and by how much),
+about 2x faster on the CPU. ``QGALORE_FX_REFERENCE=1`` or ``impl="reference"``
+runs the reference.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from .fastpath import CompiledKernel, reference_forced
+from .fastpath import CompiledKernel
 
 __all__ = [
     "AdamState",
-    "BACKENDS",
-    "adam_direction_",
     "adam_direction_masked_",
     "adamw_masked_",
-    "adamw_step_",
     "dequantize_blockwise_dynamic",
     "dynamic_map",
     "quantize_blockwise_dynamic",
@@ -159,10 +149,8 @@ __all__ = [
 
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
-BACKENDS = ("auto", "torch", "bitsandbytes")
-IMPLS = ("auto", "reference", "fused")  # of the masked (compiled-caller) entry points
+IMPLS = ("auto", "reference", "fused")
 _BITS = (8, 32)
-_BNB_BLOCK_SIZE = 256  # bitsandbytes' block-wise optimizer kernels hard-code this
 
 
 # --------------------------------------------------------------------------- maps
@@ -473,62 +461,6 @@ class AdamState:
         return AdamState(self.shape, self.bits, self.block_size, **{k: t.clone() for k, t in self.tensors().items()})
 
 
-# --------------------------------------------------------------------------- checks
-def _check_args(grad: Tensor, state: AdamState, step, beta1, beta2, eps, backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(state, AdamState):
-        raise ValueError(f"state must be an AdamState, got {type(state).__name__}")
-    if not isinstance(grad, Tensor) or not grad.is_floating_point():
-        raise ValueError(f"grad must be a floating-point tensor, got {getattr(grad, 'dtype', type(grad).__name__)}")
-    if grad.shape != state.shape:
-        raise ValueError(f"grad shape {tuple(grad.shape)} does not match the state shape {tuple(state.shape)}")
-    if grad.device != state.device:
-        raise ValueError(f"grad is on {grad.device} but the state is on {state.device}; move one with .to()")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be a float in [0, 1), got {b!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0.0:
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
-    if isinstance(step, Tensor):
-        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
-            raise ValueError(f"step must be an int >= 1 or a 0-d integer tensor, got a {step.dtype} "
-                             f"tensor of shape {tuple(step.shape)}")
-    elif isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (the 1-based count of this update), got {step!r}")
-
-
-def _check_lr(lr, weight_decay) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a float or a 0-d tensor, got a tensor of shape {tuple(lr.shape)}")
-    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
-        raise ValueError(f"lr must be a float >= 0 or a 0-d tensor, got {lr!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend != "auto":
-        return backend
-    if reference_forced():  # QGALORE_FX_REFERENCE=1: the torch reference on every device
-        return "torch"
-    if device.type == "cuda" and _bnb_functional(required=False) is not None:
-        return "bitsandbytes"
-    return "torch"
-
-
-@lru_cache(maxsize=None)
-def _bnb_functional(required: bool = True):
-    try:
-        import bitsandbytes.functional as F
-    except Exception as e:  # ImportError, or a library that fails to load
-        if required:
-            raise RuntimeError(f'backend="bitsandbytes" needs an importable bitsandbytes: {e}') from e
-        return None
-    return F
-
-
 # --------------------------------------------------------------------------- torch reference
 def _bias_corrections(beta1: float, beta2: float, step):
     """(c1, c2) = (1 - beta1^t, sqrt(1 - beta2^t)), computed in float64."""
@@ -812,7 +744,7 @@ def _check_masked(grad: Tensor, state: AdamState, ok: Tensor, impl: str) -> None
 @torch.no_grad()
 def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, beta2, eps, ok: Tensor,
                            impl: str = "auto", offset: int = 0) -> Tensor:
-    """:func:`adam_direction_` for a compiled or asynchronous caller: no host synchronization.
+    """Update ``state`` with ``grad`` and return N = m̂ / (sqrt(v̂) + eps) (module docstring); no host synchronization.
 
     ``step`` (the 1-based index of this update) is a 0-d integer tensor and ``beta1``, ``beta2``, ``eps`` floats
     or 0-d tensors; the moments change only where the 0-d bool tensor ``ok`` holds, and N is 0 where it does not.
@@ -880,106 +812,3 @@ def adamw_masked_(p32: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok:
     if decay is not None:
         p_flat[full:].mul_(decay)
     p_flat[full:].sub_(n.mul_(lr))
-
-
-# --------------------------------------------------------------------------- bitsandbytes
-def _update_bnb_(p32: Tensor, grad: Tensor, state: AdamState, step, lr: float, beta1, beta2, eps) -> None:
-    """One bitsandbytes Adam step on the contiguous fp32 ``p32`` (no weight decay)."""
-    F = _bnb_functional()
-    g = grad.float().contiguous()
-    step = int(step)
-    if state.bits == 8:
-        if state.block_size != _BNB_BLOCK_SIZE:
-            raise ValueError(f'backend="bitsandbytes" needs block_size={_BNB_BLOCK_SIZE}, the state has '
-                             f'block_size={state.block_size}; use backend="torch"')
-        F.optimizer_update_8bit_blockwise(
-            optimizer_name="adam", g=g, p=p32,
-            state1=state.m, state2=state.v,
-            beta1=float(beta1), beta2=float(beta2), beta3=0.0, alpha=0.0,
-            eps=float(eps), step=step, lr=float(lr),
-            qmap1=dynamic_map(True, p32.device), qmap2=dynamic_map(False, p32.device),
-            absmax1=state.absmax_m, absmax2=state.absmax_v,
-            weight_decay=0.0, gnorm_scale=1.0, skip_zeros=False,
-        )
-        # bitsandbytes' CUDA kernel can store a positive v as code 0 (its CPU library floors such values to code 7
-        # itself, so this changes nothing there). The unquantized v is gone by now, but a first moment that is not
-        # the zero code means some past gradient of that element was non-zero, so its true v is positive.
-        state.v.copy_(_floor_positive_codes(state.v, state.m != _zero_code(True)))
-    else:
-        F.optimizer_update_32bit(
-            optimizer_name="adam", g=g, p=p32,
-            state1=state.m, state2=state.v,
-            beta1=float(beta1), beta2=float(beta2), beta3=0.0, alpha=0.0,
-            eps=float(eps), step=step, lr=float(lr),
-            weight_decay=0.0, gnorm_scale=1.0, unorm_vec=None, max_unorm=0.0, skip_zeros=False,
-        )
-
-
-# --------------------------------------------------------------------------- public API
-@torch.no_grad()
-def adam_direction_(
-    grad: Tensor,
-    state: AdamState,
-    step: Union[int, Tensor],
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    backend: str = "auto",
-) -> Tensor:
-    """Update ``state`` with ``grad`` and return N = m̂ / (sqrt(v̂) + eps).
-
-    ``step`` is the 1-based index of this update (bias correction uses it);
-    the torch backend also takes a 0-d integer tensor. N is a new fp32 tensor
-    of ``grad``'s shape. See the module docstring for the exact math.
-    """
-    _check_args(grad, state, step, beta1, beta2, eps, backend)
-    if state.shape.numel() == 0:
-        return torch.zeros(state.shape, dtype=torch.float32, device=state.device)
-    if _resolve_backend(backend, state.device) == "torch":
-        return _direction_torch(grad, state, step, beta1, beta2, eps)
-    n = torch.zeros(state.shape, dtype=torch.float32, device=state.device)
-    _update_bnb_(n, grad, state, step, -1.0, beta1, beta2, eps)  # p = 0 - (-1) * N
-    return n
-
-
-@torch.no_grad()
-def adamw_step_(
-    param: Tensor,
-    grad: Tensor,
-    state: AdamState,
-    step: Union[int, Tensor],
-    lr: Union[float, Tensor],
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    backend: str = "auto",
-) -> None:
-    """In-place AdamW on ``param``: ``p = p*(1 - lr*wd) - lr*N`` (math in fp32).
-
-    ``param`` may be fp32, bf16 or fp16 and have ``grad``'s shape; ``lr`` a
-    float or 0-d tensor. With the torch backend a tensor ``lr`` is used
-    without a host sync.
-    """
-    _check_args(grad, state, step, beta1, beta2, eps, backend)
-    _check_lr(lr, weight_decay)
-    if not isinstance(param, Tensor) or param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"param must be a float32, bfloat16 or float16 tensor, got "
-                         f"{getattr(param, 'dtype', type(param).__name__)}")
-    if param.shape != grad.shape:
-        raise ValueError(f"param shape {tuple(param.shape)} does not match grad shape {tuple(grad.shape)}")
-    if param.device != state.device:
-        raise ValueError(f"param is on {param.device} but the state is on {state.device}")
-    if state.shape.numel() == 0:
-        return
-    in_place = param.dtype == torch.float32 and param.is_contiguous()
-    p32 = param if in_place else param.float().contiguous()
-    if weight_decay:
-        p32.mul_(1.0 - lr * weight_decay)
-    if _resolve_backend(backend, state.device) == "torch":
-        n = _direction_torch(grad, state, step, beta1, beta2, eps)
-        p32.sub_(n.mul_(lr))
-    else:
-        _update_bnb_(p32, grad, state, step, float(lr), beta1, beta2, eps)
-    if not in_place:
-        param.copy_(p32)

@@ -3,8 +3,9 @@
 Every kernel of qgalore_fx has a pure-torch reference, the checked definition (the tests compare every fast
 path against it). The fast paths are
 
-* functions compiled once with ``torch.compile(fullgraph=True, dynamic=False)`` (inductor: C++ on the CPU,
-  Triton on CUDA) — the 8-bit Adam step of :mod:`qgalore_fx.kernels.adam8bit`;
+* functions compiled once with ``torch.compile(fullgraph=True, dynamic=True)`` (inductor: C++ on the CPU,
+  Triton on CUDA; one compilation serves every number of blocks) — the 8-bit Adam step of
+  :mod:`qgalore_fx.kernels.adam8bit` and the INT8 write-back of :mod:`qgalore_fx.kernels.writeback`;
 * the Triton kernels registered as the custom ops' CUDA implementations (``quant_triton.py``,
   ``int8_matmul.py``).
 
@@ -37,12 +38,12 @@ def reference_forced() -> bool:
 
 
 class CompiledKernel:
-    """``fn`` compiled on first use with ``torch.compile(fullgraph=True, dynamic=...)``.
+    """``fn`` compiled on first use with ``torch.compile(fullgraph=True, dynamic=dynamic)``.
 
     ``kernel(*args)`` returns ``(True, result)``, or ``(False, None)`` — run the reference instead — when the
     references are forced, when a ``torch.compile`` trace is in progress, or after compilation failed once (a
-    warning says why). Each new input shape compiles once more (``dynamic=False``): callers feed fixed-size
-    chunks.
+    warning says why). ``dynamic=True`` (what the library's kernels use) compiles once for every size of the
+    leading dimension; with ``dynamic=False`` each new input shape compiles once more.
     """
 
     def __init__(self, fn: Callable, name: str, dynamic: bool = False):

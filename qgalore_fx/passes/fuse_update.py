@@ -61,7 +61,6 @@ def fuse_update(gm: fx.GraphModule, prefix: str, config: QGaLoreConfig, start_in
         args = list(node.args)
         args[5], args[8] = state, spec
         node.args = tuple(args)
-        node.meta["qgalore_fx_rank"] = config.rank
         count += 1
     if count:
         gm.graph.lint()
