@@ -17,7 +17,7 @@ projection counts) and ``refresh_seconds``. Output: one JSON object on stdout an
 layer, wall time).
 
 ``--rule official`` replaces the library's lazy-refresh decision, for this run only, by the official
-Q-GaLore code's (VITA-Group/Q-GaLore ``GaLoreProjector``, see ``qgalore_fx.projection``'s module docstring):
+Q-GaLore code's (VITA-Group/Q-GaLore ``GaLoreProjector``, see docs/projection-and-refresh.md):
 the *signed* cosine of the top singular vector of the new and the previous SVD (taken before qgalore_fx
 aligns the basis), a window of the last ``queue_size`` values, and a doubling at every refresh at which the
 window is full and its mean is at least ``--cos-threshold`` (default 0.4 there); the window is never

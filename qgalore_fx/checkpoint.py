@@ -3,90 +3,10 @@
     save_checkpoint("ckpt", model, opt, sched, step=1000, data_position=123456)
     extra = load_checkpoint("ckpt", model, opt, sched)   # -> {"step": 1000, "data_position": 123456}
 
-A checkpoint is a directory holding everything a run needs to continue
-bit-for-bit: the model's state dict (for every projected layer its INT8 codes
-and scales, INT4 projection, 8-bit moments, refresh schedule and step count,
-the count that also seeds stochastic rounding; every other parameter and
-persistent buffer), the optimizer's state dict (the 8-bit AdamW state of the
-parameters that are not projected, the parameter groups), the scheduler's
-state, the RNG states, the model's qgalore_fx config and any JSON-safe
-``extra`` values. Nothing is pickled, and loading never unpickles: tensors live in
-safetensors files and everything else in JSON.
-
-Layout (format version 1)
--------------------------
-``model.safetensors``
-    ``model.state_dict()`` under its own key names, so any safetensors reader
-    can open it. Tensors that alias another entry (tied weights) are stored
-    once and listed under ``model.aliases`` in the metadata.
-``state.safetensors``
-    every other tensor, under dotted keys: ``optimizer.state.14.adam.m``,
-    ``rng.torch_cpu``, ``rng.cuda.0``, ``scheduler.…``, ``extra.…``.
-``checkpoint.json``
-    written last; its presence marks the checkpoint complete. It holds the
-    format version, the sha256 and byte size of both tensor files, the
-    model's keys with dtypes and shapes, the qgalore_fx config, and one
-    *description* per nested object (optimizer, scheduler, RNG, extra). A
-    description is plain JSON with tagged containers so that loading rebuilds
-    the exact structure: a leaf is a JSON number, string, bool or null;
-    ``{"tensor": key}`` is a tensor of ``state.safetensors``; ``{"list": [...]}``
-    and ``{"tuple": [...]}`` keep lists and tuples apart; ``{"dict": [[k, v], ...]}``
-    keeps key order and key types (JSON keeps ``14`` and ``"14"`` apart inside a
-    list, so int keys come back as ints); ``{"float": "nan" | "inf" | "-inf"}``
-    stores non-finite floats in standard JSON. The file also carries
-    ``self_sha256``, a hash of its own canonical form, so a flipped byte in the
-    metadata is caught too.
-
-Atomic replacement
-------------------
-``save_checkpoint(path, ...)`` writes everything into ``<path>.tmp-<id>`` next
-to the target (same parent, so renames never cross a file system), where
-``<id>`` is ``<pid>-<random hex>``: first a marker file ``qgalore_fx.marker``
-holding ``<id>``, then the tensors, then the metadata, fsyncing every file and
-the directory. It then swaps: ``path -> <path>.old-<id of path>``,
-``<path>.tmp-<id> -> path``, fsync of the parent, removal of the old copy. A
-crash (power loss, SIGKILL) at any point therefore leaves either the previous
-complete checkpoint at ``path`` or the new one — or, in the instant between the
-two renames, no ``path`` but a complete ``<path>.old-<id>``, which
-``load_checkpoint`` finds and loads (with a warning). One writer per path at a
-time is assumed (e.g. rank 0 only under DDP).
-
-Only what the library created is ever removed or loaded in place of ``path``:
-a sibling ``<path>.tmp-<id>`` / ``<path>.old-<id>`` counts as its own when it is
-a real directory whose marker holds that ``<id>`` (or an empty ``.tmp-<id>``).
-The next save removes its own unfinished ``.tmp-`` copies before writing (so
-repeated crashes do not pile up full-size copies) and its own ``.old-`` copies
-after its swap; a user's ``run.old-1`` backup is never touched. A checkpoint
-written before markers existed gets one just before it is retired.
-``save_checkpoint`` refuses to replace a directory that is not a qgalore_fx
-checkpoint. Errors of the file system (disk full, no permission) raise
-:class:`CheckpointWriteError` (a ``CheckpointError`` and an ``OSError`` with the
-errno) naming the checkpoint; the partial copy is removed and the previous
-checkpoint stays as it was. Loading reads regular files only: a symbolic link
-inside a checkpoint is an error, never followed.
-
-Validation before anything changes
-----------------------------------
-``load_checkpoint`` reads and checks every entry of the checkpoint before the
-first write to the model, optimizer, scheduler or RNG states; only then does
-it apply them. Integrity: the metadata must parse (standard JSON, nested at
-most 64 levels) and hash to its own ``self_sha256``, the format version must be
-known, both tensor files must be regular files (never symlinks) with the
-recorded size and sha256 that parse as safetensors. Fit: the qgalore_fx config
-must equal the model's field by field; the model's state-dict keys, shapes and
-dtypes must match; the optimizer's parameter layout, setting names and
-per-parameter state (AdamW shapes, bits, block size) must be this optimizer's;
-``accumulation_steps`` must equal the optimizer's; the scheduler must be of the
-same class with the same entries. Values: every entry has the type of the live
-value it replaces (no ``"abc"`` learning rate, no list where a tuple was);
-parameters and projected layers' tensors are finite and no model entry holds
-NaN; INT8/INT4 codes, quantization scales, second moments and counters (layer
-and AdamW steps, skips, ``last_epoch``: integers in [0, 2**53)) are in range;
-``lr``, ``eps``, ``weight_decay``, ``betas``, ``base_lrs`` are finite and in
-range; each RNG state is loaded into a scratch generator first. Every failure
-is a :class:`CheckpointError` subclass (``ValueError``) naming the entry, e.g.
-``optimizer.param_groups.0.lr`` or ``model entry 'blocks.0.0.weight_scales'``.
-The checkpoint on disk is only ever read.
+A checkpoint is a directory (safetensors files and a checksummed JSON manifest; nothing is pickled) holding
+everything a run needs to continue bit-for-bit. It is written atomically and validated in full before loading
+changes anything. Public names: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`read_checkpoint`,
+:data:`FORMAT_VERSION` and the :class:`CheckpointError` family. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -634,8 +554,9 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     ``extra`` values (step, data position, ...) must be numbers, strings, bools, None, tensors, or
     lists/tuples/dicts of those; ``load_checkpoint`` returns them. Scheduler entries that are not
     storable (e.g. a callable object's attributes) are skipped and keep the loading scheduler's
-    values. Projected layers' optimizer state (projections, moments, refresh schedule) is part
-    of the optimizer's state dict: a checkpoint saved without the optimizer holds weights only.
+    values. Projected layers' update state (projections, moments, refresh schedule) is part of
+    the model's state dict; a checkpoint saved without the optimizer lacks the AdamW state of the
+    other parameters and the parameter groups.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1294,7 +1215,7 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
                     scheduler: Optional[Any] = None) -> dict:
     """Restore ``model`` (and ``optimizer``, ``scheduler``, RNG states) from ``path``; returns the ``extra`` dict.
 
-    Every entry is verified before anything is modified; see the module docstring. ``model`` must be
+    Every entry is verified before anything is modified (docs/checkpoints.md). ``model`` must be
     built and transformed exactly as when saving; ``optimizer``/``scheduler`` created the same way.
     """
     if not isinstance(model, nn.Module):

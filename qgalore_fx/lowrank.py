@@ -1,76 +1,12 @@
 """The Q-GaLore update of one projected layer, as functions over that layer's tensors.
 
-For a weight W of shape [m, n] with rank r, one update is (DESIGN.md §2)::
-
-    G  = grad_yᵀ · x                       only on refresh steps (for the SVD); with few tokens per step
-                                           (T·(m+n) < m·n) the iteration applies it through its factors
-                                           instead (projection.FactoredGradient), except proj_method="full"
-    P  = top-r singular vectors of G       refreshed lazily, aligned with the previous P, stored INT4
-    R  = G · Pᵀ  (m >= n)  or  Pᵀ · G      computed as grad_yᵀ·(x·Pᵀ) or (grad_y·P)ᵀ·x,
-                                           so between refreshes G is never formed
-    N  = Adam(R)                           8-bit block-wise moments
-    W <- W - lr·(α·N·P or α·P·N) - lr·wd·W in fp32, then INT8 with stochastic rounding
-
-Where the state lives
----------------------
-Everything a layer keeps between steps is a tensor owned by its
-:class:`~qgalore_fx.layers.QGaLoreLinear` (see :data:`STATE_NAMES`): the
-projection codes and scales, Adam's moments (8-bit codes + per-block absmax,
-or fp32), the applied-update count ``step``, the skip counter, the low-rank
-accumulator for deferred updates, and ``control`` — a small float64 tensor on
-the *host* holding what the host must know to run the update without reading
-device memory (update attempts, pending micro-batches, the lazy-refresh
-schedule and its recent similarities). The moments sit on the layer, not in
-the optimizer, because the update runs inside the layer's backward, where the
-graph reaches the layer's tensors and nothing else: a layer that owns its
-state needs no registry, and ``state_dict``, ``deepcopy``, ``.to()`` and
-pickling carry it by PyTorch's own mechanisms. The optimizer owns only the
-hyperparameters (its ``param_groups``), which it hands to each layer as a
-float64 tensor ``hparams = [lr, beta1, beta2, eps, weight_decay]``.
-
-Two ops
--------
-``qgalore_fx::lowrank_update_`` (:func:`update_`) runs in the layer's backward.
-It decides on the host — from ``control``, never from device memory — whether
-this step refreshes the subspace; a refresh forms G, computes P (an SVD-like
-iteration, data-dependent, so the refresh path may synchronize), and records
-the similarity in the schedule. Otherwise it computes R without forming G.
-It then either accumulates R (``fused=False`` or gradient accumulation) or
-calls:
-
-``qgalore_fx::lowrank_step_`` (:func:`step_`), the steady-state update: Adam on
-R, project back, decay, stochastic-rounding write-back. It is branch-free:
-a non-finite R (or non-finite hyperparameters) selects the old weight and
-moments with ``torch.where`` and bumps the skip counter, so a steady-state
-step performs no host synchronization. Its hyperparameters arrive as tensors,
-so a learning-rate schedule never recompiles a compiled model.
-
-The refresh clock counts update *attempts* (``control[CALLS]``), which the
-host knows without reading the device; Adam's bias correction counts
-*applied* updates (``step``, on the device). They differ only after skipped
-updates.
-
-A refresh needs a full G, so with gradient accumulation the first
-micro-batch's G defines the new subspace and later micro-batches of that step
-are projected onto it. A non-finite micro-batch poisons the accumulator, so
-the whole accumulated update is skipped — as the optimizer's AdamW group does.
-
-Dropping an accumulation window
--------------------------------
-``optimizer.zero_grad()`` before ``step()`` drops the micro-batches since the
-last step for every parameter (:func:`drop_pending_`): the accumulator is
-cleared (a poisoned one too), and a refresh that one of those micro-batches
-made is undone — the projection and the refresh schedule return to what they
-were before the window, so the next micro-batch refreshes as if the dropped
-ones had never run. For that a deferred layer keeps, while a window is open,
-a copy of the projection as it was before the window's refresh
-(:data:`UNDO_NAMES`, allocated with the accumulator: about an eighth of its
-size with INT4 projections) and the schedule's slots in ``control``. Neither
-is saved: a window resumed from a state dict saved in its middle drops its
-accumulated gradient but keeps the refresh it made before the save. Where the
-update runs inside backward (``accumulation_steps=1``, ``fused=True``) a
-micro-batch is applied by its own backward; ``zero_grad()`` cannot take it
-back, and a second backward before ``step()`` stays an error.
+For a weight W [m, n] at rank r: R = G·Pᵀ or Pᵀ·G (computed from grad_y and x, G formed only to refresh P),
+N = Adam(R) on 8-bit moments, W <- W - lr·(α·N·P or α·P·N) - lr·wd·W, written back to INT8 with stochastic
+rounding.
+The layer owns its state (:data:`STATE_NAMES`, a host-side ``control`` tensor); the ops are
+``qgalore_fx::lowrank_update_`` (:func:`update_`, in the layer's backward: refresh, project, accumulate) and
+``qgalore_fx::lowrank_step_`` (:func:`step_`, the branch-free steady-state update); :func:`drop_pending_` drops an
+accumulation window. See docs/layer-update.md.
 """
 
 from __future__ import annotations

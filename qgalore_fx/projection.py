@@ -1,224 +1,9 @@
 """Gradient subspaces for Q-GaLore: computing projections and deciding when to refresh them.
 
-Everything here is a pure function of tensors or a small plain-Python state object; no
-module, graph or optimizer code lives here.
-
-Side convention (GaLore)
-------------------------
-For a weight gradient ``G`` of shape ``[m, n]``:
-
-* ``m >= n`` -> project on the **right**: ``P`` holds the top-r right singular vectors as
-  rows, shape ``[r, n]`` with orthonormal rows; ``R = G @ P.T`` (``[m, r]``) and the
-  back-projection is ``R @ P``.
-* ``m < n`` -> project on the **left**: ``P`` holds the top-r left singular vectors as
-  columns, shape ``[m, r]`` with orthonormal columns; ``R = P.T @ G`` (``[r, n]``) and the
-  back-projection is ``P @ R``.
-
-Either way ``P`` lives in the smaller of the two dimensions, which is what keeps it (and the
-optimizer state on ``R``) small.
-
-Computing a projection (:func:`compute_projection`)
----------------------------------------------------
-``"full"``
-    fp32 ``torch.linalg.svd(full_matrices=False)``: the reference, and by far the slowest.
-``"randomized"``
-    A randomized range finder: a Gaussian block of ``q = rank + oversample`` columns in the
-    projection's space, ``niter`` block power iterations (each applies ``GᵀG``, or ``GGᵀ``
-    on the left side, then re-orthonormalizes with a Householder QR), then a Rayleigh-Ritz
-    step that rotates the block onto ordered singular-vector estimates and keeps the top
-    ``rank``. The Gaussian block comes from ``generator``, so a seeded generator gives a
-    reproducible result.
-``"subspace"``
-    The same iteration warm-started from the previous projection: the starting block is
-    ``prev`` (the dequantized previous ``P``) plus ``oversample`` Gaussian columns that let
-    directions new to the subspace come in. It starts where the answer probably is, so two
-    iterations (the default), at the cost of ``"randomized"`` with two, beat ``"randomized"``
-    with three when the subspace moved little and come within 0.3% of its captured energy
-    when it moved a lot; one iteration is enough when the subspace moved little.
-    BENCHMARKS.md has the measurements. Without a usable ``prev`` (``None``,
-    another shape, or non-finite values) it falls back to ``"randomized"``.
-
-All methods return fp32, and fix the sign of each singular vector so that its
-largest-magnitude entry is positive. The sign of a singular vector is arbitrary (LAPACK, a
-randomized sketch and a warm start may each pick another), so fixing it makes the three
-methods agree vector for vector where the spectrum has gaps, and keeps quantized ``P`` codes
-reproducible. That is the basis of a layer's *first* projection; every later one is aligned
-with its predecessor, next.
-
-A gradient that is never formed (:class:`FactoredGradient`)
------------------------------------------------------------
-A linear layer's weight gradient is ``G = grad_yᵀ x`` over the ``T`` tokens of a step, so its
-rank is at most ``T``. When ``T (m + n) < m n`` (few tokens per step against large weights:
-LLaMA-7B at 256 tokens per step forms its MLP gradient 11.6x cheaper this way) the
-``"randomized"`` and ``"subspace"`` iterations apply ``G`` as its two factors,
-``G X = grad_yᵀ (x X)`` and ``Gᵀ Y = xᵀ (grad_y Y)``: the same iteration, the same
-result up to float rounding, without the ``[m, n]`` fp32 matrix or its ``m n q`` products.
-When ``T`` is below the iteration's block (``rank + oversample``) no iteration can beat the
-exact SVD, which the factors give in ``O((m + n) T²)``: ``qr(xᵀ)`` spans ``G``'s rows, and
-the SVD of the ``[m, T]`` matrix ``G Q`` is ``G``'s (:func:`_factored_svd`; past the first
-``T`` vectors ``G`` has no energy and ``P`` is completed by a seeded random orthonormal
-block). At LLaMA-7B, rank 1024 and 256 tokens this takes an MLP layer's first refresh from 9.8 s
-(randomized on the formed ``G``) to 0.8 s on one core (``benchmarks/bench_transients.py``).
-``"full"`` (the SVD reference of the exact-GaLore mode) always forms ``G``.
-
-Aligning a refreshed projection (:func:`align_projection`)
-----------------------------------------------------------
-Adam's moments of ``R`` are kept across a refresh, in the coordinates of the old ``P`` (as in
-GaLore). Coordinate i of ``R`` means "along row/column i of ``P``", so the moments stay
-meaningful only if the new ``P``'s i-th vector points where the old one did. The SVD of the
-new gradient does not care: each vector's sign is arbitrary (the official signed cosine of
-the top vector is negative at 52-53 % of refreshes on the ``tiny`` preset, though its
-magnitude has median 0.7), and measured against ``galore-torch`` (which uses the raw LAPACK
-basis) the weights diverge by 0.48 (right side) / 0.31 (left) of their total movement after 50
-steps at refresh interval 20, against 1e-6 without refreshes.
-
-Three choices (``QGaLoreConfig.align``):
-
-``"sign"`` (default)
-    flip each new vector so that it has a non-negative inner product with the old vector of
-    the same index (``B_new <- B_new diag(sign(diag(B_newᵀ B_old))))``, ``B`` the basis as
-    columns). The new basis stays the singular basis of the new gradient, in order of
-    singular value, so Adam's coordinate-wise normalization keeps acting per singular
-    direction; only the arbitrary signs are fixed.
-``"procrustes"``
-    rotate the new basis onto the old one (orthogonal Procrustes, ``B_new <- B_new Q`` with
-    ``Q = argmin ||B_new Q - B_old||_F`` over orthogonal ``[r, r]``). It keeps every
-    coordinate as close as possible to its old direction, and a refresh onto an unchanged
-    subspace returns the old basis exactly even when the SVD rotates vectors inside it; but
-    the basis is then no longer the singular one, and Adam's normalization runs in mixed
-    coordinates.
-``"none"``
-    the new SVD basis as it comes, as GaLore does.
-
-Measured (``benchmarks/compare.py`` set-up: ``tiny`` preset, 300 steps of 8 x 128 tokens,
-rank 64, interval 30, seed 0, Q-GaLore defaults otherwise): final validation perplexity
-``sign`` / ``procrustes`` / ``none`` in BENCHMARKS.md ("Aligning a refreshed projection");
-Procrustes trained measurably worse, which is why ``sign`` is the default. Tests:
-tests/test_refresh_alignment.py (a refresh onto the same singular vectors changes nothing with
-``sign``; onto the same subspace in another basis, nothing with ``procrustes``).
-
-
-Similarity between consecutive projections (:func:`subspace_similarity`)
--------------------------------------------------------------------------
-The paper (section 3.2) doubles a layer's refresh interval when "the cosine similarity of
-projection matrices" stayed above a threshold (0.4) over the previous k intervals.
-
-What the official code does (VITA-Group/Q-GaLore, ``q_galore_torch/q_galore_projector.py``,
-``GaLoreProjector.project``; ``q_galore_projector_simulate.py`` is identical):
-
-* it compares **only the top singular vector** -- row 0 of ``P`` on the right side, column 0
-  on the left -- of the new fp32 ``P`` with that of the previous one, using
-  ``torch.nn.functional.cosine_similarity``: a **signed** cosine;
-* the values go into a sliding window: once it holds ``queue_size`` values the oldest is
-  dropped before appending; the first SVD of a layer has nothing to compare with and appends
-  nothing;
-* the interval is multiplied by ``gamma_proj`` (2) when the window is full and the **mean**
-  of its values is ``>= cos_threshold``; the window is **never cleared**, so once it
-  qualifies the interval doubles again at every following refresh for as long as the
-  window mean stays above the threshold (200 -> 400 -> 800 -> ...);
-* a refresh happens when ``step % update_proj_gap == 0`` (``step`` is the optimizer's
-  per-parameter step count), not a fixed distance after the last refresh, so right after a
-  doubling the next refresh can come sooner than the new interval (doubled to 400 at step
-  1000, it refreshes again at 1200); the per-layer variant in ``run_pretrain.py`` passes
-  ``2 * update_proj_gap`` because its hook runs twice per step;
-* the first doubling therefore needs ``queue_size + 1`` refreshes (the first has no
-  predecessor); the similarity is taken on the fp32 ``P`` before it is quantized;
-* defaults: ``cos_threshold=0.4``, ``gamma_proj=2``, ``queue_size=5`` (both in the
-  ``GaLoreProjector`` signature and in ``run_pretrain.py``'s ``--queue_size`` flag, which
-  none of the shipped scripts override).
-
-Why qgalore_fx uses another rule:
-
-* A singular vector is only defined up to sign, so a signed cosine of an unchanged subspace
-  is +1 or -1 depending on which sign the SVD routine happened to pick. A layer whose
-  subspace is perfectly stable can then read as "not similar" forever, or average to about
-  zero, and the decision becomes a coin toss (measured on the ``tiny`` preset: negative at
-  49 % of refreshes, 52-53 % in the runs behind issue 10, while its magnitude has median
-  0.69).
-* One vector does not describe an r-dimensional subspace. When the top two singular values
-  are close, their vectors swap or rotate into each other between refreshes while the
-  subspace (which is what the projection uses) does not move at all.
-* Refresh at a fixed distance after the last refresh (``step - last >= interval``), so the
-  spacing is what the interval says, whatever step a layer started at.
-
-Two subspace measures, both invariant to signs and to any rotation of either basis:
-
-:func:`subspace_similarity`
-    The mean squared cosine of the principal angles, ``||P_new P_oldᵀ||_F² / r`` (rows case),
-    in ``[0, 1]``: 1 exactly when the subspaces are equal. Two unrelated (random)
-    r-dimensional subspaces of a d-dimensional space score about ``r / d`` rather than 0
-    (0.25 for rank 64 on the 256-wide ``tiny`` layers); ``chance_adjusted=True`` returns
-    ``(s - r/d) / (1 - r/d)``, clamped to ``[0, 1]``, which puts them at about 0.
-:func:`weighted_similarity`
-    The same mean, weighted by the gradient's energy along each direction of the new
-    subspace: ``Σ σ_i² ||Q_oldᵀ v_i||² / Σ σ_i²``, the fraction of the new gradient's rank-r
-    component that the *old* projection would still have captured. Same range, same chance
-    level ``r / d``, same chance adjustment. This is what the lazy refresh records.
-
-Calibrating the lazy refresh
-----------------------------
-The question a lazy refresh asks is "would the old projection still do?", and the answer
-is about the gradient, not about the basis: a gradient's energy sits in a few directions,
-while most of the r directions of a rank-r projection carry little of it and turn over
-quickly. The unweighted measure counts every direction alike, so it reads those noisy tail
-directions as movement. Measured on the ``tiny`` preset (rank 64 of 256, 300 steps at a
-fixed interval of 10, 812 refreshes of 28 layers; ``benchmarks/bench_refresh.py --record``
-and ``--summarize``, BENCHMARKS.md "Calibrating the lazy refresh"), 5th / 25th / 50th /
-75th / 95th percentiles:
-
-======================================  ====  ====  ====  ====  ====
-chance-adjusted mean cos²               0.15  0.22  0.34  0.50  0.65
-chance-adjusted energy-weighted cos²    0.27  0.69  0.92  0.95  0.97
-  same, P 20 steps apart                0.26  0.67  0.86  0.94  0.96
-  same, P 40 steps apart                0.23  0.59  0.79  0.91  0.95
-official signed top-vector cosine       -.94  -.70  0.02  0.68  0.94
-======================================  ====  ====  ====  ====  ====
-
-The unweighted measure passes the paper's 0.4 at 39 % of refreshes here (3-5 % in the runs
-behind issue 10) and rarely five times in a row, so layers seldom doubled and the lazy
-refresh saved little or nothing. The weighted one is high where the gradient subspace is
-stable (``gate/up/o/k/v/q_proj``: median 0.94-0.95 after the first 60 steps), falls with
-the spacing between the two projections (the table's last rows: it measures staleness),
-and stays low where the subspace keeps moving: ``down_proj`` (median 0.42 after step 60,
-0.35 before; it passes 0.4 at 57 % of refreshes, the others at 76-99 %). That is the
-separation a lazy refresh needs. On this scale the paper's threshold 0.4 keeps a clear
-meaning (the old projection still captures well above chance of what the new one does)
-and we keep it: it sits at the unstable layers' median, so they fail often enough never
-to qualify five times in a row, while the stable layers are above 0.7 at 70-96 % of their
-refreshes and double (a higher threshold delays their doubling, a lower one lets
-``down_proj``'s interval grow too).
-
-Measured with this measure, threshold 0.4, ``queue_size=5`` and the rule below (the
-re-arming schedule: a low similarity resets the interval, a drift check catches a jump),
-against the same run at a fixed interval (``benchmarks/compare.py --preset tiny --steps
-300 --batch-size 8 --threads 1 --seed 0 --update-interval 10 --eval-every 0 --methods
-qgalore,qgalore-fixed``): 385 refreshes instead of 840 (0.46x) at validation perplexity 437.85
-instead of 447.00 (0.980x). On synthetic gradients with a known subspace
-(``benchmarks/bench_lazy_refresh.py``, one 256x128 layer, rank 8, interval 10, 1000 steps)
-a steady subspace takes 0.11x the fixed schedule's refreshes at the same captured energy,
-and a jump to an orthogonal subspace is caught within 2 steps. BENCHMARKS.md ("Calibrating
-the lazy refresh") has both tables, a 200-step run and the older figures.
-
-Refresh policy (:class:`LazyRefreshPolicy`)
--------------------------------------------
-Per layer: refresh at the first step seen, then whenever ``step - last_refresh_step >=
-interval``. Each refresh records the similarity between the new and the previous ``P``.
-When the last ``queue_size`` recorded similarities are **all** ``>= cos_threshold`` (the
-paper's wording, "the cosine similarity across the k intervals remains greater than a
-threshold", rather than the official code's mean), the interval doubles. The window is
-not cleared (as in the official code): while the last ``queue_size`` similarities stay
-above the threshold, every refresh doubles the interval again, and each such doubling is
-confirmed by the newest similarity, measured at the spacing just reached. Since the
-similarity falls with that spacing, the growth stops by itself where the subspace's
-lifetime is reached; one similarity below the threshold puts the interval back to
-``update_interval``, and growth resumes after ``queue_size`` agreeing refreshes. Between
-refreshes, a layer whose interval has grown checks every ``update_interval`` steps the
-share of the gradient its projection still captures and refreshes at the next step if
-that share fell below half of its value at the last refresh (``lowrank.update_``; not
-under a process group), so a jump of the subspace is not left stale for a long interval.
-(An earlier version cleared the window at each doubling, so a layer doubled at most once
-every ``queue_size`` refreshes; with the default ``queue_size=5`` and a 300-step run at
-interval 10 that capped the saving at 0.47x even if every refresh agreed.)
+Pure functions of tensors and a small plain-Python state object (no module, graph or optimizer code):
+:func:`compute_projection` (methods ``"full"``, ``"randomized"``, ``"subspace"``; :class:`FactoredGradient` for a
+gradient never formed), :func:`align_projection`, :func:`subspace_similarity` / :func:`weighted_similarity`,
+and :class:`LazyRefreshPolicy`, the layer-adaptive lazy refresh. See docs/projection-and-refresh.md.
 """
 
 from __future__ import annotations
@@ -468,7 +253,7 @@ def compute_projection(
         side: ``"right"`` -> returns ``[rank, n]`` with orthonormal rows;
             ``"left"`` -> returns ``[m, rank]`` with orthonormal columns.
             :func:`projection_side` gives GaLore's choice.
-        method: ``"full"``, ``"randomized"`` or ``"subspace"`` (see the module docstring).
+        method: ``"full"``, ``"randomized"`` or ``"subspace"`` (docs/projection-and-refresh.md).
         prev: the previous projection (dequantized), same shape as the result; used by
             ``"subspace"`` only. ``None``, another shape or non-finite values make
             ``"subspace"`` fall back to ``"randomized"``.
@@ -538,8 +323,8 @@ ALIGN_METHODS = ("sign", "procrustes", "none")
 
 def align_projection(P_new: torch.Tensor, P_old: Optional[torch.Tensor], side: Side,
                      method: str = "sign") -> torch.Tensor:
-    """``P_new``'s subspace in a basis aligned with ``P_old`` (module docstring, "Aligning a refreshed
-    projection"), fp32.
+    """``P_new``'s subspace in a basis aligned with ``P_old`` (docs/projection-and-refresh.md, "Aligning a
+    refreshed projection"), fp32.
 
     With ``B`` the basis as columns (``P.T`` on the right side, ``P`` on the left):
 
@@ -604,9 +389,9 @@ def subspace_similarity(
 
     Range ``[0, 1]``: 1 when the subspaces are equal, whatever the signs or the basis within
     them; about ``r / d`` for unrelated random subspaces of a d-dimensional space, or about 0
-    with ``chance_adjusted=True`` (``(s - r/d) / (1 - r/d)`` clamped to ``[0, 1]``). The
-    module docstring explains why this replaces the official code's signed cosine of the top
-    singular vector.
+    with ``chance_adjusted=True`` (``(s - r/d) / (1 - r/d)`` clamped to ``[0, 1]``).
+    docs/projection-and-refresh.md explains why this replaces the official code's signed cosine of
+    the top singular vector.
     """
     side = _check_side(side)
     _check_2d("P_new", P_new)
@@ -649,7 +434,7 @@ def weighted_similarity(
     clamped). Invariant to signs and rotations within either basis. ``G`` all zero: the unweighted
     :func:`subspace_similarity`. Cost: one product the size of ``R`` and two ``[r, r]``-sized ones (fp32).
 
-    The module docstring ("Calibrating the lazy refresh") explains why the lazy refresh uses this.
+    docs/projection-and-refresh.md ("Calibrating the lazy refresh") explains why the lazy refresh uses this.
     """
     side = _check_side(side)
     _check_gradient(G)

@@ -8,7 +8,7 @@ Tolerances used below, and why:
   than 2.5 steps (2.5·lr) at most 0.1 % + 1 (measured 0).
 * torch reference vs bitsandbytes on CPU, one step from the same state:
   N bit-equal, absmax bit-equal; codes may differ because bitsandbytes' CPU
-  quantizer is not exactly nearest (module docstring): each bitsandbytes
+  quantizer is not exactly nearest (docs/8bit-moments.md): each bitsandbytes
   value must be within 2^-14·absmax of the nearest one (measured ≤ 3.1e-5),
   the reference must be nearest, and >= 95 % of codes identical (measured
   >= 99.8 %). AdamW parameters: within 2 ulp of max(|p|, lr) (measured <= 1.7).
@@ -16,7 +16,7 @@ Tolerances used below, and why:
 
 Where the reference deliberately differs from nearest rounding (and from
 bitsandbytes): a positive second moment never takes the zero code, it takes
-code 1 (module docstring of ``adam8bit``, "Second moments never round to
+code 1 (docs/8bit-moments.md, "Second moments never round to
 zero"); bitsandbytes' CPU library takes code 7 there, its CUDA kernel may
 take 0, and the bitsandbytes backend applies the same floor after the
 kernel. The one-step agreement tests still hold as stated: the floored code
@@ -531,9 +531,9 @@ def test_state_errors_name_the_argument():
 
 # --------------------------------------------------------------------------- fused step (torch.compile) vs reference
 # The fused step is the reference's math compiled by inductor; it differs from the eager reference only in float
-# rounding (module docstring, "fused step"): eager torch.sqrt on CPU is not correctly rounded, the compiled one is,
-# and eager may fuse a multiply-add (m*b1 + g*(1-b1) with float betas, addcmul in v) that the compiled code rounds
-# in two steps. So from the same state, one step (bounds; measured over 5 seeds x 4 shapes in brackets):
+# rounding (docs/8bit-moments.md, "The fused step"): eager torch.sqrt on CPU is not correctly rounded, the compiled
+# one is, and eager may fuse a multiply-add (m*b1 + g*(1-b1) with float betas, addcmul in v) that the compiled code
+# rounds in two steps. So from the same state, one step (bounds; measured over 5 seeds x 4 shapes in brackets):
 # * |N_fused - N_ref| <= 4 eps max|N_ref|                                      [<= 2.4 eps]
 # * codes at most one apart, in under 0.1 % of elements                        [<= 0.0015 %]
 # * absmax within one ulp                                                      [< 1 ulp]

@@ -11,7 +11,7 @@ placement (eps added to ``sqrt(v)`` before bias correction), the full SVD, a fix
   the first projection's vectors does not matter: Adam is odd and element-wise in R, so a flipped vector flips
   its coordinate of R, m and N and the product N·P is unchanged.
 * With refreshes (interval 10) qgalore_fx aligns each new basis with the previous one (``align``: by default a
-  per-vector sign, or orthogonal Procrustes; ``qgalore_fx.projection`` module docstring); galore-torch keeps
+  per-vector sign, or orthogonal Procrustes; docs/projection-and-refresh.md); galore-torch keeps
   LAPACK's basis. The test writes GaLore densely, with a switch for that alignment: without it the reference
   equals galore-torch, with it it equals qgalore_fx (both within 1e-5 of the movement; the reference runs in
   fp64), and the two differ by far more, so the alignment is the only difference.

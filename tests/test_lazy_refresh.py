@@ -2,8 +2,8 @@
 
 A refresh records the chance-adjusted, energy-weighted similarity of the new and the previous projection
 (``qgalore_fx.projection.weighted_similarity``); the interval doubles once the last ``queue_size`` of them are
-all >= ``cos_threshold`` and keeps doubling at each refresh while that holds (``qgalore_fx.projection`` module
-docstring). One layer [48, 32] (right side, P in a 32-dim space), rank 4, ``update_interval=2``,
+all >= ``cos_threshold`` and keeps doubling at each refresh while that holds (docs/projection-and-refresh.md,
+"Refresh policy"). One layer [48, 32] (right side, P in a 32-dim space), rank 4, ``update_interval=2``,
 ``queue_size=5``, threshold 0.4, 40 steps, fixed seeds.
 """
 

@@ -1,8 +1,8 @@
 """8-bit Adam moments through ``qgalore_fx.optimizer``: no blow-up where a block mixes tiny and large gradients.
 
 A positive second moment below 1.625e-7·absmax of its block used to round to the zero code while the first
-moment survived, so the next step divided m̂ by eps alone (module docstring of
-``qgalore_fx.kernels.adam8bit``, "Second moments never round to zero"). Each test below drives the public API
+moment survived, so the next step divided m̂ by eps alone (docs/8bit-moments.md,
+"Second moments never round to zero"). Each test below drives the public API
 and bounds the largest single-step move against fp32 Adam on the same stream; each also checks that its stream
 really reaches the floored code, so it would fail without the floor (measured without it: 692·lr, 4509 (in
 units of lr·scale) and 460·lr).

@@ -1,130 +1,10 @@
 """Adam moments stored 8-bit block-wise, and the Adam / AdamW update on them.
 
-Q-GaLore runs Adam on the low-rank gradient R of every projected layer and on
-the ordinary parameters that are not projected (DESIGN.md §2). This module
-holds the moments and does the update; the rest of qgalore_fx calls exactly
-two functions, neither of which synchronizes with the host:
-
-* ``adam_direction_masked_(grad, state, step, beta1, beta2, eps, ok)`` updates
-  the moments with ``grad`` and returns Adam's normalized, bias-corrected update
-  ``N = m̂ / (sqrt(v̂) + eps)``. The caller projects N back and scales it.
-* ``adamw_masked_(p32, grad, state, step, ok, lr, ...)`` is a whole AdamW step
-  with decoupled weight decay on an fp32 parameter.
-
-``step`` is a 0-d integer tensor (so a compiled caller does not recompile per
-step) and ``ok`` a 0-d bool tensor: where it is False nothing changes and N is 0.
-
-Storage (``AdamState``)
------------------------
-With ``bits=8`` each moment is one ``uint8`` code per element plus one fp32
-``absmax`` per block of ``block_size`` (256) consecutive elements of the
-flattened tensor; the last block may be short (any numel works, 4097 too).
-An element's value is ``qmap[code] * absmax[block]``. The first moment uses
-the *signed* dynamic map, the second the *unsigned* one: 256 sorted fp32
-values, ``0`` and ``1`` plus, for each decade ``10^-6 .. 10^0``, the midpoints
-of an even split of ``[0.1, 1]`` times that decade (2^k parts per sign for the
-signed map, 2^(k+1) for the unsigned map, k = 0..6). The signed map has no
-``-1``: its most negative value is about ``-0.993``. The maps equal
-``bitsandbytes.functional.create_dynamic_map(signed=...)`` bit for bit (a test
-checks it), so bitsandbytes' kernels read and write these states as their own
-(tests/adam_peers.py runs them on an ``AdamState`` to check the math below).
-
-With ``bits=32`` the moments are plain fp32 tensors. Tensors with fewer than
-``min_8bit_size`` (default 4096) elements are kept in fp32 even when 8 bits are
-asked for, as bitsandbytes' 8-bit optimizers do (the paper's optimizer builds
-on them and keeps that default): tiny tensors (norms, biases, small low-rank states) save almost
-nothing and are the ones most hurt by quantized moments. ``state.bits`` is the
-width actually stored. Pass ``min_8bit_size=0`` to quantize everything.
-
-The math (per element, fp32)
-----------------------------
-::
-
-    m, v   = dequant(m), dequant(v)                  # qmap[code] * absmax
-    m      = beta1 * m + (1 - beta1) * g             # m.mul_(b1).add_(g, alpha=1-b1)
-    v      = beta2 * v + (1 - beta2) * g * g         # v.mul_(b2).addcmul_(g, g, value=1-b2)
-    c1     = 1 - beta1**step                         # in float64, then used as fp32 scalars
-    c2     = sqrt(1 - beta2**step)
-    N      = (m * (1 / c1)) / (sqrt(v) / c2 + eps)   # = m̂ / (sqrt(v̂) + eps)
-    m, v   = quant(m), quant(v)                      # new absmax per block, nearest code
-    AdamW:   p = p * (1 - lr * wd);  p = p - lr * N  # decoupled weight decay first
-
-``eps`` is added to ``sqrt(v̂)`` (torch.optim.Adam's placement), not to ``v̂``
-and not before bias correction. The update N is computed from the fp32 moments
-*before* they are re-quantized; re-quantization only affects the next step.
-``quant`` takes the block's new absmax ``max|x|``, divides (blocks with
-absmax 0 are all zero and get the map's zero code), and picks the nearest map
-value by bucketing against the fp32 midpoints of neighbouring map values (a
-value exactly on a midpoint takes the lower code) — with one exception for v,
-next.
-
-Second moments never round to zero
-----------------------------------
-The unsigned map's smallest positive value is 3.25e-7, so nearest rounding
-stores a positive ``v`` below 1.625e-7·absmax of its block as 0. Its first
-moment lives on another scale (the signed map reaches 5.5e-7·absmax_m, and
-``|m| ~ sqrt(v)`` while ``absmax_m ~ sqrt(absmax_v)``), so it survives: an
-element whose gradient is below about 4e-4 of its block's largest — a rare
-token's embedding row, a low-rank coordinate next to a dominant one — then
-gets ``N = m̂ / eps`` at the next step, a move of hundreds of lr (measured
-before this rule: 754·lr on gradients of 1e-5 and 1 in one block; fp32 Adam
-moves at most ~lr). Such a v therefore takes code 1 (3.25e-7·absmax)
-instead: positive stays positive, so the step it damps is at most
-``|m̂| / sqrt(3.25e-7·absmax_v)``, bounded by the block's scale instead of
-by eps. The element is over-damped where its true v was smaller (it moves
-less than fp32 Adam would, never more). The first moment keeps nearest
-rounding: a small m that rounds to the zero code gives N = 0 (no move), and
-nearest rounding never changes its sign. The tests' bitsandbytes peer applies
-the same floor after bitsandbytes' kernel (its CUDA kernel can return code 0
-for such values; its CPU library floors them to code 7 itself).
-
-Agreement with bitsandbytes 0.50 ``optimizer_update_8bit_blockwise("adam")``
----------------------------------------------------------------------------
-Same maps, block size, layout, dequantization (``code * absmax`` in fp32),
-moment updates (same torch ops in the same order as its CPU backend),
-bias-correction and eps placement, and the same rule that the step uses the
-unquantized new moments. Measured on CPU: from the same state, N is bit-equal
-to bitsandbytes' and so is the new absmax. Where it differs:
-
-* Re-quantization code choice. bitsandbytes' CPU library does not always pick
-  the nearest map value: its chosen value is up to about 3.1e-5·absmax
-  (≈ 2^-15) farther from x than the nearest one, and for the unsigned map it
-  maps values below about 2e-5·absmax (0 included) to code 7 (1.6e-5·absmax).
-  On Gaussian gradients about 0.15 % of first-moment codes and 0.1-3 % of
-  second-moment codes (most on the first steps, while v spans many decades)
-  differ from this reference; every differing code is within that
-  2^-15·absmax of the nearest one. The CUDA kernel searches the map
-  with its own binary search and additionally never lets a negative m round to
-  the zero code (it takes the smallest negative value instead). This
-  reference is exactly nearest, except for the zero-code floor of positive v
-  above (code 1 where bitsandbytes' CPU library takes code 7: both are
-  above the nearest, 0; the reference's is the closer one).
-* Weight decay order. bitsandbytes' CPU backend applies ``p *= 1 - lr*wd``
-  before the Adam step (as here and in torch.optim.AdamW); its CUDA kernel
-  applies it after. The tests' bitsandbytes peer therefore applies weight
-  decay itself and calls bitsandbytes with ``weight_decay=0``, so both devices
-  follow the order above.
-* Param update rounding. bitsandbytes adds ``(-lr / c1) * m / denom`` to p;
-  this reference subtracts ``lr * N``: the same up to about one ulp of the step.
-* Non-finite gradients. On CPU bitsandbytes and this reference let NaN/Inf
-  flow into N and into the block's absmax (poisoning that block's moments);
-  the CUDA kernel zeroes such elements' moments and skips them. Callers must
-  not feed non-finite gradients (``qgalore_fx.lowrank`` checks and skips the
-  whole update).
-
-The 32-bit path computes exactly the formula above on fp32 moments; it equals
-``torch.optim.Adam`` / ``AdamW`` (single-tensor path) to float rounding.
-bitsandbytes' 32-bit kernel computes ``c2/c1 * m / (sqrt(v) + eps*c2)``, the
-same quantity rounded differently.
-
-Implementations
----------------
-The pure-torch reference is the math above (any device, any block size). On
-whole blocks of 8-bit states both entry points run the *fused step*: the same
-math compiled into a few loops by ``torch.compile``, equal to the reference up
-to float rounding (see "fused step" below for exactly where and by how much),
-about 2x faster on the CPU. ``QGALORE_FX_REFERENCE=1`` or ``impl="reference"``
-runs the reference.
+:class:`AdamState` holds one tensor's moments (uint8 codes into bitsandbytes' dynamic maps plus an fp32 absmax per
+256-element block, or fp32 below 4096 elements); the library calls two entry points, neither of which
+synchronizes with the host: :func:`adam_direction_masked_` (update the moments, return N = m̂ / (sqrt(v̂) + eps))
+and :func:`adamw_masked_` (a whole AdamW step on an fp32 parameter). Second moments are rounded stochastically
+and never to zero. See docs/8bit-moments.md.
 """
 
 from __future__ import annotations
@@ -229,7 +109,7 @@ def _nearest_code(x: Tensor, signed: bool) -> Tensor:
 
 
 def dynamic_map(signed: bool, device: Optional[Union[str, torch.device]] = None) -> Tensor:
-    """The 256-value dynamic quantization map (see the module docstring).
+    """The 256-value dynamic quantization map (docs/8bit-moments.md, "Storage").
 
     The returned tensor is shared and cached per device: do not modify it.
     """
@@ -491,7 +371,7 @@ def _floor_positive_codes(v_codes: Tensor, positive: Tensor) -> Tensor:
 
     Code 0 of the unsigned map is 0.0 and code 1 its smallest positive value (3.25e-7; the midpoint between
     them, below which a value rounds to 0, is 1.625e-7 of the block's absmax). See "Second moments never
-    round to zero" in the module docstring.
+    round to zero" in docs/8bit-moments.md.
     """
     return torch.where(positive & (v_codes == _zero_code(False)), 1, v_codes).to(torch.uint8)
 
@@ -531,7 +411,7 @@ def _stochastic_v_codes(x: Tensor, nearest: Tensor, qmap: Tensor, u: Tensor) -> 
 
     With ``lo``/``hi`` the map values around ``x``, the code is ``hi``'s with probability
     ``(x - lo) / (hi - lo)`` (``u`` the uniform draw), so the expected stored value is ``x``. ``nearest``, the
-    nearest code, locates them. See "Second moments are rounded stochastically" in the module docstring.
+    nearest code, locates them. See "Second moments are rounded stochastically" in docs/8bit-moments.md.
     """
     lo = torch.clamp(nearest.long() - (qmap[nearest.long()] > x).long(), 0, qmap.numel() - 2)
     q_lo, q_hi = qmap[lo], qmap[lo + 1]
@@ -588,19 +468,9 @@ def _stochastic_v_codes_of(v: Tensor, nearest: Tensor, absmax: Tensor, block_siz
 
 
 # --------------------------------------------------------------------------- fused step (torch.compile)
-# The reference above runs ~30 torch ops per call, each a pass over memory with its own temporaries (dequantized
-# moments, lookup indices, dtype copies). The fused step below is the same math written as one function of whole
-# blocks, compiled once by torch.compile (inductor) into a few loops over the data (qgalore_fx.kernels.fastpath).
-#
-# It is the reference's math with the reference's op order, except for float rounding where eager torch and the
-# compiled code round differently, so it is *not* bit-identical to the reference:
-#   * sqrt: eager torch.sqrt on fp32 CPU tensors (AVX-512 build of torch 2.13) is not correctly rounded (about 20 %
-#     of results are one ulp off the correctly rounded root); the compiled code's sqrt is correctly rounded.
-#   * first moment with float betas: eager computes m*b1 + g*(1-b1) as one fused multiply-add (add with alpha);
-#     the compiled code rounds the product first.
-# So N differs from the reference's by about one ulp in some elements, and a moment whose fp32 value falls within
-# an ulp of the midpoint between two map values takes the neighbouring code (tests/test_adam8bit.py bounds both).
-# The second-moment zero-code floor, the branch-free skip (``ok``) and the block layout are the reference's.
+# The reference's math and op order as one function of whole blocks, compiled once by torch.compile (inductor) into
+# a few loops over the data (qgalore_fx.kernels.fastpath). Equal to the reference up to float rounding (sqrt, the
+# first moment's multiply-add), not bit for bit: docs/8bit-moments.md, "The fused step".
 
 
 def _fused_coefficients(step: Tensor, beta1, beta2, eps) -> Tensor:
@@ -744,13 +614,13 @@ def _check_masked(grad: Tensor, state: AdamState, ok: Tensor, impl: str) -> None
 @torch.no_grad()
 def adam_direction_masked_(grad: Tensor, state: AdamState, step: Tensor, beta1, beta2, eps, ok: Tensor,
                            impl: str = "auto", offset: int = 0) -> Tensor:
-    """Update ``state`` with ``grad`` and return N = m̂ / (sqrt(v̂) + eps) (module docstring); no host synchronization.
+    """Update ``state`` with ``grad`` and return N = m̂ / (sqrt(v̂) + eps); no host synchronization.
 
     ``step`` (the 1-based index of this update) is a 0-d integer tensor and ``beta1``, ``beta2``, ``eps`` floats
     or 0-d tensors; the moments change only where the 0-d bool tensor ``ok`` holds, and N is 0 where it does not.
 
-    ``impl="auto"`` runs the fused step (section "fused step" above: equal to the reference up to float rounding)
-    on the whole blocks of an 8-bit state when it is available (:mod:`qgalore_fx.kernels.fastpath`), the torch
+    ``impl="auto"`` runs the fused step (equal to the reference up to float rounding; docs/8bit-moments.md, "The fused
+    step") on the whole blocks of an 8-bit state when it is available (:mod:`qgalore_fx.kernels.fastpath`), the torch
     reference otherwise; ``"reference"`` always runs the reference, ``"fused"`` the fused step where it applies.
     ``offset``: the index of ``state``'s first element in the tensor it is part of (the second moment's rounding
     draws are a hash of the element's index and ``step``), so a state updated part by part rounds as a whole.
