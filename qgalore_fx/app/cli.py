@@ -43,6 +43,7 @@ from qgalore_fx import __version__
 from qgalore_fx.app.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from qgalore_fx.app.data import MIN_VOCAB_SIZE
 from qgalore_fx.app.distributed import env_world_size, sharding_problem
+from qgalore_fx.app.options import AUTOCAST_MODES
 from qgalore_fx.app.planner import add_memory_arguments, run_memory
 from qgalore_fx.app.presets import PRESETS
 from qgalore_fx.app.train import (
@@ -171,7 +172,7 @@ def _add_pretrain(subparsers) -> None:
     run.add_argument("--threads", type=_threads, default="auto",
                      help="CPU intra-op threads; auto: the cores the 1-minute load average "
                           "leaves free, at least 1 (default: %(default)s)")
-    run.add_argument("--autocast", choices=("auto", "bf16", "off"), default=d.autocast,
+    run.add_argument("--autocast", choices=AUTOCAST_MODES, default=d.autocast,
                      help="auto: bf16 autocast on cuda, none on cpu (default: %(default)s)")
 
     data = p.add_argument_group("data and output")
