@@ -223,16 +223,29 @@ def _literal_value_sets(path: pathlib.Path):
 def test_no_module_writes_out_a_tuple_of_allowed_values_again():
     # In any order: ("full", "randomized", "subspace") is PROJ_METHODS declared a second time.
     from qgalore_fx import config
+    from qgalore_fx.app import options
 
-    declared = {name: set(getattr(config, name)) for name in ALLOWED_VALUES}
-    config_path = PACKAGE / "config.py"
-    in_config = [values for _, values in _literal_value_sets(config_path)]
-    assert all(in_config.count(values) == 1 for values in declared.values()), "config.py declares a tuple twice"
-    again = [f"{p.relative_to(PACKAGE)}:{line} writes out config.{name}"
-             for p in sorted(PACKAGE.rglob("*.py")) if p != config_path
-             for line, values in _literal_value_sets(p)
-             for name, allowed in declared.items() if values == allowed]
+    declared = {f"config.{name}": (PACKAGE / "config.py", set(getattr(config, name))) for name in ALLOWED_VALUES}
+    declared["app.options.AUTOCAST_MODES"] = (PACKAGE / "app" / "options.py", set(options.AUTOCAST_MODES))
+    again = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        literals = list(_literal_value_sets(p))
+        for name, (home, allowed) in declared.items():
+            lines = [line for line, values in literals if values == allowed]
+            if p == home:
+                assert len(lines) == 1, f"{name} is not declared exactly once in {home.name}: lines {lines}"
+            else:
+                again += [f"{p.relative_to(PACKAGE)}:{line} writes out {name}" for line in lines]
     assert again == []
+
+
+def test_baselines_are_the_methods_but_qgalore():
+    from qgalore_fx.app import cli, finetune, train
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    for command, methods in [("pretrain", train.METHODS), ("finetune", finetune.METHODS)]:
+        baseline = next(a for a in sub.choices[command]._actions if a.dest == "baseline")
+        assert set(baseline.choices) == set(methods) - {"qgalore"}, command
 
 
 # The QGaLoreConfig options that are not per-layer update settings: how weights are stored (the layer's

@@ -49,6 +49,7 @@ from qgalore_fx.app.presets import PRESETS
 from qgalore_fx.app.train import (
     DEFAULT_LR,
     GALORE_OPTIONS,
+    METHODS,
     RESUME_MAY_CHANGE,
     TrainConfig,
     device_problem,
@@ -61,7 +62,7 @@ from qgalore_fx.config import QGaLoreConfig, cli_fields
 __all__ = ["auto_threads", "build_parser", "main"]
 
 PROG = "qgalore-fx"
-BASELINES = ("adamw", "adamw8bit", "galore")
+BASELINES = tuple(sorted(set(METHODS) - {"qgalore"}))  # pretrain --baseline: train.METHODS but Q-GaLore
 
 
 def _flag(field: dataclasses.Field) -> str:
@@ -374,7 +375,7 @@ def _add_finetune(subparsers) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--model", metavar="PATH", default=None,
                      help="a Hugging Face model directory or a .gguf file (required unless --resume)")
-    run.add_argument("--baseline", choices=("adamw", "adamw8bit", "lora"), default=None,
+    run.add_argument("--baseline", choices=tuple(sorted(set(ft.METHODS) - {"qgalore"})), default=None,
                      help="train with torch AdamW, bitsandbytes AdamW8bit or LoRA (peft) instead of Q-GaLore")
     run.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size,
