@@ -46,6 +46,7 @@ import torch
 import qgalore_fx.app.train as train_lib
 from qgalore_fx import lowrank
 from qgalore_fx import projection as proj
+from qgalore_fx.config import OPTIM_BITS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rest-optim-bits", type=int, choices=(8, 32), default=None,
+    parser.add_argument("--rest-optim-bits", type=int, choices=OPTIM_BITS, default=None,
                         help="moments of the AdamW group (embeddings, norms, head); default: the transform's")
     parser.add_argument("--name", default=None)
     parser.add_argument("--summarize", type=pathlib.Path, default=None,

@@ -35,7 +35,8 @@ The upper bounds come from where the values are kept: every counter and
 schedule value of a layer lives in its float64 host ``control`` tensor, exact
 up to 2**53, which also holds the similarity queue (:data:`MAX_QUEUE_SIZE`).
 All of them are checked here, so ``transform`` fails before it touches the
-model.
+model; so is whether ``rank`` fits a given layer (:meth:`QGaLoreConfig.check_fits`,
+which the transform asks for every layer it projects).
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
 
-PROJ_METHODS = ("subspace", "randomized", "full")
-ALIGN_METHODS = ("sign", "procrustes", "none")  # qgalore_fx.projection.ALIGN_METHODS
+# The allowed values of the options with a fixed set of them, declared here only: the field metadata, the
+# validation below, qgalore_fx.projection, the kernels and the command lines all use these tuples
+# (tests/test_layout.py checks that none is written out a second time).
+WEIGHT_BITS = (8, 16, 32)  # INT8 codes, bf16, fp32
+PROJ_BITS = (4, 8, 16, 32)  # INT4 (packed), INT8, bf16, fp32
+OPTIM_BITS = (8, 32)  # 8-bit block-wise or fp32 Adam moments (qgalore_fx.kernels.adam8bit.AdamState.bits)
+PROJ_METHODS = ("subspace", "randomized", "full")  # qgalore_fx.projection.compute_projection's methods
+ALIGN_METHODS = ("sign", "procrustes", "none")  # qgalore_fx.projection.align_projection's methods
 # Where the low-rank Adam adds eps. "adam": N = m̂ / (sqrt(v̂) + eps), torch.optim.Adam's and bitsandbytes' 8-bit
 # kernel's placement, which Q-GaLore's official optimizer inherits from bitsandbytes. "galore": eps is added to
 # sqrt(v) before bias correction, N = m̂ / (sqrt(v̂) + eps / sqrt(1 - beta2^t)), as galore-torch's GaLoreAdamW
@@ -58,8 +65,10 @@ EPS_PLACEMENTS = ("adam", "galore")
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-#: Largest ``seed``: each layer seeds its stream with ``seed * 1_000_003 + index``, which must fit in int64.
-MAX_SEED = (2**63 - 1 - 2**20) // 1_000_003
+#: Each layer seeds its stream with ``seed * SEED_STRIDE + index`` (``index``: the layer's place in the model).
+SEED_STRIDE = 1_000_003
+#: Largest ``seed``: every layer's stream seed must fit in int64.
+MAX_SEED = (2**63 - 1 - 2**20) // SEED_STRIDE
 #: Largest quantization block: one fp32 scale per block; larger blocks only lose precision.
 MAX_BLOCK_SIZE = 1 << 20
 #: Largest ``update_interval``: the refresh schedule lives in each layer's float64 ``control`` tensor, whose
@@ -107,16 +116,16 @@ class QGaLoreConfig:
         "help": "layer-adaptive lazy refresh (a stable layer's refresh interval doubles)", "cli": True,
         "negated": "keep every layer's refresh interval fixed"})
     weight_bits: int = dataclasses.field(default=8, metadata={
-        "help": "storage of projected weights: INT8 codes, bf16 or fp32", "cli": True, "choices": (8, 16, 32)})
+        "help": "storage of projected weights: INT8 codes, bf16 or fp32", "cli": True, "choices": WEIGHT_BITS})
     proj_bits: int = dataclasses.field(default=4, metadata={
         "help": "storage of projection matrices: INT4 (packed), INT8, bf16 or fp32", "cli": True,
-        "choices": (4, 8, 16, 32)})
+        "choices": PROJ_BITS})
     stochastic_round: bool = dataclasses.field(default=True, metadata={
         "help": "stochastic rounding of the INT8 weight write-back", "cli": True,
         "negated": "round the INT8 write-back to nearest instead of stochastically"})
     optim_bits: int = dataclasses.field(default=8, metadata={
         "help": "Adam moments of the low-rank gradient: 8-bit block-wise or fp32", "cli": True,
-        "choices": (8, 32)})
+        "choices": OPTIM_BITS})
     fused: bool = dataclasses.field(default=True, metadata={
         "help": "update projected layers inside backward (else in opt.step())", "cli": True,
         "negated": "update projected layers in opt.step() instead of inside backward"})
@@ -157,9 +166,9 @@ class QGaLoreConfig:
         _check_int("rank", self.rank, 1)
         _check_int("update_interval", self.update_interval, 1, high=MAX_COUNTER)
         _check_int("queue_size", self.queue_size, 1, high=MAX_QUEUE_SIZE)
-        _check_int("weight_bits", self.weight_bits, 0, (8, 16, 32))
-        _check_int("proj_bits", self.proj_bits, 0, (4, 8, 16, 32))
-        _check_int("optim_bits", self.optim_bits, 0, (8, 32))
+        _check_int("weight_bits", self.weight_bits, 0, WEIGHT_BITS)
+        _check_int("proj_bits", self.proj_bits, 0, PROJ_BITS)
+        _check_int("optim_bits", self.optim_bits, 0, OPTIM_BITS)
         _check_int("seed", self.seed, 0, high=MAX_SEED)
         for name in ("block_size", "proj_block_size"):
             value = getattr(self, name)
@@ -175,12 +184,11 @@ class QGaLoreConfig:
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
                 or not 0 < self.scale <= MAX_SCALE:
             raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (alpha, default 0.25), got {self.scale!r}")
-        if self.proj_method not in PROJ_METHODS:
-            raise ValueError(f"proj_method must be one of {PROJ_METHODS}, got {self.proj_method!r}")
-        if self.align not in ALIGN_METHODS:
-            raise ValueError(f"align must be one of {ALIGN_METHODS}, got {self.align!r}")
-        if self.eps_placement not in EPS_PLACEMENTS:
-            raise ValueError(f"eps_placement must be one of {EPS_PLACEMENTS}, got {self.eps_placement!r}")
+        for name, allowed in (("proj_method", PROJ_METHODS), ("align", ALIGN_METHODS),
+                              ("eps_placement", EPS_PLACEMENTS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
         if self.target_modules is not None:
@@ -195,6 +203,18 @@ class QGaLoreConfig:
                 except re.error as e:
                     raise ValueError(f"target_modules entry {p!r} is not a valid regular expression: {e}") from None
             object.__setattr__(self, "target_modules", tuple(patterns))
+
+    def fits(self, m: int, n: int) -> bool:
+        """Whether ``rank`` fits a layer whose weight is [m, n]: a projection needs ``rank <= min(m, n)``."""
+        return self.rank <= min(m, n)
+
+    def check_fits(self, name: str, m: int, n: int) -> None:
+        """Raise ValueError, naming the layer and the way out, unless ``rank`` fits layer ``name`` ([m, n])."""
+        if not self.fits(m, n):
+            raise ValueError(
+                f"rank={self.rank} is larger than min(out, in)={min(m, n)} of layer {name!r} (shape [{m}, {n}]); "
+                f"use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
+            )
 
     @classmethod
     def from_options(cls, rank=None, **options) -> "QGaLoreConfig":

@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from qgalore_fx import projection as proj
+from qgalore_fx.config import SEED_STRIDE, QGaLoreConfig
 from qgalore_fx.kernels import all_finite, quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
 from qgalore_fx.kernels.quant import row_chunks
 from qgalore_fx.kernels.writeback import writeback_, writeback_applies
 
-_SEED_STRIDE = 1_000_003
 
 #: Names of a layer's update-state tensors, in the order the ops take them.
 STATE_NAMES = (
@@ -83,15 +83,6 @@ HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 _FLOAT_PROJ = {16: torch.bfloat16, 32: torch.float32}
 
 
-def check_rank(rank: int, name: str, m: int, n: int) -> None:
-    """Raise ValueError when ``rank`` does not fit a [m, n] layer."""
-    if rank > min(m, n):
-        raise ValueError(
-            f"rank={rank} is larger than min(out, in)={min(m, n)} of layer {name!r} (shape [{m}, {n}]); "
-            f"use rank <= {min(m, n)} or exclude the layer with filter_fn/target_modules"
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class UpdateSpec:
     """The static settings of one layer's update; what the ops take as their ``spec`` string.
@@ -125,16 +116,18 @@ class UpdateSpec:
     shard_group: str = ""  # FSDP2: the shard group's name
 
     @classmethod
-    def from_config(cls, config, name: str, m: int, n: int, index: int) -> "UpdateSpec":
-        check_rank(config.rank, name, m, n)
-        return cls(
-            name=name, m=m, n=n, rank=config.rank, block_size=config.block_size, proj_bits=config.proj_bits,
-            proj_block_size=config.proj_block_size, optim_bits=config.optim_bits, scale=float(config.scale),
-            stochastic_round=config.stochastic_round, proj_method=config.proj_method,
-            seed=config.seed * _SEED_STRIDE + index, update_interval=config.update_interval,
-            cos_threshold=float(config.cos_threshold), queue_size=config.queue_size, adaptive=config.adaptive,
-            fused=config.fused, align=config.align, eps_placement=config.eps_placement,
-        )
+    def from_config(cls, config: QGaLoreConfig, name: str, m: int, n: int, index: int) -> "UpdateSpec":
+        """The spec of layer ``name`` ([m, n], the ``index``-th projected layer) under ``config``.
+
+        Every option the two dataclasses share is copied by name, so a per-layer option added to both
+        reaches the layer without being listed here; the seed becomes the layer's own stream.
+        """
+        config.check_fits(name, m, n)
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(config)}
+        options = {key: getattr(config, key) for key in shared}
+        options.update(scale=float(config.scale), cos_threshold=float(config.cos_threshold),
+                       seed=config.seed * SEED_STRIDE + index)
+        return cls(name=name, m=m, n=n, **options)
 
     @property
     def side(self) -> str:

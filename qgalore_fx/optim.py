@@ -54,6 +54,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qgalore_fx import fused_rest, lowrank, sharding
+from qgalore_fx.config import OPTIM_BITS
 from qgalore_fx.kernels import all_finite
 from qgalore_fx.kernels.adam8bit import AdamState, adamw_masked_
 from qgalore_fx.kernels.quant import row_chunks
@@ -144,7 +145,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         config = config_of(model)
         if optim_bits is None:
             optim_bits = config.optim_bits if config is not None else 8
-        if optim_bits not in (8, 32):
+        if optim_bits not in OPTIM_BITS:
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
         self.optim_bits = optim_bits
         self.accumulation_steps = accumulation_steps

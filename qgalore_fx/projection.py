@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
+from qgalore_fx.config import ALIGN_METHODS, PROJ_METHODS
 from qgalore_fx.kernels.quant import all_finite
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 
 Side = Literal["right", "left"]
 SIDES: tuple[str, ...] = ("right", "left")
-METHODS: tuple[str, ...] = ("full", "randomized", "subspace")
+METHODS: tuple[str, ...] = PROJ_METHODS  # declared with the option, in qgalore_fx.config
 
 # Default block power iterations per method (see compute_projection's docstring).
 _DEFAULT_NITER = {"randomized": 3, "subspace": 2}
@@ -271,8 +272,8 @@ def compute_projection(
     """
     _check_gradient(G)
     side = _check_side(side)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in METHODS:  # alphabetically, as the module docstring lists them
+        raise ValueError(f"method must be one of {tuple(sorted(METHODS))}, got {method!r}")
     m, n = G.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(
@@ -316,9 +317,6 @@ def compute_projection(
     V = _canonical_signs(V)
     P = V.T if side == "right" else V
     return P.contiguous()
-
-
-ALIGN_METHODS = ("sign", "procrustes", "none")
 
 
 def align_projection(P_new: torch.Tensor, P_old: Optional[torch.Tensor], side: Side,

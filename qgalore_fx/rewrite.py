@@ -28,7 +28,7 @@ from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.experts import QGaLoreExperts, checkpoint_expert_keys, expert_shapes, select_experts
 from qgalore_fx.handlers import handler_for
 from qgalore_fx.layers import QGaLoreLinear
-from qgalore_fx.lowrank import OP_STATE_NAMES, check_rank
+from qgalore_fx.lowrank import OP_STATE_NAMES
 from qgalore_fx.materialize import (WeightsArg, WeightSource, key_renamer, linear_weight_factory, materialize_bias,
                                    materialize_rest)
 from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
@@ -93,14 +93,14 @@ def _transform(model, rank, config, weights, device, options, rest: bool) -> nn.
     # Before anything is rewritten. The default rule leaves out layers smaller than the rank (e.g. a 1 x 128
     # MoE gate) and lists them in explain(); a layer chosen explicitly (target_modules/filter_fn) must fit.
     too_small = {name: handler_for(layer).shape(layer) for name, layer in selected.items()
-                 if min(handler_for(layer).shape(layer)) < config.rank}
+                 if not config.fits(*handler_for(layer).shape(layer))}
     small_experts = {f"{name}.{kind}": shape for name, module in experts.items()
-                     for kind, shape in expert_shapes(module).items() if min(shape) < config.rank}
+                     for kind, shape in expert_shapes(module).items() if not config.fits(*shape)}
     explicit = config.target_modules is not None or config.filter_fn is not None
     all_small = len(too_small) == len(selected) and len({n.rsplit(".", 1)[0] for n in small_experts}) == len(experts)
     if (too_small or small_experts) and (explicit or all_small):
         name, (m, n) = next(iter({**too_small, **small_experts}.items()))
-        check_rank(config.rank, name, m, n)
+        config.check_fits(name, m, n)
     for name in too_small:
         del selected[name]
     for name in {n.rsplit(".", 1)[0] for n in small_experts}:

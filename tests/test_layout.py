@@ -190,3 +190,83 @@ def test_the_package_has_no_import_circle():
     # the transformers integration sits above the transform: nothing below imports it
     assert not [name for name, deps in graph.items()
                 if "qgalore_fx.integrations.transformers" in deps and not name.startswith("qgalore_fx.app")]
+
+
+# --------------------------------------------------------------------------- allowed values declared once
+
+# The tuples of allowed values in qgalore_fx.config, and the modules that use them under their own names.
+ALLOWED_VALUES = ("WEIGHT_BITS", "PROJ_BITS", "OPTIM_BITS", "PROJ_METHODS", "ALIGN_METHODS", "EPS_PLACEMENTS")
+
+
+def test_modules_use_the_config_tuples_of_allowed_values():
+    from qgalore_fx import config, projection
+    from qgalore_fx.kernels import adam8bit
+
+    assert projection.METHODS is config.PROJ_METHODS
+    assert projection.ALIGN_METHODS is config.ALIGN_METHODS
+    assert adam8bit._BITS is config.OPTIM_BITS
+    fields = {f.name: f for f in dataclasses.fields(QGaLoreConfig)}
+    for name, allowed in [("weight_bits", config.WEIGHT_BITS), ("proj_bits", config.PROJ_BITS),
+                          ("optim_bits", config.OPTIM_BITS), ("align", config.ALIGN_METHODS),
+                          ("eps_placement", config.EPS_PLACEMENTS)]:
+        assert fields[name].metadata["choices"] is allowed, name
+
+
+def _literal_value_sets(path: pathlib.Path):
+    """(line, set of values) of every tuple, list or set literal of two or more constants in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2 \
+                and all(isinstance(e, ast.Constant) for e in node.elts):
+            yield node.lineno, {e.value for e in node.elts}
+
+
+def test_no_module_writes_out_a_tuple_of_allowed_values_again():
+    # In any order: ("full", "randomized", "subspace") is PROJ_METHODS declared a second time.
+    from qgalore_fx import config
+    from qgalore_fx.app import options
+
+    declared = {f"config.{name}": (PACKAGE / "config.py", set(getattr(config, name))) for name in ALLOWED_VALUES}
+    declared["app.options.AUTOCAST_MODES"] = (PACKAGE / "app" / "options.py", set(options.AUTOCAST_MODES))
+    again = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        literals = list(_literal_value_sets(p))
+        for name, (home, allowed) in declared.items():
+            lines = [line for line, values in literals if values == allowed]
+            if p == home:
+                assert len(lines) == 1, f"{name} is not declared exactly once in {home.name}: lines {lines}"
+            else:
+                again += [f"{p.relative_to(PACKAGE)}:{line} writes out {name}" for line in lines]
+    assert again == []
+
+
+def test_baselines_are_the_methods_but_qgalore():
+    from qgalore_fx.app import cli, finetune, train
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    for command, methods in [("pretrain", train.METHODS), ("finetune", finetune.METHODS)]:
+        baseline = next(a for a in sub.choices[command]._actions if a.dest == "baseline")
+        assert set(baseline.choices) == set(methods) - {"qgalore"}, command
+
+
+# The QGaLoreConfig options that are not per-layer update settings: how weights are stored (the layer's
+# own buffers) and which layers are projected. Every other option is an UpdateSpec field.
+MODEL_WIDE_OPTIONS = {"weight_bits", "include_lm_head", "target_modules", "filter_fn", "trace"}
+
+
+def test_every_option_reaches_the_layer_spec_or_is_model_wide():
+    from qgalore_fx.config import SEED_STRIDE
+    from qgalore_fx.lowrank import UpdateSpec
+
+    options = {f.name for f in dataclasses.fields(QGaLoreConfig)}
+    spec_fields = {f.name for f in dataclasses.fields(UpdateSpec)}
+    assert options - spec_fields == MODEL_WIDE_OPTIONS
+    config = QGaLoreConfig(rank=4, update_interval=9, cos_threshold=0.7, queue_size=3, adaptive=False,
+                           proj_bits=8, stochastic_round=False, optim_bits=32, fused=False, scale=0.5,
+                           block_size=64, proj_block_size=32, proj_method="full", align="procrustes",
+                           eps_placement="galore", seed=5)
+    spec = UpdateSpec.from_config(config, "layer", 16, 8, index=2)
+    for name in options & spec_fields - {"seed"}:
+        assert getattr(spec, name) == getattr(config, name), name
+    assert spec.seed == 5 * SEED_STRIDE + 2  # each layer its own stream
+    with pytest.raises(ValueError, match=r"^rank=9 is larger than min\(out, in\)=8 of layer 'layer'"):
+        UpdateSpec.from_config(dataclasses.replace(config, rank=9), "layer", 16, 8, index=0)

@@ -43,11 +43,13 @@ from qgalore_fx import __version__
 from qgalore_fx.app.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from qgalore_fx.app.data import MIN_VOCAB_SIZE
 from qgalore_fx.app.distributed import env_world_size, sharding_problem
+from qgalore_fx.app.options import AUTOCAST_MODES
 from qgalore_fx.app.planner import add_memory_arguments, run_memory
 from qgalore_fx.app.presets import PRESETS
 from qgalore_fx.app.train import (
     DEFAULT_LR,
     GALORE_OPTIONS,
+    METHODS,
     RESUME_MAY_CHANGE,
     TrainConfig,
     device_problem,
@@ -60,7 +62,7 @@ from qgalore_fx.config import QGaLoreConfig, cli_fields
 __all__ = ["auto_threads", "build_parser", "main"]
 
 PROG = "qgalore-fx"
-BASELINES = ("adamw", "adamw8bit", "galore")
+BASELINES = tuple(sorted(set(METHODS) - {"qgalore"}))  # pretrain --baseline: train.METHODS but Q-GaLore
 
 
 def _flag(field: dataclasses.Field) -> str:
@@ -171,7 +173,7 @@ def _add_pretrain(subparsers) -> None:
     run.add_argument("--threads", type=_threads, default="auto",
                      help="CPU intra-op threads; auto: the cores the 1-minute load average "
                           "leaves free, at least 1 (default: %(default)s)")
-    run.add_argument("--autocast", choices=("auto", "bf16", "off"), default=d.autocast,
+    run.add_argument("--autocast", choices=AUTOCAST_MODES, default=d.autocast,
                      help="auto: bf16 autocast on cuda, none on cpu (default: %(default)s)")
 
     data = p.add_argument_group("data and output")
@@ -373,7 +375,7 @@ def _add_finetune(subparsers) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--model", metavar="PATH", default=None,
                      help="a Hugging Face model directory or a .gguf file (required unless --resume)")
-    run.add_argument("--baseline", choices=("adamw", "adamw8bit", "lora"), default=None,
+    run.add_argument("--baseline", choices=tuple(sorted(set(ft.METHODS) - {"qgalore"})), default=None,
                      help="train with torch AdamW, bitsandbytes AdamW8bit or LoRA (peft) instead of Q-GaLore")
     run.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=d.batch_size,

@@ -81,7 +81,7 @@ from qgalore_fx.app import data as data_lib
 from qgalore_fx.app import distributed as distributed_lib
 from qgalore_fx.app import loop
 from qgalore_fx.app.loop import device_problem, is_device_name, is_number, require, require_int
-from qgalore_fx.app.train import _with_transform_options
+from qgalore_fx.app.options import AUTOCAST_MODES, transform_options, with_transform_options
 from qgalore_fx.config import QGaLoreConfig, cli_fields
 from qgalore_fx.memory import process_memory
 
@@ -115,7 +115,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 @dataclass(frozen=True)
-@_with_transform_options
+@with_transform_options
 class FinetuneConfig:
     """Everything a fine-tuning run depends on. ``None`` means "derive it" (see :meth:`resolved`)."""
 
@@ -139,7 +139,7 @@ class FinetuneConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     # The Q-GaLore switches (QGaLoreConfig's fields marked for the command line) follow, added by
-    # @_with_transform_options; rank None: DEFAULT_RANK.
+    # @with_transform_options; rank None: DEFAULT_RANK.
     corpus: str | None = None  # None: BBC News
     val_fraction: float = data_lib.DEFAULT_VAL_FRACTION
     eval_tokens: int = 8192  # held-out tokens scored before and after training
@@ -155,7 +155,7 @@ class FinetuneConfig:
         object.__setattr__(self, "model", str(self.model))
         require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
         require(is_device_name(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
-        require(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'", self.autocast)
+        require(self.autocast in AUTOCAST_MODES, "autocast", "'auto', 'bf16' or 'off'", self.autocast)
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_tokens", "lora_rank"):
             require_int(self, name, 1, "a positive integer")
         for name in ("eval_every", "save_every"):
@@ -184,7 +184,7 @@ class FinetuneConfig:
         self.qgalore_config()  # the transform options, checked by the library's own config
 
     def qgalore_config(self) -> QGaLoreConfig:
-        options = {f.name: getattr(self, f.name) for f in cli_fields()}
+        options = transform_options(self)
         options["rank"] = options["rank"] or DEFAULT_RANK
         return QGaLoreConfig(**options)
 
@@ -209,7 +209,7 @@ class FinetuneConfig:
     def transform_kwargs(self) -> dict | None:
         if self.method != "qgalore":
             return None
-        kwargs = {f.name: getattr(self, f.name) for f in cli_fields()}
+        kwargs = transform_options(self)
         kwargs["rank"] = kwargs["rank"] or DEFAULT_RANK
         return kwargs
 

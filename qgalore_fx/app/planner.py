@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from qgalore_fx.config import PROJ_METHODS
 from qgalore_fx.handlers import handler_named
 from qgalore_fx.kernels.adam8bit import AdamState
 from qgalore_fx.memory import GB, MB, GiB, MiB, MemoryReport, _nbytes, memory_report, process_memory
@@ -783,7 +784,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     run.add_argument("--run", action="store_true",
                      help="predict the peak RSS of an eager fp32 CPU training run of --preset (batch 1 x 256 unless "
                           "--batch-size/--seq-len): weights, states, activations and the transients of each phase")
-    run.add_argument("--proj-method", choices=("randomized", "subspace", "full"), default=None,
+    run.add_argument("--proj-method", choices=PROJ_METHODS, default=None,
                      help="the transform's proj_method for --run (default: the library's)")
     run.add_argument("--no-rest-in-backward", action="store_true",
                      help="--run with qgalore_fx.optimizer(rest_in_backward=False): unprojected gradients held "

@@ -81,6 +81,7 @@ from qgalore_fx.app import distributed as distributed_lib
 from qgalore_fx.app import loop
 from qgalore_fx.app import presets as presets_lib
 from qgalore_fx.app.loop import cosine_with_warmup, device_problem, is_device_name, is_number, require, require_int
+from qgalore_fx.app.options import AUTOCAST_MODES, transform_options, with_transform_options
 from qgalore_fx.config import QGaLoreConfig, cli_fields
 
 __all__ = [
@@ -129,30 +130,12 @@ GALORE_SETTINGS = dict(
 GALORE_OPTIONS = ("rank", "update_interval", "scale", "fused")
 
 _CHOICES = {
-    "autocast": ("auto", "bf16", "off"),
+    "autocast": AUTOCAST_MODES,
 }
 
 
-def _with_transform_options(cls):
-    """Give ``cls`` one field per option of :func:`qgalore_fx.config.cli_fields` (before ``@dataclass``).
-
-    Each field has the ``QGaLoreConfig`` field's type, default and metadata, so the options are
-    declared once, in the library. ``rank`` has no default there; here it defaults to None, the
-    preset's rank.
-    """
-    annotations = cls.__dict__.get("__annotations__", {})
-    for f in cli_fields():
-        if f.name in annotations:
-            raise TypeError(f"{cls.__name__}.{f.name} is a QGaLoreConfig option; do not redeclare it")
-        required = f.default is dataclasses.MISSING
-        annotations[f.name] = f"{f.type} | None" if required else f.type
-        setattr(cls, f.name, field(default=None if required else f.default, metadata=f.metadata))
-    cls.__annotations__ = annotations
-    return cls
-
-
 @dataclass(frozen=True)
-@_with_transform_options
+@with_transform_options
 class TrainConfig:
     """Everything a run depends on. ``None`` means "derive it" (see :meth:`resolved`)."""
 
@@ -180,7 +163,7 @@ class TrainConfig:
     # Q-GaLore switches (DESIGN.md section 2): rank, update_interval, cos_threshold, queue_size,
     # adaptive, weight_bits, proj_bits, stochastic_round, optim_bits, fused, scale, proj_method.
     # They are the QGaLoreConfig fields marked for the command line, added after the fields below
-    # by @_with_transform_options with the library's defaults (the paper's); rank None: the preset's.
+    # by @with_transform_options with the library's defaults (the paper's); rank None: the preset's.
     # Evaluation and logging.
     eval_every: int = 100  # 0: only the final evaluation
     eval_batches: int = 8  # batches per periodic evaluation; the final one uses all
@@ -239,7 +222,7 @@ class TrainConfig:
 
         Raises the config's ``ValueError``/``TypeError``, naming the option, on an invalid value.
         """
-        options = {f.name: getattr(self, f.name) for f in cli_fields()}
+        options = transform_options(self)
         if options["rank"] is None:
             options["rank"] = presets_lib.get_preset(self.preset).rank
         return QGaLoreConfig(**options)
@@ -273,7 +256,7 @@ class TrainConfig:
             return None
         if self.method == "galore":
             return {name: getattr(self, name) for name in GALORE_OPTIONS} | GALORE_SETTINGS
-        return {f.name: getattr(self, f.name) for f in cli_fields()}
+        return transform_options(self)
 
     def to_json(self) -> dict:
         """JSON-ready view: the Q-GaLore switches appear only where they apply."""

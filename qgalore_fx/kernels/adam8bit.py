@@ -16,6 +16,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from qgalore_fx.config import OPTIM_BITS
+
 from .fastpath import CompiledKernel
 
 __all__ = [
@@ -30,7 +32,7 @@ __all__ = [
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
 IMPLS = ("auto", "reference", "fused")
-_BITS = (8, 32)
+_BITS = OPTIM_BITS  # QGaLoreConfig.optim_bits
 
 
 # --------------------------------------------------------------------------- maps
