@@ -211,6 +211,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out or RESULTS / f"quality-{preset.name}-s{args.steps}-b{args.batch_size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
+    command = " ".join([pathlib.Path(sys.executable).name, "benchmarks/quality_sweep.py"] + sys.argv[1:])
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    invocations = [{"command": command, "started": started}]
     if args.resume and out.exists():
         old = json.loads(out.read_text())
         same = {k: v for k, v in old["settings"].items() if k not in ("methods", "grids", "seeds", "max_extend")}
@@ -218,8 +221,8 @@ def main(argv=None) -> int:
         if same != mine:
             raise SystemExit(f"--resume: {out} was run with other settings: {same} vs {mine}")
         runs = old["runs"]
-    doc = {"command": " ".join([pathlib.Path(sys.executable).name, "benchmarks/quality_sweep.py"] + sys.argv[1:]),
-           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        invocations = old.get("invocations", [{"command": old["command"], "started": old["started"]}]) + invocations
+    doc = {"command": command, "started": invocations[0]["started"], "invocations": invocations,
            "machine": compare.machine_info(), "settings": settings, "runs": runs}
 
     def save():
