@@ -29,7 +29,9 @@ pretrain``) in its own subprocess, so that each one's peak RSS is its own. The l
 rates are ``train.py``'s per-method defaults (``DEFAULT_LR``, and for the projected methods
 ``rest_lr`` for the parameters that are not projected); the two Q-GaLore ablations get
 Q-GaLore's, ``galore-torch`` gets ``galore``'s (projected group) and ``DEFAULT_LR["adamw"]``
-(the rest, as ``rest_lr`` defaults to). All are printed and stored.
+(the rest, as ``rest_lr`` defaults to). All are printed and stored. One invocation is one
+seed at one lr per method, so its perplexities do not rank the methods; ``quality_sweep.py``
+runs this file's worker over an lr grid per method and several seeds, and its table does.
 
 Per method it reports:
 
