@@ -551,7 +551,11 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(RESULTS), help="where the JSON and PNG go")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return schedule_defaults(p.parse_args(argv))
+
+
+def schedule_defaults(args):
+    """Fill ``update_interval`` (10 refreshes per run) and ``eval_every`` (6 evaluations) left unset."""
     if args.update_interval is None:
         args.update_interval = max(1, args.steps // 10)
     if args.eval_every is None:

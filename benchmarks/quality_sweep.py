@@ -179,16 +179,14 @@ def parse_args(argv=None):
     short = [m for m, g in args.grids.items() if len(g) < 3]
     if short:
         p.error(f"--lrs: give at least three learning rates for {', '.join(short)}")
-    if args.update_interval is None:
-        args.update_interval = max(1, args.steps // 10)
-    if args.eval_every is None:
-        args.eval_every = max(1, args.steps // 6)
-    return args
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import compare
+
+    return compare.schedule_defaults(args)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import compare
 
     unknown = [m for m in args.grids if m not in compare.METHODS]
