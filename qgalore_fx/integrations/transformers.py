@@ -49,7 +49,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qgalore_fx import __version__
 from qgalore_fx.config import QGaLoreConfig
+from qgalore_fx.experts import QGaLoreExperts
 from qgalore_fx.export import EXPORT_HOOKS
+from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.materialize import key_renamer
 from qgalore_fx.rewrite import TRANSFORM_HOOKS, projected_layers, transform_projected
 
@@ -132,7 +134,9 @@ class QGaLoreHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        self._slots: list = []  # (module, container name, slot name, original tensor), while loading
+        # While loading: (our tensor, its slots [(module, container, name, state key or None)], the key the
+        # checkpoint fills it from or None, its shape before loading).
+        self._slots: list = []
 
     # What transformers asks a method -------------------------------------------------------------------------
 
@@ -199,7 +203,7 @@ class QGaLoreHfQuantizer(HfQuantizer):
         self._put_back(model)
         return model
 
-    def _hold(self, model: nn.Module, stored: set) -> None:
+    def _hold(self, model: nn.Module, stored: dict) -> None:
         """Note every real tensor slot; free those the checkpoint will fill; keep transformers' init away."""
         groups: dict = {}
         for prefix, module in model.named_modules():
@@ -228,8 +232,7 @@ class QGaLoreHfQuantizer(HfQuantizer):
                 for module, container, name, _ in slots:
                     getattr(module, container)[name] = placeholder
             self._slots.append((t, slots, loaded[0] if loaded else None, shape))
-        names = [re.escape(name) for name, _ in projected_layers(model)]
-        names += [re.escape(name) for name, m in model.named_modules() if type(m).__name__ == "QGaLoreExperts"]
+        names = [re.escape(name) for name, m in model.named_modules() if isinstance(m, (QGaLoreLinear, QGaLoreExperts))]
         if names:  # the report: projected layers hold no `weight`, the checkpoint's fp weights are not used
             layers = r"^(?:" + "|".join(names) + r")\."
             model._keys_to_ignore_on_load_missing = {layers}
