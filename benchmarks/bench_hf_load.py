@@ -9,6 +9,9 @@ vocab 32000, tied embeddings), or ``7b``, LLaMA-7B's shape (6.74B parameters); w
 subprocess, which records its RSS after ``import torch, transformers, qgalore_fx`` and its peak RSS
 (``ru_maxrss``) after ``from_pretrained`` and one forward of 1 x 128 tokens:
 
+Growth is also given from the RSS after importing the model's code (``transformers.models.llama.modeling_llama``,
+which ``from_pretrained`` imports either way: about 200 MiB of Python modules, the same for both loads).
+
 ``plain``    ``AutoModelForCausalLM.from_pretrained(dir)``
 ``qgalore``  ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=QGaLoreQuantizationConfig(rank))``
 
@@ -95,6 +98,9 @@ def child(mode: str, path: str, rank: int, threshold: bool, device: str = "cpu",
     if threshold:  # freed blocks of 1 MiB and more go back to the OS at once (glibc keeps them otherwise)
         set_cpu_mmap_threshold()
     before = _rss_mib()
+    import transformers.models.llama.modeling_llama  # noqa: F401  the model's code, which loading imports anyway
+
+    code = _rss_mib()
     kwargs = {} if mode == "plain" else {"quantization_config": qgalore_fx.QGaLoreQuantizationConfig(rank=rank)}
     if device != "cpu":
         kwargs["device_map"] = {"": device}
@@ -106,8 +112,8 @@ def child(mode: str, path: str, rank: int, threshold: bool, device: str = "cpu",
         loss = model(input_ids=ids, labels=ids).loss.item()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
-    print(json.dumps({"mode": mode, "device": device, "max_memory_allocated_mib": gpu, "before_mib": before, "after_load_mib": loaded, "peak_mib": peak, "load_peak_mib": load_peak,
-                      "growth_mib": peak - before, "loss": loss, "params": model.num_parameters(),
+    print(json.dumps({"mode": mode, "device": device, "max_memory_allocated_mib": gpu, "before_mib": before, "model_code_mib": code - before, "after_load_mib": loaded, "peak_mib": peak, "load_peak_mib": load_peak,
+                      "growth_mib": peak - before, "load_growth_mib": peak - code, "loss": loss, "params": model.num_parameters(),
                       "logical_params": qgalore_fx.logical_parameters(model) if mode != "plain" else
                       model.num_parameters()}))
 
@@ -141,13 +147,16 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--rank", str(args.rank), *flags, "--_child", mode, str(path)],
                              capture_output=True, text=True, check=True).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
-    print("| load | parameters (logical) | RSS after imports MiB | after load MiB | peak after one forward MiB "
-          "| growth MiB | x plain | loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| load | num_parameters() | RSS after imports MiB | model code MiB | after load MiB "
+          "| peak after one forward MiB | growth MiB | x plain | growth without the code MiB | x plain | loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = rows.get("plain")
     for mode, r in rows.items():
-        print(f"| {mode} | {r['logical_params'] / 1e6:.1f}M | {r['before_mib']:.0f} | {r['after_load_mib']:.0f} | "
-              f"{r['peak_mib']:.0f} | {r['growth_mib']:.0f} | {r['growth_mib'] / rows['plain']['growth_mib'] if 'plain' in rows else float('nan'):.2f} | "
-              f"{r['loss']:.4f} |" + (f" GPU max allocated {r['max_memory_allocated_mib']:.0f} MiB"
+        ratio = r["growth_mib"] / base["growth_mib"] if base else float("nan")
+        load_ratio = r["load_growth_mib"] / base["load_growth_mib"] if base else float("nan")
+        print(f"| {mode} | {r['params'] / 1e6:.2f}M | {r['before_mib']:.0f} | {r['model_code_mib']:.0f} | "
+              f"{r['after_load_mib']:.0f} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} | {ratio:.2f} | "
+              f"{r['load_growth_mib']:.0f} | {load_ratio:.2f} | {r['loss']:.4f} |" + (f" GPU max allocated {r['max_memory_allocated_mib']:.0f} MiB"
                                         if r.get("max_memory_allocated_mib") is not None else ""))
 
 

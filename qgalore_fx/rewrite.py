@@ -306,15 +306,22 @@ def explain(model: nn.Module) -> str:
     lines.append(f"{len(layers)} projected linears: {total_before:,} bytes as fp32 -> {total_after:,} bytes now "
                  f"(weights + projections + optimizer state, {total_after / max(total_before, 1):.3f}x)")
     lines.append(f"logical parameters: {logical_parameters(model):,} (each projected weight counted as out x in; "
-                 "model.num_parameters() counts the stored tensors: INT8 codes, their scales and anchors)")
+                 "a transformers model's num_parameters() agrees)")
     return "\n".join(lines)
 
 
-def logical_parameters(model: nn.Module) -> int:
+def logical_parameters(model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
     """The parameter count of the model as it was before the transform: every Parameter (shared ones once) but
     the projected layers' storage (INT8 codes, their scales, the one-element anchor), plus out x in for each
-    projected weight. ``num_parameters()`` counts the stored tensors instead: codes and scales and anchors."""
+    projected weight. The flags are ``PreTrainedModel.num_parameters``': ``only_trainable`` counts what training
+    changes (a projected weight when its layer updates it, which has no ``.grad`` but is trained all the same;
+    other Parameters when they require grad), ``exclude_embeddings`` leaves out ``nn.Embedding`` weights.
+    A transformers model's own ``num_parameters()`` gives this count once transformed."""
     layers = projected_layers(model)
     storage = {id(t) for _, layer in layers for t in (layer.weight_codes, layer.weight_scales, layer.anchor)}
-    params = sum(p.numel() for p in model.parameters() if id(p) not in storage)
-    return params + sum(layer.out_features * layer.in_features for _, layer in layers)
+    if exclude_embeddings:
+        storage |= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    params = sum(p.numel() for p in model.parameters()
+                 if id(p) not in storage and (p.requires_grad or not only_trainable))
+    return params + sum(layer.out_features * layer.in_features for _, layer in layers
+                        if layer.trainable or not only_trainable)

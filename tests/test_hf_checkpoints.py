@@ -58,6 +58,32 @@ def test_plain_checkpoint_loads_straight_into_int8(tmp_path):
     assert qgalore_fx.logical_parameters(model) == tiny_llama().num_parameters()
 
 
+def test_num_parameters_is_the_dense_models_count(tmp_path):
+    import copy
+    import pickle
+
+    dense = tiny_llama()
+    model = qgalore_fx.transform(tiny_llama(), **OPTIONS)
+    model.model.norm.weight.requires_grad_(False)
+    dense.model.norm.weight.requires_grad_(False)
+    stored = sum(p.numel() for p in model.parameters())
+    for kw in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+        assert model.num_parameters(**kw) == dense.num_parameters(**kw), kw
+    assert stored > dense.num_parameters()  # the scales and anchors are Parameters too
+    assert f"logical parameters: {dense.num_parameters():,}" in qgalore_fx.explain(model)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.num_parameters() == dense.num_parameters()
+        assert copied.num_parameters.model is copied
+    # a reload, and a load straight into INT8, count the same
+    model.save_pretrained(tmp_path / "saved")
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").num_parameters() == \
+        tiny_llama().num_parameters()
+    tiny_llama().save_pretrained(tmp_path / "plain")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "plain", quantization_config=qgalore_fx.QGaLoreQuantizationConfig(**OPTIONS))
+    assert loaded.num_parameters(exclude_embeddings=True) == tiny_llama().num_parameters(exclude_embeddings=True)
+
+
 @pytest.mark.parametrize("model_class", [transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM])
 def test_save_pretrained_reloads_exactly_and_trains_on_identically(tmp_path, model_class):
     model, opt = _trained()

@@ -53,7 +53,7 @@ from qgalore_fx.experts import QGaLoreExperts
 from qgalore_fx.export import EXPORT_HOOKS
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.materialize import key_renamer
-from qgalore_fx.rewrite import TRANSFORM_HOOKS, projected_layers, transform_projected
+from qgalore_fx.rewrite import TRANSFORM_HOOKS, logical_parameters, projected_layers, transform_projected
 
 #: The ``quant_method`` of a transformed model's ``config.json``.
 METHOD = "qgalore_fx"
@@ -290,6 +290,7 @@ def _mark(model: nn.Module, qconfig: QGaLoreQuantizationConfig, quantizer: Optio
     model.config.quantization_config = qconfig
     model.hf_quantizer = quantizer or QGaLoreHfQuantizer(qconfig, pre_quantized=True)
     model.quantization_method = METHOD
+    model.num_parameters = _LogicalParameterCount(model)
     # transformers' guards for quantized models (no .half()/.float()/.to(dtype); Trainer wants adapters; attention
     # kernels take the dtype from elsewhere) are for frozen quantized weights. A transformed model trains its INT8
     # weights in place and its layers keep codes and scales through any cast, so it is not "quantized" for them.
@@ -299,6 +300,23 @@ def _mark(model: nn.Module, qconfig: QGaLoreQuantizationConfig, quantizer: Optio
     for module in model.modules():
         if isinstance(getattr(module, "config", None), PretrainedConfig):
             module.config.__dict__.pop("_is_quantized", None)
+
+
+class _LogicalParameterCount:
+    """``num_parameters`` of a transformed transformers model: the dense model's count
+    (:func:`qgalore_fx.logical_parameters`). transformers counts ``named_parameters()``, which for a projected
+    layer are its INT8 codes (out x in, right) plus its scales and anchor (about 0.4 % more at block 256); the
+    scales stay Parameters so that FSDP2 shards them with the codes. transformers has no hook for the count, so
+    the marked model carries this in its instance ``__dict__`` (a plain object, not a bound method, so that
+    ``copy.deepcopy`` and pickling keep it); :func:`unmark` takes it away. Trainer's FLOP estimate reads it;
+    Trainer's "Number of trainable parameters" line sums ``p.numel()`` over ``requires_grad`` Parameters
+    itself, so it shows the AdamW group (and the anchors), not the INT8 weights, which have no ``.grad``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        return logical_parameters(self.model, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
 
 
 def _after_transform(model: nn.Module, config: QGaLoreConfig) -> None:
@@ -311,7 +329,7 @@ def unmark(model: nn.Module) -> None:
     """A dense export is a plain model again: no quantization config, no quantizer."""
     if not _is_hf_model(model):
         return
-    for attr in ("hf_quantizer", "quantization_method"):
+    for attr in ("hf_quantizer", "quantization_method", "num_parameters"):
         model.__dict__.pop(attr, None)
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
