@@ -166,7 +166,7 @@ def _galore_torch_optimizer(model, cfg, rank: int, interval: int, scale: float, 
                 state[key] = entry
             return {**sd, "state": state}
 
-    return CheckpointableGaLoreAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8,
+    return CheckpointableGaLoreAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                      weight_decay=cfg.weight_decay, no_deprecation_warning=True)
 
 
@@ -351,7 +351,7 @@ def method_specs(args, names: list[str]) -> list[dict]:
             update_interval=args.update_interval, eval_every=args.eval_every,
             eval_batches=args.eval_batches, log_every=1, vocab_size=args.vocab_size,
             rank=args.rank,
-        ) | overrides
+        ) | ({"eps": args.eps} if getattr(args, "eps", None) is not None else {}) | overrides
         specs.append(dict(name=name, config=config, rank=None, update_interval=args.update_interval,
                           scale=0.25, rest_lr=DEFAULT_LR["adamw"] if name == "galore-torch" else None))
     return specs
@@ -544,6 +544,7 @@ def parse_args(argv=None):
                         "shared with other jobs use 1: a 2-thread OpenMP region waits for a descheduled thread "
                         "and elementwise ops became 10-30x slower in our measurements")
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: the preset's)")
+    p.add_argument("--eps", type=float, default=None, help="Adam's eps for every method (default: TrainConfig's, 1e-8)")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default: 8192)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between periodic validations on --eval-batches batches (default: steps // 6)")

@@ -188,6 +188,7 @@ def test_numpy_scalars_are_numbers(corpus_dir, cache, tmp_path):
     (dict(lr="abc"), "lr must be a positive finite number; got 'abc'"),
     (dict(lr=float("inf")), "lr must be a positive finite number; got inf"),
     (dict(weight_decay=float("nan")), "weight_decay must be a finite non-negative number; got nan"),
+    (dict(eps=0.0), "eps must be a positive finite number; got 0.0"),
     (dict(betas=None), "betas must be two numbers in [0, 1); got None"),
     (dict(betas=(0.9, "x")), "betas must be two numbers in [0, 1); got (0.9, 'x')"),
     (dict(min_lr_ratio="0.1"), "min_lr_ratio must be a number in [0, 1]; got '0.1'"),
@@ -205,6 +206,16 @@ def captured(monkeypatch):
     configs = []
     monkeypatch.setattr(cli, "train", configs.append)
     return configs
+
+
+def test_eps_reaches_every_methods_optimizer(captured):
+    assert cli.main(["pretrain", "--eps", "1e-6"]) == 0
+    assert captured[0].eps == 1e-6
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    for method in ("adamw", "adamw8bit"):
+        config = dataclasses.replace(captured[0], method=method).resolved()
+        _, opt = train_lib.build_optimizer(model, config)
+        assert opt.param_groups[0]["eps"] == 1e-6
 
 
 def test_defaults_are_the_train_config_defaults(captured):

@@ -165,6 +165,8 @@ def _add_pretrain(subparsers) -> None:
                      help="linear warmup steps before the cosine decay (default: 10%% of --steps)")
     run.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
                      help="decoupled weight decay (default: %(default)s)")
+    run.add_argument("--eps", type=positive_float, default=d.eps,
+                     help="Adam's eps, added to sqrt(v) (default: %(default)s)")
     run.add_argument("--seed", type=int, default=d.seed,
                      help="seeds the model initialisation and the batch order "
                           "(default: %(default)s)")
@@ -263,6 +265,7 @@ def _run_pretrain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             lr=args.lr,
             warmup=args.warmup,
             weight_decay=args.weight_decay,
+            eps=args.eps,
             seed=args.seed,
             device=args.device,
             threads=auto_threads() if args.threads == "auto" else args.threads,

@@ -156,6 +156,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # Adam's eps, every method's (torch AdamW's default)
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
     threads: int | None = None  # intra-op CPU threads; None: torch's current setting
@@ -212,6 +213,8 @@ class TrainConfig:
                  "a number in [0, 1]", self.min_lr_ratio)
         require(is_number(self.weight_decay) and 0.0 <= self.weight_decay < math.inf, "weight_decay",
                  "a finite non-negative number", self.weight_decay)
+        require(is_number(self.eps) and math.isfinite(self.eps) and self.eps > 0, "eps",
+                 "a positive finite number", self.eps)
         require(isinstance(self.betas, tuple) and len(self.betas) == 2
                  and all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas), "betas",
                  "two numbers in [0, 1)", self.betas)
@@ -327,21 +330,21 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig,
     ``config`` must be :meth:`TrainConfig.resolved`. ``shard`` (e.g. FSDP2's ``fully_shard`` per block and
     the root) is applied after the transform and before the optimizer is built.
     """
-    lr, wd, betas = config.lr, config.weight_decay, tuple(config.betas)
+    lr, wd, betas, eps = config.lr, config.weight_decay, tuple(config.betas), config.eps
     shard = shard or (lambda m: m)
     if config.method == "adamw":
         model = shard(model)
-        return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd)
     if config.method == "adamw8bit":
         import bitsandbytes as bnb
 
         model = shard(model)
-        return model, bnb.optim.AdamW8bit(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd)
     import qgalore_fx
 
     model = shard(qgalore_fx.transform(model, **config.transform_kwargs()))
     # LambdaLR scales each group's own initial lr: projected layers from lr, the rest from rest_lr.
-    optimizer = qgalore_fx.optimizer(model, lr=lr, weight_decay=wd, betas=betas, rest_lr=config.rest_lr)
+    optimizer = qgalore_fx.optimizer(model, lr=lr, weight_decay=wd, betas=betas, eps=eps, rest_lr=config.rest_lr)
     return model, optimizer
 
 
