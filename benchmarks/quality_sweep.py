@@ -135,13 +135,15 @@ def markdown_table(doc: dict) -> str:
         if not first:
             continue
         lr, edge = best_lr(first)
+        if doc["settings"].get("transfer"):
+            edge = "transferred"
         tried = ", ".join(f"{x:g}: {first[x]:.1f}" for x in sorted(first))
         chosen = [runs[_run_key(method, lr, s)] for s in seeds if _run_key(method, lr, s) in runs]
         mean, sd = mean_sd([r["val_ppl"] for r in chosen])
         per_seed = ", ".join(f"{r['val_ppl']:.1f}" for r in chosen)
         rest = chosen[0]["rest_lr"]
         cells = [
-            method, tried, f"{lr:g}" + (f" ({edge} edge)" if edge else "") + (f" / rest {rest:g}" if rest else ""),
+            method, tried, f"{lr:g}" + ((" (transferred)" if edge == "transferred" else f" ({edge} edge)") if edge else "") + (f" / rest {rest:g}" if rest else ""),
             f"{mean:.1f} ± {sd:.1f} (n={len(chosen)})" if sd is not None else f"{mean:.1f} (n=1)",
             per_seed, f"{chosen[0]['persistent_bytes'] / MiB:.1f}",
             f"{statistics.median(r['median_step_s'] for r in chosen):.2f}",
@@ -171,13 +173,21 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/quality-<preset>-s<steps>-b<batch>.json)")
     p.add_argument("--resume", action="store_true", help="skip the runs the results JSON already holds")
+    p.add_argument("--transfer", default=None, metavar="WHERE",
+                   help="no sweep at this size: one lr per method, chosen by the sweep named here (e.g. a results "
+                        "JSON of a smaller preset); the table marks each lr as transferred")
     args = p.parse_args(argv)
     args.grids = parse_lrs(args.lrs)
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.seed_list:
         p.error("--seeds: give at least one seed")
+    if args.transfer:
+        several = [m for m, g in args.grids.items() if len(g) != 1]
+        if several:
+            p.error(f"--lrs with --transfer: give exactly one learning rate for {', '.join(several)}")
+        args.max_extend = 0
     short = [m for m, g in args.grids.items() if len(g) < 3]
-    if short:
+    if short and not args.transfer:
         p.error(f"--lrs: give at least three learning rates for {', '.join(short)}")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import compare
@@ -206,6 +216,8 @@ def main(argv=None) -> int:
                 "threads": args.threads, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
                 "methods": list(args.grids), "grids": args.grids, "max_extend": args.max_extend,
                 "rest_lr": "train.py's default for projected methods (DEFAULT_LR['adamw']), not swept"}
+    if args.transfer:
+        settings["transfer"] = args.transfer
     out = pathlib.Path(args.out or RESULTS / f"quality-{preset.name}-s{args.steps}-b{args.batch_size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}

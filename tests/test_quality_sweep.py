@@ -56,3 +56,19 @@ def test_parse_lrs():
     for bad in ("adamw", "adamw=", "adamw=1e-3,1e-3", "adamw=-1e-3,1e-3", "adamw=nan,1e-3"):
         with pytest.raises(ValueError, match="--lrs"):
             qs.parse_lrs([bad])
+
+
+def test_transfer_takes_one_lr_per_method_and_marks_it():
+    with pytest.raises(SystemExit):
+        qs.parse_args(["--lrs", "adamw=1e-3", "--steps", "60"])  # a sweep needs three values
+    with pytest.raises(SystemExit):
+        qs.parse_args(["--lrs", "adamw=1e-3,2e-3", "--transfer", "quality-tiny.json", "--steps", "60"])
+    args = qs.parse_args(["--lrs", "adamw=1e-3", "--transfer", "quality-tiny.json", "--steps", "60",
+                          "--max-extend", "2"])
+    assert args.grids == {"adamw": [1e-3]} and args.max_extend == 0
+    run = {"method": "adamw", "lr": 1e-3, "seed": 0, "val_ppl": 400.0, "rest_lr": None, "persistent_bytes": 2**20,
+           "median_step_s": 0.5}
+    doc = {"settings": {"seeds": [0], "methods": ["adamw"], "transfer": "quality-tiny.json"},
+           "runs": {qs._run_key("adamw", 1e-3, 0): run}}
+    row = qs.markdown_table(doc).splitlines()[-1]
+    assert "0.001 (transferred)" in row and "edge" not in row and "400.0 (n=1)" in row
