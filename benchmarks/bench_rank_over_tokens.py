@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--eps", default="1e-8,1e-6,1e-5,1e-4,1e-3", help="comma list of Adam eps values")
     p.add_argument("--control-eps", default="1e-8,1e-4", help="eps values run at ranks below the tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="the projected group's peak lr (default: the library's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -43,16 +44,16 @@ def main() -> None:
                 cmd = [sys.executable, str(HERE / "compare.py"), "--preset", "tiny", "--steps", str(args.steps),
                        "--batch-size", "1", "--seq-len", str(args.seq_len), "--rank", str(rank),
                        "--methods", "qgalore", "--threads", str(args.threads), "--seed", str(args.seed),
-                       "--eps", repr(eps), "--out-dir", str(out)]
+                       "--eps", repr(eps), "--out-dir", str(out)] + (["--lr", repr(args.lr)] if args.lr else [])
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 result = json.loads((out / "compare-tiny.json").read_text())["results"][0]
-                rows.append({"rank": rank, "tokens": args.seq_len, "eps": eps, "val_ppl": result["val_ppl"],
+                rows.append({"rank": rank, "tokens": args.seq_len, "eps": eps, "lr": result["lr"], "val_ppl": result["val_ppl"],
                              "final_train_loss": result["final_train_loss"]})
                 print(f"rank {rank:>4}  tokens {args.seq_len}  eps {eps:<8g} val ppl {result['val_ppl']:.2f}",
                       flush=True)
-    print("\n| rank | tokens per step | Adam eps | validation perplexity |\n|---:|---:|---:|---:|")
+    print("\n| rank | tokens per step | lr | Adam eps | validation perplexity |\n|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['rank']} | {r['tokens']} | {r['eps']:g} | {r['val_ppl']:.2f} |")
+        print(f"| {r['rank']} | {r['tokens']} | {r['lr']:g} | {r['eps']:g} | {r['val_ppl']:.2f} |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
 

@@ -347,7 +347,7 @@ def method_specs(args, names: list[str]) -> list[dict]:
         method, overrides, lr_of = METHODS[name]
         config = dict(
             preset=args.preset, method=method, steps=args.steps, batch_size=args.batch_size,
-            seq_len=args.seq_len, lr=DEFAULT_LR[lr_of], seed=args.seed, threads=args.threads,
+            seq_len=args.seq_len, lr=getattr(args, "lr", None) or DEFAULT_LR[lr_of], seed=args.seed, threads=args.threads,
             update_interval=args.update_interval, eval_every=args.eval_every,
             eval_batches=args.eval_batches, log_every=1, vocab_size=args.vocab_size,
             rank=args.rank,
@@ -544,6 +544,9 @@ def parse_args(argv=None):
                         "shared with other jobs use 1: a 2-thread OpenMP region waits for a descheduled thread "
                         "and elementwise ops became 10-30x slower in our measurements")
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak lr of every method (the projected group's for projected methods; default: each "
+                        "method's DEFAULT_LR)")
     p.add_argument("--eps", type=float, default=None, help="Adam's eps for every method (default: TrainConfig's, 1e-8)")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary (default: 8192)")
     p.add_argument("--eval-every", type=int, default=None,
