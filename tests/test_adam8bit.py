@@ -631,7 +631,9 @@ def test_reference_switch_forces_the_reference(monkeypatch):
     expect = state.clone()
     n_expect = _masked(g, expect, 4, "reference", False)
     monkeypatch.setenv(fastpath.ENV_REFERENCE, "1")
-    assert fastpath.reference_forced() and not A._DIRECTION_KERNEL.available()
+    assert fastpath.reference_forced() and not A._DIRECTION_KERNEL.available() and not A._NATIVE_KERNEL.available()
+    monkeypatch.setattr(A._NATIVE_KERNEL, "_fn", None)
+    monkeypatch.setattr(A._NATIVE_KERNEL, "_load", None)  # would fail if it were built or called
     monkeypatch.setattr(A._DIRECTION_KERNEL, "fn", None)  # would fail if it were compiled or called
     monkeypatch.setattr(A._DIRECTION_KERNEL, "_compiled", None)
     n = _masked(g, state, 4, "auto", False)
@@ -651,6 +653,83 @@ def test_fast_path_that_fails_to_compile_falls_back_with_a_warning():
 
     kernel = CompiledKernel(breaks, "test kernel")
     with pytest.warns(RuntimeWarning, match="test kernel"):
+        assert kernel(torch.ones(3)) == (False, None)
+    assert kernel.failed and not kernel.available()
+    assert kernel(torch.ones(3)) == (False, None)  # no second attempt
+
+
+# --------------------------------------------------------------------------- the C++ step vs the compiled one
+# On an AVX2 CPU the fused step runs in C++ (adam8bit_cpu.cpp), written op for op after the compiled function, so the
+# two are compared bit for bit: N or the parameters, codes and absmax, over several steps (one skipped), with a short
+# last block, moments spanning six decades, zero and subnormal gradients, tensor and float hyperparameters, a large
+# offset (the draws' index wraps at 2^32), and one and two threads.
+needs_avx2 = pytest.mark.skipif(not A._AVX2, reason="the C++ step needs an AVX2 CPU")
+
+
+def _fused_step(native: bool, mode: str, grad, state, p, step, ok, offset):
+    before = A._NATIVE_KERNEL.failed
+    if not native:
+        A._NATIVE_KERNEL.failed = "the compiled step is the reference of this test"
+    try:
+        if mode == "direction":
+            betas = [torch.tensor(b, dtype=torch.float64) for b in (0.9, 0.999, 1e-8)]
+            return A.adam_direction_masked_(grad, state, torch.tensor(step), *betas, ok, impl="fused", offset=offset)
+        A.adamw_masked_(p, grad, state, torch.tensor(step), ok, 1e-2, 0.9, 0.999, 1e-8, 0.1, impl="fused",
+                        offset=offset)
+        return p
+    finally:
+        A._NATIVE_KERNEL.failed = before
+
+
+@needs_avx2
+@pytest.mark.parametrize("shape", [(4097,), (33, 70), (64, 256)])
+@pytest.mark.parametrize("mode", ["direction", "adamw"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_step_equals_compiled_step_bit_for_bit(shape, mode, threads):
+    gen = torch.Generator().manual_seed(3)
+    states = [AdamState.zeros(shape, bits=8) for _ in range(2)]
+    p0 = torch.randn(shape, generator=gen)
+    ps = [p0.clone(), p0.clone()]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step in range(1, 7):
+            g = torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-6, 0, shape, generator=gen).float()
+            g.view(-1)[:256] = 0.0  # a block without gradient
+            g.view(-1)[300] = 1e-40  # a subnormal
+            ok = torch.tensor(step != 4)  # step 4 is skipped: nothing may change
+            got = [_fused_step(native, mode, g, states[i], ps[i], step, ok, offset=2**32 - 1000)
+                   for i, native in enumerate((False, True))]
+            assert torch.equal(got[0], got[1]), (step, float((got[0] - got[1]).abs().max()))
+            for name, t in states[0].tensors().items():
+                assert torch.equal(states[1].tensors()[name], t), (step, name)
+    finally:
+        torch.set_num_threads(old_threads)
+    assert A._NATIVE_KERNEL._fn is not None and A._NATIVE_KERNEL.failed is None  # the C++ step did run
+    assert bool((states[1].m != 127).any()) and (mode == "direction" or not torch.equal(ps[1], p0))
+
+
+def test_native_step_is_not_used_for_bf16_gradients():
+    """A bf16 gradient (the C++ step takes fp32) runs the compiled step, with the same result as its fp32 copy."""
+    shape = (1024,)
+    g = make_case(shape, seed=5)[1][0].bfloat16()
+    a, b = warm_state(shape), warm_state(shape)
+    assert not A._native_applies(g.view(-1, 256))
+    n_bf16 = _fused_step(True, "direction", g, a, None, 4, torch.tensor(True), 0)
+    n_fp32 = _fused_step(True, "direction", g.float(), b, None, 4, torch.tensor(True), 0)
+    assert torch.equal(n_bf16, n_fp32)
+
+
+def test_native_kernel_that_fails_to_build_falls_back_with_a_warning(monkeypatch):
+    from qgalore_fx.kernels.fastpath import NativeKernel
+
+    kernel = NativeKernel("adam8bit_cpu.cpp", "adam8bit_blocks_", "test native kernel")
+
+    def no_compiler():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(kernel, "_load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="test native kernel"):
         assert kernel(torch.ones(3)) == (False, None)
     assert kernel.failed and not kernel.available()
     assert kernel(torch.ones(3)) == (False, None)  # no second attempt

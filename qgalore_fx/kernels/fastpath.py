@@ -7,7 +7,10 @@ path against it). The fast paths are
   Triton on CUDA; one compilation serves every number of blocks) — the 8-bit Adam step of
   :mod:`qgalore_fx.kernels.adam8bit` and the INT8 write-back of :mod:`qgalore_fx.kernels.writeback`;
 * the Triton kernels registered as the custom ops' CUDA implementations (``quant_triton.py``,
-  ``int8_matmul.py``).
+  ``int8_matmul.py``);
+* C++ for the CPU where inductor's code is slow (:class:`NativeKernel`, built once per machine by
+  ``torch.utils.cpp_extension``): the 8-bit Adam step in AVX2 (``adam8bit_cpu.cpp``), bit-identical to its
+  compiled version.
 
 Setting the environment variable ``QGALORE_FX_REFERENCE=1`` (any value but ``""`` and ``"0"``) makes every
 call use the references, on every device: the way out when a fast path fails on a new machine (no C++
@@ -15,7 +18,8 @@ compiler for inductor, a GPU Triton does not support), and the way to check a re
 definition. It is read at each call, so it can be set or cleared in a running process.
 
 A fast path that cannot be compiled (``torch.compile`` raises on the first call, e.g. without a working C++
-compiler) warns once and falls back to the reference for the rest of the process. Inside a region that
+compiler; a C++ extension fails to build) warns once and falls back for the rest of the process (a C++ kernel to
+its compiled version, a compiled one to the reference). Inside a region that
 ``torch.compile`` is tracing, the reference code runs: the outer compilation fuses it anyway.
 """
 
@@ -23,11 +27,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["ENV_REFERENCE", "CompiledKernel", "reference_forced"]
+__all__ = ["ENV_REFERENCE", "CompiledKernel", "NativeKernel", "reference_forced"]
 
 ENV_REFERENCE = "QGALORE_FX_REFERENCE"
 
@@ -69,3 +74,45 @@ class CompiledKernel:
                           f"using the pure-torch reference from now on (set {ENV_REFERENCE}=1 to skip the attempt)",
                           RuntimeWarning, stacklevel=2)
             return False, None
+
+
+class NativeKernel:
+    """The function ``entry`` of the C++ file ``source`` (beside this module), built on first use by
+    ``torch.utils.cpp_extension.load`` with ``cflags`` (cached per machine under ``TORCH_EXTENSIONS_DIR``; about 40 s
+    the first time).
+
+    ``kernel(*args)`` returns ``(True, result)``, or ``(False, None)`` — run another implementation instead — when
+    the references are forced, when a ``torch.compile`` trace is in progress, or after the build failed once (a
+    warning says why).
+    """
+
+    def __init__(self, source: str, entry: str, name: str, cflags: tuple = ("-O3",)):
+        self.source = Path(__file__).with_name(source)
+        self.entry = entry
+        self.name = name
+        self.cflags = tuple(cflags)
+        self._fn: Optional[Callable] = None
+        self.failed: Optional[str] = None
+
+    def available(self) -> bool:
+        return self.failed is None and not reference_forced() and not torch.compiler.is_compiling()
+
+    def _load(self) -> Callable:
+        from torch.utils.cpp_extension import load
+
+        module = load(name=f"qgalore_fx_{self.source.stem}", sources=[str(self.source)], extra_cflags=list(self.cflags),
+                      verbose=False)
+        return getattr(module, self.entry)
+
+    def __call__(self, *args):
+        if not self.available():
+            return False, None
+        if self._fn is None:
+            try:
+                self._fn = self._load()
+            except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a failed build: fall back, loudly)
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(f"qgalore_fx: building the C++ kernel {self.name!r} failed ({self.failed.splitlines()[0]}); "
+                              "using its compiled or reference version from now on", RuntimeWarning, stacklevel=2)
+                return False, None
+        return True, self._fn(*args)
