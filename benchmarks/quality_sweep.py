@@ -122,6 +122,13 @@ def _summary(r: dict, method: str, lr: float, seed: int) -> dict:
     }
 
 
+def _choice_mark(edge: str | None, transfer: str | None) -> str:
+    """How the table and the log qualify a chosen lr: carried over from another sweep, or still at a grid edge."""
+    if transfer:
+        return " (transferred)"
+    return f" ({edge} edge)" if edge else ""
+
+
 def markdown_table(doc: dict) -> str:
     seeds = doc["settings"]["seeds"]
     lines = [
@@ -135,15 +142,13 @@ def markdown_table(doc: dict) -> str:
         if not first:
             continue
         lr, edge = best_lr(first)
-        if doc["settings"].get("transfer"):
-            edge = "transferred"
         tried = ", ".join(f"{x:g}: {first[x]:.1f}" for x in sorted(first))
         chosen = [runs[_run_key(method, lr, s)] for s in seeds if _run_key(method, lr, s) in runs]
         mean, sd = mean_sd([r["val_ppl"] for r in chosen])
         per_seed = ", ".join(f"{r['val_ppl']:.1f}" for r in chosen)
         rest = chosen[0]["rest_lr"]
         cells = [
-            method, tried, f"{lr:g}" + ((" (transferred)" if edge == "transferred" else f" ({edge} edge)") if edge else "") + (f" / rest {rest:g}" if rest else ""),
+            method, tried, f"{lr:g}" + _choice_mark(edge, doc["settings"].get("transfer")) + (f" / rest {rest:g}" if rest else ""),
             f"{mean:.1f} ± {sd:.1f} (n={len(chosen)})" if sd is not None else f"{mean:.1f} (n=1)",
             per_seed, f"{chosen[0]['persistent_bytes'] / MiB:.1f}",
             f"{statistics.median(r['median_step_s'] for r in chosen):.2f}",
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
                 grid = sorted(grid + [new])
                 run(tmp, method, new, first)
             chosen[method] = lr
-            print(f"{method}: chosen lr {lr:g}" + (f" (still at the {edge} edge)" if edge else ""), flush=True)
+            print(f"{method}: chosen lr {lr:g}" + _choice_mark(edge, args.transfer), flush=True)
         for seed in rest_seeds:  # stage 2: the chosen lr at the other seeds
             for method, lr in chosen.items():
                 run(tmp, method, lr, seed)
