@@ -571,8 +571,9 @@ def _fused_adamw_blocks(p, g, m_codes, v_codes, absmax_m, absmax_v, ok, coef, lr
 # one per shape; measured as fast as the static version at 1M elements.
 _DIRECTION_KERNEL = CompiledKernel(_fused_direction_blocks, "adam8bit direction", dynamic=True)
 _ADAMW_KERNEL = CompiledKernel(_fused_adamw_blocks, "adam8bit adamw", dynamic=True)
-# On an AVX2 CPU the same step in C++ (adam8bit_cpu.cpp): bit-identical to the compiled functions above and ~2.5x
-# faster single-threaded (inductor loads the eight table lookups per element one by one; AVX2 gathers them).
+# On an AVX2 CPU the same step in C++ (adam8bit_cpu.cpp): bit-identical to the compiled functions above and faster
+# (inductor loads the eight table lookups per element one by one; AVX2 gathers them; BENCHMARKS.md, "the 8-bit
+# Adam step in C++").
 # -ffp-contract=off: every product rounded, as in the compiled code.
 _NATIVE_KERNEL = NativeKernel("adam8bit_cpu.cpp", "adam8bit_blocks_", "adam8bit step (AVX2)",
                               cflags=("-O3", "-mavx2", "-ffp-contract=off"))

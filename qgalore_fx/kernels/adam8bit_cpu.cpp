@@ -2,8 +2,8 @@
 //
 // It computes what the torch.compile'd ``_fused_moments`` computes, op for op and in the same order, so the two
 // agree bit for bit (tests/test_adam8bit.py checks it). It exists because inductor (torch 2.13) turns that
-// function's eight table lookups per element into scalar loads around its vector code: ~22 ns per element on one
-// core, where the hardware gathers below take a few.
+// function's eight table lookups per element into scalar loads around its vector code, where the hardware gathers
+// below load eight at once (BENCHMARKS.md, "the 8-bit Adam step in C++", has the measured step).
 //
 // Per block b of ``block_size`` elements, with g = ok ? grad : 0:
 //
