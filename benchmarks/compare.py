@@ -91,6 +91,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "qgalore": ("qgalore", {}, "qgalore"),
     "qgalore-nosr": ("qgalore", {"stochastic_round": False}, "qgalore"),
     "qgalore-fixed": ("qgalore", {"adaptive": False}, "qgalore"),
+    "qgalore-long": ("qgalore", {"proj_side": "long"}, "qgalore"),
     # The external GaLore: train.py's loop with method "adamw" whose optimizer the worker
     # replaces by galore_torch.GaLoreAdamW; lr as for our "galore".
     "galore-torch": ("adamw", {}, "galore"),
@@ -102,6 +103,7 @@ LABELS = {
     "qgalore": "Q-GaLore (defaults)",
     "qgalore-nosr": "Q-GaLore, no SR",
     "qgalore-fixed": "Q-GaLore, fixed interval",
+    "qgalore-long": "Q-GaLore, proj_side='long'",
     "galore-torch": "galore-torch GaLoreAdamW (fp32)",
 }
 MiB = 2**20
@@ -429,7 +431,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str, window: int = 10) 
     fig = Figure(figsize=(9, 5), dpi=100, layout="constrained")
     ax_train, ax_val = fig.subplots(1, 2)
     styles = {"adamw": "-", "adamw8bit": "-", "galore": "-", "qgalore": "-", "galore-torch": ":",
-              "qgalore-nosr": "--", "qgalore-fixed": (0, (1, 2))}
+              "qgalore-nosr": "--", "qgalore-fixed": (0, (1, 2)), "qgalore-long": "-."}
     zoom = []
     for r in results:
         steps = [h["step"] for h in r["history"]]

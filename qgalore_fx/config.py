@@ -24,6 +24,7 @@ proj_block_size        even, 2..2**20  quantization block of projections
 proj_method            see below       how a refreshed subspace is computed
 align                  see below       aligning a refreshed projection with the old
 eps_placement          "adam", "galore"  where Adam's eps enters (see below)
+proj_side              "short", "long"   the side of each weight P spans (see below)
 include_lm_head        bool            also project the output head
 target_modules         regex list      fully-qualified names to project
 filter_fn              callable        `filter_fn(module, fqn) -> bool`
@@ -61,6 +62,12 @@ ALIGN_METHODS = ("sign", "procrustes", "none")  # qgalore_fx.projection.align_pr
 # sqrt(v) before bias correction, N = m̂ / (sqrt(v̂) + eps / sqrt(1 - beta2^t)), as galore-torch's GaLoreAdamW
 # (and transformers' old AdamW) computes it; the exact-GaLore settings use it.
 EPS_PLACEMENTS = ("adam", "galore")
+# Which side of an m x n weight the projection P spans. "short": min(m, n), GaLore's rule (P is the smaller
+# matrix, R = the low-rank gradient and its Adam moments are max(m, n) x r). "long": max(m, n), so R and the
+# moments are r x min(m, n). At a refresh both give the same rank-r truncation of G (U_r U_rᵀ G = G V_r V_rᵀ);
+# between refreshes R has fewer free coordinates. With 8-bit moments (2 bytes per element of R) and an INT4 P
+# (half a byte) "long" keeps 1.5 r |m - n| bytes less per layer (docs/projection-and-refresh.md).
+PROJ_SIDES = ("short", "long")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -145,6 +152,10 @@ class QGaLoreConfig:
         "help": "where the low-rank Adam adds eps: 'adam' (m̂/(sqrt(v̂)+eps), bitsandbytes' and Q-GaLore's) or "
                 "'galore' (eps added to sqrt(v) before bias correction, galore-torch's GaLoreAdamW)", "cli": True,
         "choices": EPS_PLACEMENTS})
+    proj_side: str = dataclasses.field(default="short", metadata={
+        "help": "the side of each m x n weight the projection spans: 'short' (min(m, n), GaLore's: Adam's moments "
+                "are max(m, n) x r) or 'long' (max(m, n): the moments are r x min(m, n), 1.5 r |m - n| bytes less "
+                "per layer)", "cli": True, "choices": PROJ_SIDES})
     include_lm_head: bool = dataclasses.field(default=False, metadata={
         "help": "also project the output head"})
     target_modules: Optional[tuple] = dataclasses.field(default=None, metadata={
@@ -185,7 +196,7 @@ class QGaLoreConfig:
                 or not 0 < self.scale <= MAX_SCALE:
             raise ValueError(f"scale must be a float in (0, {MAX_SCALE:g}] (alpha, default 0.25), got {self.scale!r}")
         for name, allowed in (("proj_method", PROJ_METHODS), ("align", ALIGN_METHODS),
-                              ("eps_placement", EPS_PLACEMENTS)):
+                              ("eps_placement", EPS_PLACEMENTS), ("proj_side", PROJ_SIDES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

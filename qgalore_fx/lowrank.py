@@ -110,6 +110,7 @@ class UpdateSpec:
     fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
     align: str = "sign"  # how a refreshed P is aligned with the old one (qgalore_fx.projection.align_projection)
     eps_placement: str = "adam"  # "galore": eps added to sqrt(v) before bias correction (config.EPS_PLACEMENTS)
+    proj_side: str = "short"  # "long": P spans max(m, n), R is r x min(m, n) (config.PROJ_SIDES)
     group: str = ""  # torch.distributed process group name; "" = no data parallelism
     shard_world: int = 1  # FSDP2: ranks the weight's rows are sharded over (qgalore_fx.sharding); 1 = not sharded
     shard_rank: int = 0  # FSDP2: this rank's index in the shard group
@@ -131,7 +132,11 @@ class UpdateSpec:
 
     @property
     def side(self) -> str:
-        return proj.projection_side(self.m, self.n)
+        """"right" (R = G Pᵀ is [m, r]) or "left" (R = Pᵀ G is [r, n]): GaLore's rule, flipped for "long"."""
+        side = proj.projection_side(self.m, self.n)
+        if self.proj_side == "long" and self.m != self.n:
+            side = "left" if side == "right" else "right"
+        return side
 
     @property
     def lowrank_shape(self) -> tuple:
