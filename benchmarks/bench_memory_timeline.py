@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7b")
     ap.add_argument("--rank", type=int, default=None, help="default: the preset's")
-    ap.add_argument("--proj-method", default="randomized")
+    ap.add_argument("--proj-method", default=None, help="transform's proj_method (default: the library's)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -104,9 +104,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--mmap-threshold", type=int, default=None,
                     help="call qgalore_fx.memory.set_cpu_mmap_threshold(BYTES) first (default: glibc's own policy)")
-    ap.add_argument("--rest-in-backward", action="store_true",
-                    help="qgalore_fx.optimizer(..., rest_in_backward=True): embedding, norms and head updated "
-                         "inside backward, their gradients freed at once")
+    ap.add_argument("--rest-in-backward", choices=("default", "on", "off"), default="default",
+                    help="qgalore_fx.optimizer(..., rest_in_backward=None/True/False): on, the embedding, norms "
+                         "and head are updated inside backward and their gradients freed at once; the default "
+                         "turns it on where it is valid and pays (a large untied embedding or head)")
     ap.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="storage of the input embedding and output head; bf16 (stochastic rounding, see "
                          "qgalore_fx.fused_rest) needs --rest-in-backward")
@@ -134,8 +135,10 @@ def main(argv=None) -> int:
     preset = get_preset(args.preset)
     rank = args.rank or preset.rank
     config = llama_config(preset.name, vocab_size=None if preset.vocab_size else 8192)
-    if args.embedding_dtype == "bf16" and not args.rest_in_backward:
-        raise SystemExit("--embedding-dtype bf16 needs --rest-in-backward")
+    rest_in_backward = {"default": None, "on": True, "off": False}[args.rest_in_backward]
+    if args.embedding_dtype == "bf16" and rest_in_backward is False:
+        raise SystemExit("--embedding-dtype bf16 needs the embedding and head updated inside backward")
+    options = {} if args.proj_method is None else {"proj_method": args.proj_method}
     embedding_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.embedding_dtype]
     plan = None
     if not args.no_plan and args.device == "cpu":
@@ -143,8 +146,8 @@ def main(argv=None) -> int:
 
         # the planner measures this process after a tiny warm-up step as the runtime part of the peak
         plan = plan_run(config, rank, batch_size=args.batch_size, seq_len=args.seq_len,
-                        checkpointing=not args.no_checkpointing, rest_in_backward=args.rest_in_backward,
-                        embedding_dtype=embedding_dtype, proj_method=args.proj_method)
+                        checkpointing=not args.no_checkpointing, rest_in_backward=rest_in_backward,
+                        embedding_dtype=embedding_dtype, **options)
         print(f"planner (qgalore-fx memory --run): predicted peak {plan.peak / GiB:.2f} GiB", flush=True)
     rows = []
     cuda = torch.device(args.device).type == "cuda"
@@ -162,14 +165,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(config)
-        model = qgalore_fx.transform(model, rank=rank, proj_method=args.proj_method, device=args.device)
+        model = qgalore_fx.transform(model, rank=rank, device=args.device, **options)
         if embedding_dtype != torch.float32:
             model.get_input_embeddings().to(embedding_dtype)
             model.get_output_embeddings().to(embedding_dtype)
         if not args.no_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=args.rest_in_backward)
+        opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=rest_in_backward)
         rows.append(("build on meta + transform + optimizer", time.perf_counter() - t0))
         g = torch.Generator().manual_seed(0)
         for step in range(args.steps):

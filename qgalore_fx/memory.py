@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from qgalore_fx.host_allocator import CPU_MMAP_THRESHOLD, release_free_memory, set_cpu_mmap_threshold  # noqa: F401
 from qgalore_fx.kernels.adam8bit import AdamState
 
 __all__ = [
@@ -303,38 +304,3 @@ def process_memory(field: str = "VmRSS") -> Optional[int]:
     except OSError:
         pass
     return None
-
-
-#: The threshold :func:`set_cpu_mmap_threshold` sets by default: 1 MiB.
-CPU_MMAP_THRESHOLD = 1 << 20
-
-
-def set_cpu_mmap_threshold(nbytes: int = CPU_MMAP_THRESHOLD) -> bool:
-    """Serve CPU allocations of ``nbytes`` or more from their own ``mmap``, returned to the OS when freed.
-
-    glibc's malloc raises its mmap threshold each time a large mapped block is freed (up to 32 MiB), after
-    which tensors of a few MiB — INT8 codes, low-rank moments, the update's temporaries — share the heap,
-    where freed holes between live tensors stay resident. A fixed threshold stops that. Measured on the
-    LLaMA-1B preset (``benchmarks/bench_memory_timeline.py``, BENCHMARKS.md): peak RSS of a training step
-    5.10 GiB with glibc's default, 3.70 GiB with 1 MiB, against 2.54 GiB of weights and states.
-
-    A process-wide setting (``mallopt(M_MMAP_THRESHOLD)``, the same as ``MALLOC_MMAP_THRESHOLD_``): the
-    application calls it (``qgalore-fx pretrain`` does on the CPU), the library never does on its own.
-    Returns False where it does not apply (not Linux/glibc).
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= 32 << 20:
-        raise ValueError(f"nbytes must be an int in (0, 32 MiB] (glibc's limit), got {nbytes!r}")
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold = -3
-    return bool(mallopt(m_mmap_threshold, nbytes))
-

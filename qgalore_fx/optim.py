@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 import weakref
 import zlib
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -62,6 +63,7 @@ from qgalore_fx.layers import OptimizerLink, QGaLoreLinear
 from qgalore_fx.rewrite import config_of, projected_layers
 
 _MIRRORED = ("lr", "betas", "eps", "weight_decay")
+_ANNOUNCED = False  # the notice of rest_in_backward=None turning it on: once per process
 
 
 def _finite_number(value) -> bool:
@@ -119,7 +121,7 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, optim_bits: Optional[int] = None,
                  accumulation_steps: int = 1, process_group="auto", reduce: str = "lowrank",
-                 rest_lr: Optional[float] = None, rest_in_backward: bool = False):
+                 rest_lr: Optional[float] = None, rest_in_backward: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module transformed by qgalore_fx.transform(model, rank=...), "
                             f"got {type(model).__name__}")
@@ -168,8 +170,12 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             for group in self.param_groups[1:]:
                 for p in group["params"]:
                     self._adam_state_of(p)
-        if not isinstance(rest_in_backward, bool):
-            raise TypeError(f"rest_in_backward must be a bool, got {rest_in_backward!r}")
+        if rest_in_backward is not None and not isinstance(rest_in_backward, bool):
+            raise TypeError(f"rest_in_backward must be True, False or None (on wherever it is valid), "
+                            f"got {rest_in_backward!r}")
+        fused = fused_rest.fused_weights(model)
+        if rest_in_backward is None:
+            rest_in_backward = self._rest_in_backward_by_default(fused, accumulation_steps)
         if rest_in_backward and accumulation_steps > 1:
             raise ValueError("rest_in_backward=True updates each parameter inside backward, which cannot sum "
                              f"gradients over micro-batches; use it with accumulation_steps=1 (got {accumulation_steps})")
@@ -182,7 +188,6 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
         self._rest_hooks = []
         self._fused_modules: List[nn.Module] = []
         if rest_in_backward:
-            fused = fused_rest.fused_weights(model)
             for index, group in enumerate(self.param_groups[1:], start=1):
                 for p in group["params"]:
                     module = fused.get(id(p))
@@ -191,6 +196,35 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
                         self._fused_modules.append(module)
                     else:
                         self._rest_hooks.append(p.register_post_accumulate_grad_hook(self._rest_hook(group)))
+
+    def _rest_in_backward_by_default(self, fused: Dict[int, nn.Module], accumulation_steps: int) -> bool:
+        """``rest_in_backward=None``: on where it pays and is valid, off with a one-line notice where it would pay
+        but cannot run.
+
+        It pays when a weight of the AdamW group is large enough for the row-chunked update
+        (:func:`qgalore_fx.fused_rest.eligible`: an untied embedding or bias-free head of >= 4M elements, whose
+        fp32 gradient would otherwise wait for ``step()`` whole); models without one keep ``step()``, where their
+        small gradients cost little. It cannot run when the gradients are needed after backward: summed over
+        micro-batches (``accumulation_steps > 1``) or averaged by torch.distributed (DDP, FSDP2). Gradient
+        clipping cannot see parameters updated in backward either; the optimizer cannot tell whether a loop
+        clips, so turning it on is announced once per process, naming ``rest_in_backward=False``.
+        """
+        if not fused:
+            return False
+        held = sum(sharding.local(module.weight).numel() * 4 for module in fused.values()) / 2 ** 20
+        if accumulation_steps > 1 or self.process_group is not None or self._mesh is not None:
+            why = (f"accumulation_steps={accumulation_steps} sums their gradients over micro-batches"
+                   if accumulation_steps > 1 else "torch.distributed averages their gradients after backward")
+            warnings.warn(f"qgalore_fx.optimizer: the embedding/head ({held:.0f} MiB of fp32 gradients) step in "
+                          f"optimizer.step(), not inside backward: {why}", stacklevel=4)
+            return False
+        global _ANNOUNCED
+        if not _ANNOUNCED:
+            _ANNOUNCED = True
+            warnings.warn(f"qgalore_fx.optimizer: embeddings, norms and head are updated inside backward (saves "
+                          f"{held:.0f} MiB of fp32 gradients); gradient clipping cannot see them: pass "
+                          "rest_in_backward=False to clip them", stacklevel=4)
+        return True
 
     # ------------------------------------------------------------------ binding
     def _bind_layers(self) -> None:
@@ -551,7 +585,7 @@ def _resolve_process_group(process_group):
 def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, optim_bits: Optional[int] = None, accumulation_steps: int = 1,
               process_group="auto", reduce: str = "lowrank", rest_lr: Optional[float] = None,
-              rest_in_backward: bool = False) -> QGaLoreOptimizer:
+              rest_in_backward: Optional[bool] = None) -> QGaLoreOptimizer:
     """The optimizer for a transformed model (see module docstring).
 
     ``lr`` drives the projected layers; ``rest_lr`` (default: ``lr``) the AdamW group of everything else —
@@ -565,7 +599,10 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     ``rest_in_backward=True`` updates every other parameter inside backward too, as soon as its gradient is
     complete, and frees that gradient at once (no accumulation, no torch.distributed, no clipping of those
     parameters; see :meth:`QGaLoreOptimizer._rest_hook`): the memory of the embedding's and head's gradients
-    is then one tensor at a time instead of all of them until ``step()``.
+    is then one tensor at a time instead of all of them until ``step()``. The default, ``None``, turns it on
+    when the model has an embedding or head large enough to matter and nothing needs the gradients after
+    backward (:meth:`QGaLoreOptimizer._rest_in_backward_by_default`); ``False`` keeps every update of that
+    group in ``step()``.
     """
     if isinstance(betas, Iterable) and not isinstance(betas, (str, bytes)):
         betas = tuple(betas)  # any iterable pair; anything else is refused by name, as a bad pair is

@@ -27,6 +27,7 @@ import torch.nn as nn
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.experts import QGaLoreExperts, checkpoint_expert_keys, expert_shapes, select_experts
 from qgalore_fx.handlers import handler_for
+from qgalore_fx.host_allocator import release_free_memory
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import OP_STATE_NAMES
 from qgalore_fx.materialize import (WeightsArg, WeightSource, key_renamer, linear_weight_factory, materialize_bias,
@@ -131,6 +132,7 @@ def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, experts: d
         make_weight = linear_weight_factory(model, source, target_device)
 
         def materialize(fqn, layer):
+            release_free_memory()  # the previous layer's fp32 weight, freed once quantized (qgalore_fx.host_allocator)
             return make_weight(fqn, layer), materialize_bias(fqn, layer, source, target_device)
 
     model, regions = capture_regions(model, selected, trace=config.trace)
@@ -151,6 +153,8 @@ def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, experts: d
         index = _project_experts(model, name, module, config, index, source, target_device)
     if on_meta and rest:
         materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
+    if on_meta:
+        release_free_memory()
     _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)

@@ -1,6 +1,7 @@
 """``qgalore_fx.optimizer(model, rest_in_backward=True)``: the AdamW group updated inside backward."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -103,13 +104,74 @@ def test_non_finite_gradient_skips_that_parameter_and_counts_the_step():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(accumulation_steps=2), "accumulation_steps=1"),
-    (dict(rest_in_backward=1), "rest_in_backward must be a bool"),
+    (dict(rest_in_backward=1), "rest_in_backward must be True, False or None"),
 ])
 def test_bad_combinations(kwargs, message):
     model = _model()
     kwargs.setdefault("rest_in_backward", True)
     with pytest.raises((ValueError, TypeError), match=message):
         qgalore_fx.optimizer(model, lr=1e-2, **kwargs)
+
+
+# --------------------------------------------------------------------------- the default: on where valid and it pays
+@pytest.fixture
+def unannounced(monkeypatch):
+    """The notice of the default turning rest_in_backward on is once per process: make this test the first."""
+    monkeypatch.setattr(qgalore_fx.optim, "_ANNOUNCED", False)
+
+
+def test_default_is_on_where_a_weight_is_fused_and_announced_once(fused_everywhere, unannounced):
+    with pytest.warns(UserWarning, match="updated inside backward.*rest_in_backward=False"):
+        opt = qgalore_fx.optimizer(_model().train(), lr=1e-2)
+    assert opt.rest_in_backward and _fused_modules(opt) == ["Embedding", "Linear"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second optimizer of the process says nothing
+        assert qgalore_fx.optimizer(_model().train(), lr=1e-2).rest_in_backward
+
+
+def test_default_computes_what_rest_in_backward_true_does(fused_everywhere, unannounced):
+    models = []
+    for flag in (None, True):
+        model = _model().train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=3e-3, rest_in_backward=flag)
+        _train(model, opt, 3)
+        models.append(model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_default_is_off_without_a_weight_large_enough(unannounced):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to announce: the step path, as before
+        opt = qgalore_fx.optimizer(_model().train(), lr=1e-2)
+    assert not opt.rest_in_backward and not opt._rest_hooks and not opt._fused_modules
+
+
+def test_default_falls_back_under_accumulation_with_a_notice(fused_everywhere, unannounced):
+    model = _model().train()
+    with pytest.warns(UserWarning, match="accumulation_steps=2 sums their gradients"):
+        opt = qgalore_fx.optimizer(model, lr=1e-2, accumulation_steps=2)
+    assert not opt.rest_in_backward and not opt._fused_modules
+    for i in range(2):  # two micro-batches, then one step: every gradient is there to be summed
+        ids = _ids(i)
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad is not None
+    opt.step()
+    assert opt.skipped_steps == 0
+
+
+def test_default_falls_back_under_a_process_group_with_a_notice(fused_everywhere, unannounced, tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="torch.distributed averages their gradients"):
+            opt = qgalore_fx.optimizer(_model().train(), lr=1e-2, process_group=dist.group.WORLD)
+        assert not opt.rest_in_backward and not opt._fused_modules
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- embedding and head without a gradient

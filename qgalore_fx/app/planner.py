@@ -210,7 +210,7 @@ def runtime_rss() -> int:
 
 
 def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, seq_len: Optional[int] = None,
-             checkpointing: bool = True, rest_in_backward: bool = True, vocab_size: Optional[int] = None,
+             checkpointing: bool = True, rest_in_backward: Optional[bool] = None, vocab_size: Optional[int] = None,
              runtime: Optional[int] = None, embedding_dtype: torch.dtype = torch.float32, **options) -> RunPlan:
     """The peak RSS of ``benchmarks/bench_memory_timeline.py`` for this set-up: fp32 compute on the CPU,
     ``qgalore_fx.transform(model, rank, **options)`` from the meta device, unprojected parameters fp32.
@@ -235,7 +235,8 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
     * ``rest_grads_held``: without ``rest_in_backward`` every unprojected gradient lives until ``step()``;
       with it, only those the hook path frees one at a time (counted in ``head_phase``'s maximum).
 
-    ``embedding_dtype``: the storage of the input embedding and the output head (``torch.bfloat16``: see
+    ``rest_in_backward``: ``None`` plans what ``qgalore_fx.optimizer`` does by default (on when an embedding or
+    head is large enough for the row-chunked update). ``embedding_dtype``: the storage of the input embedding and the output head (``torch.bfloat16``: see
     ``qgalore_fx.fused_rest``). ``runtime`` defaults to :func:`runtime_rss` of this process. Allocator slack and fragmentation are not
     modelled; tests/test_planner_run.py measures how far a real run is from this prediction.
     """
@@ -261,6 +262,8 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
     per_layer, saved = _activation_costs(config, batch_size, seq_len, checkpointing)
     update, refresh = _update_costs(model, rank, T, factored=True)
     head = model.get_output_embeddings()
+    if rest_in_backward is None:  # qgalore_fx.optimizer's default: on when an embedding or head is fused
+        rest_in_backward = bool(fused_rest.fused_weights(model))
     fused = fused_rest.fused_weights(model) if rest_in_backward else {}
     head_grad = 0 if head is None or id(head.weight) in fused else head.weight.element_size() * head.weight.numel()
     if rest_in_backward:
