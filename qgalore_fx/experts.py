@@ -10,7 +10,9 @@ and a forward ``(hidden_states, top_k_index, top_k_weights)`` that routes each t
 top-k experts. Each ``gate_up_proj[e]`` and ``down_proj[e]`` is an ordinary linear weight, so
 :func:`qgalore_fx.transform` stores each as a :class:`~qgalore_fx.layers.QGaLoreLinear` (INT8 codes,
 its own projection, moments and lazy-refresh schedule) inside a :class:`QGaLoreExperts` that
-replaces the fused module and routes exactly as the eager transformers forward does. Everything
+replaces the fused module and routes exactly as the eager transformers forward does. How such a
+module is selected, read from a checkpoint, built and exported is its handler's business
+(``ExpertsHandler`` in :mod:`qgalore_fx.handlers`); this module is what runs. Everything
 that works for a projected linear (the optimizer, ``state_dict``, checkpoints, ``explain``,
 ``memory_report``, accumulation, freezing) then works per expert. The state-dict keys become
 ``...experts.gate_up.{e}.weight_codes`` etc.; :func:`qgalore_fx.export_dense` writes the fused
@@ -26,19 +28,15 @@ projection refresh, the meaningful one. Under ``torch.distributed`` (more than o
 expert runs every step, on an empty batch when it has no token, because each projected layer
 all-reduces its low-rank gradient inside backward and all ranks must make the same calls.
 
-Supported layout: the concatenated ``[gate; up]`` layout, not transposed, no biases, no post-expert
-norm, with the default gating (``transformers.integrations.moe.use_experts_implementation``'s
-``is_concatenated=True, is_transposed=False, has_bias=False, has_gate=True``). A fused-experts
-module of another layout is left as it is, trained by the AdamW group, and listed by ``explain()``.
-Routing follows transformers' eager experts implementation whatever ``config._experts_implementation``
-says (grouped matmuls need the fused tensors this module no longer has).
+Supported layout: see ``ExpertsHandler``; a fused-experts module of another layout is left as it is,
+trained by the AdamW group, and listed by ``explain()``. Routing follows transformers' eager experts
+implementation whatever ``config._experts_implementation`` says (grouped matmuls need the fused
+tensors this module no longer has).
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -47,38 +45,7 @@ from torch import Tensor
 
 from qgalore_fx.layers import QGaLoreLinear
 
-__all__ = ["QGaLoreExperts", "experts_layout_problem", "is_fused_experts"]
-
-_FORWARD_ARGS = ["hidden_states", "top_k_index", "top_k_weights"]
-
-
-def is_fused_experts(module: nn.Module) -> bool:
-    """Whether ``module`` keeps MoE experts as 3-D ``gate_up_proj`` / ``down_proj`` parameters."""
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
-            and gate_up.dim() == 3 and down.dim() == 3)
-
-
-def experts_layout_problem(module: nn.Module) -> Optional[str]:
-    """None if :class:`QGaLoreExperts` can replace this fused-experts module, else why not."""
-    gate_up, down = module.gate_up_proj, module.down_proj
-    flags = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
-             "has_post_expert_norm": False}
-    for flag, wanted in flags.items():
-        if bool(getattr(module, flag, wanted)) != wanted:
-            return f"fused experts with {flag}={not wanted}"
-    e, two_i, h = gate_up.shape
-    if down.shape != (e, h, two_i // 2) or two_i % 2:
-        return f"fused experts of shapes {tuple(gate_up.shape)} / {tuple(down.shape)}, expected [E, 2I, H] / [E, H, I]"
-    if not callable(getattr(module, "act_fn", None)):
-        return "fused experts without an act_fn"
-    try:
-        params = list(inspect.signature(type(module).forward).parameters)[1:]
-    except (TypeError, ValueError):
-        return "fused experts whose forward signature cannot be read"
-    if params != _FORWARD_ARGS:
-        return f"fused experts whose forward takes {params}, expected {_FORWARD_ARGS}"
-    return None
+__all__ = ["QGaLoreExperts"]
 
 
 def _distributed() -> bool:
@@ -113,34 +80,14 @@ class QGaLoreExperts(nn.Module):
         object.__setattr__(self, "_shell", shell)
 
     @property
+    def shell(self) -> nn.Module:
+        """The replaced module, its fused parameters on the ``meta`` device (its handler exports a copy of it)."""
+        return self._shell
+
+    @property
     def source_type(self) -> str:
         cls = type(self._shell)
         return f"{cls.__module__}.{cls.__qualname__}"
-
-    @classmethod
-    def from_module(cls, module: nn.Module, build: Callable[[int, str, Tensor], QGaLoreLinear],
-                    weights: Optional[Tuple[Tensor, Tensor]] = None) -> "QGaLoreExperts":
-        """Replace a fused-experts ``module``: ``build(expert, "gate_up"|"down", weight) -> QGaLoreLinear``.
-
-        ``weights`` (the two 3-D tensors) replaces the module's own, e.g. when it lives on the meta device.
-        The module itself becomes the meta shell; its float weights are released.
-        """
-        gate_up_w, down_w = weights if weights is not None else (module.gate_up_proj.detach(),
-                                                                 module.down_proj.detach())
-        frozen = not module.gate_up_proj.requires_grad, not module.down_proj.requires_grad
-        gate_up, down = [], []
-        for e in range(gate_up_w.shape[0]):
-            for kind, w, out, is_frozen in (("gate_up", gate_up_w, gate_up, frozen[0]),
-                                            ("down", down_w, down, frozen[1])):
-                layer = build(e, kind, w[e])
-                if is_frozen:
-                    layer.requires_grad_(False)
-                out.append(layer)
-        for name in ("gate_up_proj", "down_proj"):
-            p = getattr(module, name)
-            module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                    requires_grad=p.requires_grad)
-        return cls(gate_up, down, module)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
@@ -158,97 +105,5 @@ class QGaLoreExperts(nn.Module):
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
 
-    @torch.no_grad()
-    def export(self, dtype: torch.dtype, memo: Optional[Dict[int, object]] = None) -> nn.Module:
-        """The original fused-experts module holding the current dequantized weights (fp32, then ``dtype``).
-
-        ``memo`` is the deepcopy memo of the model being exported, so the copy shares that copy's objects
-        (e.g. the HF config) instead of holding its own.
-        """
-        module = copy.deepcopy(self._shell, memo if memo is not None else {})
-        for name, layers in (("gate_up_proj", self.gate_up), ("down_proj", self.down)):
-            w = torch.stack([layer.dequantized_weight(torch.float32) for layer in layers]).to(dtype)
-            requires_grad = all(layer.anchor.requires_grad for layer in layers)
-            setattr(module, name, nn.Parameter(w, requires_grad=requires_grad))
-        return module
-
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, source={self.source_type}"
-
-
-def select_experts(model: nn.Module, config) -> Tuple[Dict[str, nn.Module], List[Tuple[str, Tuple[int, ...], str]]]:
-    """The fused-experts modules to project, and those left out ``(name, shape, why)``.
-
-    The rules are :func:`qgalore_fx.passes.capture.select_linears`' applied to the experts module as a whole:
-    by default every fused-experts module inside a transformer block (an element of an ``nn.ModuleList``);
-    with ``target_modules`` (regexes searched in the module's name) and/or ``filter_fn(module, fqn)``, those
-    they select. A module of an unsupported layout is left out (listed), unless it was chosen explicitly.
-    """
-    from qgalore_fx.passes.capture import block_members, chosen_by_rules
-
-    custom = config.target_modules is not None or config.filter_fn is not None
-    in_blocks = block_members(model)
-    chosen: Dict[str, nn.Module] = {}
-    left_out: List[Tuple[str, Tuple[int, ...], str]] = []
-    for name, module in model.named_modules():
-        if not name or not is_fused_experts(module):
-            continue
-        if custom:
-            if not chosen_by_rules(config, module, name):
-                continue
-        elif in_blocks and name not in in_blocks:
-            continue
-        problem = experts_layout_problem(module)
-        if problem is not None:
-            if custom:
-                raise ValueError(f"{name!r} is a {type(module).__name__} ({problem}), which qgalore_fx cannot "
-                                 "project; exclude it with filter_fn/target_modules")
-            left_out.append((name, tuple(module.gate_up_proj.shape), problem))
-            continue
-        chosen[name] = module
-    return chosen, left_out
-
-
-def expert_shapes(module: nn.Module) -> Dict[str, Tuple[int, int]]:
-    """``(out, in)`` of one expert's ``gate_up`` and ``down`` linears."""
-    _, two_i, h = module.gate_up_proj.shape
-    return {"gate_up": (two_i, h), "down": (h, two_i // 2)}
-
-
-def checkpoint_expert_keys(model: nn.Module, fused_key: str, num_experts: int) -> List[List[List[str]]]:
-    """The per-expert keys a checkpoint may store ``fused_key`` under, from transformers' conversion mapping.
-
-    Checkpoints of Mixtral, Qwen2-MoE, OLMoE, ... (and transformers' own ``save_pretrained``) keep one 2-D
-    tensor per expert and matrix (``mlp.experts.{e}.gate_proj.weight``, Mixtral's
-    ``block_sparse_moe.experts.{e}.w1.weight``); transformers merges them into the fused parameters when it
-    loads. Returns, per source pattern of the merging rule, the list of per-expert keys (expert e's slice of
-    the fused tensor is their concatenation along the output dimension) — one such candidate for each way
-    the key may have been renamed; empty when no rule applies. Only rules that stack experts along dim 0
-    and concatenate along dim 1 are read.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
-        transforms = get_model_conversion_mapping(model)
-    except (ImportError, AttributeError, TypeError):
-        return []
-    variants = [fused_key]
-    for t in transforms:  # a renaming applied on load (e.g. ".block_sparse_moe." -> ".mlp."), undone here
-        if isinstance(t, WeightRenaming) and len(t.source_patterns) == len(t.target_patterns) == 1:
-            src, tgt = t.source_patterns[0], t.target_patterns[0]
-            if all(ch.isalnum() or ch in "._" for ch in src + tgt) and tgt in fused_key:
-                variants.append(fused_key.replace(tgt, src))
-    candidates = []
-    for t in transforms:
-        if not isinstance(t, WeightConverter) or len(t.target_patterns) != 1:
-            continue
-        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in t.operations]
-        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
-            continue
-        target = t.target_patterns[0].lstrip(".")
-        for key in variants:
-            if key == target or key.endswith("." + target):
-                base = key[: len(key) - len(target)]
-                candidates.append([[base + p.lstrip(".").replace("*", str(e)) for e in range(num_experts)]
-                                   for p in t.source_patterns])
-    return candidates

@@ -8,15 +8,16 @@ The result is a deep copy; ``model`` and its training state are untouched.
 
 What changes in the copy
 ------------------------
-- every :class:`~qgalore_fx.layers.QGaLoreLinear` becomes a layer of the type
-  it replaced (``layer.source_type``: ``nn.Linear``, GPT-2's ``Conv1D``, ...),
-  rebuilt by that type's handler (:mod:`qgalore_fx.handlers`): its weight is
-  the layer's current dequantized weight (computed in fp32, then cast to
-  ``dtype``; transposed back to [in, out] for a ``Conv1D``) and its bias a copy
-  of the layer's bias. The low-rank state (projection, moments) is not copied.
-- every :class:`~qgalore_fx.experts.QGaLoreExperts` becomes the fused-experts
-  module it replaced, its 3-D ``gate_up_proj`` / ``down_proj`` stacked from the
-  experts' dequantized weights (same keys as before the transform).
+- every projected module becomes the module it replaced, rebuilt by the
+  handler that made it (:mod:`qgalore_fx.handlers`, ``Handler.export``): a
+  :class:`~qgalore_fx.layers.QGaLoreLinear` a layer of its original type
+  (``layer.source_type``: ``nn.Linear``, GPT-2's ``Conv1D``, ...) whose weight
+  is the layer's current dequantized weight (computed in fp32, then cast to
+  ``dtype``; transposed back to [in, out] for a ``Conv1D``) and whose bias is a
+  copy of the layer's bias; projected MoE experts the fused-experts module,
+  its 3-D ``gate_up_proj`` / ``down_proj`` stacked from the experts'
+  dequantized weights (same keys as before the transform). The low-rank state
+  (projection, moments) is not copied.
 - in every traced region (a ``GraphModule`` made by the transform), each
   ``torch.ops.qgalore_fx.linear`` node becomes a ``call_module`` node calling
   that rebuilt layer, and the ``get_attr`` nodes that fed it (codes, scales,
@@ -48,20 +49,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from qgalore_fx.experts import QGaLoreExperts
-from qgalore_fx.handlers import handler_for, handler_named
+from qgalore_fx.handlers import handler_for, handler_of, projected_units
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.passes.quantize_weights import LINEAR_OP
-from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, _SKIPPED_ATTR, projected_layers
+from qgalore_fx.rewrite import _CONFIG_ATTR, _REGIONS_ATTR, _SKIPPED_ATTR
 
 __all__ = ["export_dense"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _dense_layer(layer: QGaLoreLinear, dtype: torch.dtype) -> nn.Module:
-    """The layer of its original type (``source_type``), dense, in ``dtype``."""
-    return handler_named(layer.source_type).export(layer, dtype)
 
 
 def _rewrite_graph(gm: fx.GraphModule) -> bool:
@@ -138,16 +133,12 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
             "with torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
             "full_state_dict=True, cpu_offload=True)), load that into the same model transformed in one process "
             "(model.load_state_dict), and export that one")
-    # Each QGaLoreLinear is copied as its dense original layer (never as INT8 codes + low-rank state), each
-    # QGaLoreExperts as the fused-experts module it replaced (through the same memo, so the copy shares the
-    # model copy's config); the transform's bookkeeping is not copied at all.
+    # Each projected module is copied as the dense module it replaced (never as INT8 codes + low-rank state),
+    # rebuilt by its handler through the same memo (so e.g. the experts' copy shares the model copy's config);
+    # the transform's bookkeeping is not copied at all.
     memo: dict = {}
-    moe = [(name, m) for name, m in model.named_modules() if isinstance(m, QGaLoreExperts)]
-    for _, experts in moe:
-        memo[id(experts)] = experts.export(dtype, memo)
-    for name, layer in projected_layers(model):
-        if not any(name.startswith(prefix + ".") for prefix, _ in moe):
-            memo[id(layer)] = _dense_layer(layer, dtype)
+    for _, unit in projected_units(model):
+        memo[id(unit)] = handler_of(unit).export(unit, dtype, memo)
     for attr in (_REGIONS_ATTR, _CONFIG_ATTR, _SKIPPED_ATTR):
         if attr in model.__dict__:
             memo[id(model.__dict__[attr])] = None
@@ -157,8 +148,7 @@ def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     for module in dense.modules():
         if isinstance(module, fx.GraphModule):
             _rewrite_graph(module)
-    leftover = _leftover_ops(dense) + [n for n, m in dense.named_modules()
-                                       if isinstance(m, (QGaLoreLinear, QGaLoreExperts))]
+    leftover = _leftover_ops(dense) + [n for n, _ in projected_units(dense)]
     if leftover:
         raise RuntimeError(f"export_dense left qgalore_fx pieces in the copy: {leftover[:5]}")
     _cast_(dense, dtype)

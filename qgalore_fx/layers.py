@@ -3,7 +3,9 @@
 Compiled graphs see weights as inputs; to change *what is stored* the storage
 has to be owned by a module before anything is captured or compiled. Each
 rewritten layer (``nn.Linear``, GPT-2's ``Conv1D`` or any type with a handler in
-:mod:`qgalore_fx.handlers`) therefore becomes one of these, holding:
+:mod:`qgalore_fx.handlers`, and each expert matrix of a fused MoE module) therefore
+becomes one of these, made whole by :meth:`QGaLoreLinear.projected` (its handler
+reads the layer and calls it), holding:
 
 - ``weight_codes``: INT8 codes [out, in] (``weight_bits=8``) — or, for the
   16/32-bit ablations, the weight itself in bf16/fp32; a frozen Parameter
@@ -13,7 +15,7 @@ rewritten layer (``nn.Linear``, GPT-2's ``Conv1D`` or any type with a handler in
 - ``bias``: the original bias Parameter, untouched (trained by the optimizer's
   ordinary AdamW group);
 - ``anchor``: a one-element Parameter, always 0 (see :mod:`qgalore_fx.ops`);
-- once pass 2 enabled its update: the update state of
+- its update state: the tensors of
   :data:`qgalore_fx.lowrank.STATE_NAMES` as buffers (projection codes and
   scales, Adam's moments, ``step``, ``skipped``, ``accum``), the host-side
   ``control`` tensor (kept on the CPU whatever ``.to()`` does to the rest,
@@ -39,11 +41,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx import handlers, lowrank, ops  # noqa: F401  (ops registers the custom ops)
+from qgalore_fx import lowrank, ops  # noqa: F401  (ops registers the custom ops)
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.kernels import all_finite, quantize_blockwise
 
 _STORAGE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
+#: The ``source_type`` of a layer that replaced an ``nn.Linear`` (the name of its handler in :mod:`qgalore_fx.handlers`).
+LINEAR = "torch.nn.Linear"
 
 
 class OptimizerLink:
@@ -69,10 +73,10 @@ class OptimizerLink:
 
 
 class QGaLoreLinear(nn.Module):
-    source_type = handlers.LINEAR  # class default: layers pickled before source_type existed came from nn.Linear
+    source_type = LINEAR  # class default: layers pickled before source_type existed came from nn.Linear
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[Tensor], weight_bits: int, block_size: int,
-                 device=None, source_type: str = handlers.LINEAR):
+                 device=None, source_type: str = LINEAR):
         super().__init__()
         self.source_type = source_type  # the handler (qgalore_fx.handlers) of the layer this replaced
         self.in_features = in_features
@@ -104,26 +108,21 @@ class QGaLoreLinear(nn.Module):
         self.optimizer_link = OptimizerLink()
 
     @classmethod
-    def from_module(cls, module: nn.Module, config: QGaLoreConfig, weight: Optional[Tensor] = None,
-                    bias: Optional[nn.Parameter] = None, name: str = "") -> "QGaLoreLinear":
-        """Quantize a handled layer's weight (nearest rounding), read as [out, in] through its handler.
+    def projected(cls, weight: Tensor, bias: Optional[Tensor], config: QGaLoreConfig, name: str, index: int,
+                  source_type: str = LINEAR) -> "QGaLoreLinear":
+        """The projected layer of a dense ``[out, in]`` weight, whole: stored (quantized with nearest rounding
+        when ``weight_bits == 8``) and with its low-rank update state (:meth:`enable_update`).
 
-        ``module`` is any layer with a handler in :mod:`qgalore_fx.handlers` (``nn.Linear``, GPT-2's
-        ``Conv1D``, ...); the result remembers that handler's name in ``source_type``. ``weight`` ([out, in])
-        and ``bias`` replace the layer's own tensors (used when it lives on the meta device). The caller
-        releases the layer's float weight (``handler.release_weight``). ``name`` (the layer's fully-qualified
-        name) is what errors about the weight call it.
+        This is the one constructor of a projected layer: a layer handler (:mod:`qgalore_fx.handlers`) reads the
+        weight and bias of the layer it replaces (or of each expert matrix) and calls it. ``name`` is the layer's
+        fully-qualified name (errors and the update spec use it), ``index`` its place among the model's projected
+        layers (its random stream), ``source_type`` the name of the handler.
         """
-        handler = handlers.handler_for(module)
-        if handler is None:
-            raise ValueError(f"no layer handler for {type(module).__name__}; supported: "
-                             f"{', '.join(handlers.supported_types())} (qgalore_fx.register_layer_handler adds one)")
-        out_features, in_features = handler.shape(module)
-        weight = handler.dense_weight(module) if weight is None else weight
-        bias = handler.bias(module) if bias is None else bias
+        out_features, in_features = weight.shape
         new = cls(in_features, out_features, bias, config.weight_bits, config.block_size, device=weight.device,
-                  source_type=handler.name)
+                  source_type=source_type)
         new.load_weight_(weight, name)
+        new.enable_update(config, name, index)
         return new
 
     @torch.no_grad()
@@ -146,7 +145,7 @@ class QGaLoreLinear(nn.Module):
 
     # ------------------------------------------------------------------ update state
     def enable_update(self, config: QGaLoreConfig, name: str, index: int) -> bool:
-        """Give this layer its low-rank update (pass 2); False if it already has one."""
+        """Give this layer its low-rank update state (:meth:`projected` does); False if it already has one."""
         if self.spec is not None:
             return False
         self.set_spec(lowrank.UpdateSpec.from_config(config, name, self.out_features, self.in_features, index))
@@ -340,7 +339,7 @@ class QGaLoreLinear(nn.Module):
         storage = {8: f"int8 block={self.block_size}", 16: "bf16", 32: "fp32"}[self.weight_bits]
         text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"weight={storage}"
-        if self.source_type != handlers.LINEAR:
+        if self.source_type != LINEAR:
             text += f", source={self.source_type}"
         if self.spec is not None:
             s = self.spec

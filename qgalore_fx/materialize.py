@@ -9,8 +9,9 @@ quantized: it is read from ``weights`` (a state-dict mapping, a ``.safetensors``
 file or a directory of them; only the needed tensor is read from disk), or
 initialized as the model would initialize it (HF ``_init_weights``, else the
 layer type's constructor) when ``weights`` is None. The layer's handler
-(:mod:`qgalore_fx.handlers`) says how: GPT-2's ``Conv1D`` keeps its weight as
-[in, out] under ``{name}.weight``, which is read and transposed. So a 7B model never exists in
+(:mod:`qgalore_fx.handlers`) reads it from a :class:`MetaWeights`: GPT-2's
+``Conv1D`` keeps its weight as [in, out] under ``{name}.weight``, which is read
+and transposed; fused MoE experts may be stored per expert. So a 7B model never exists in
 full precision in memory. Everything that is not projected (embeddings, norms,
 rotary buffers) is then materialized module by module, initialized, and
 overwritten from ``weights`` where it has the tensor. Parameters shared by
@@ -19,6 +20,7 @@ several modules (tied embeddings) stay shared.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -27,8 +29,6 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
-
-from qgalore_fx.handlers import handler_for
 
 WeightsArg = Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, Tensor]]
 
@@ -124,7 +124,7 @@ def key_renamer(model: nn.Module) -> Optional[Callable[[str], str]]:
     transformers 5.x saves some models under their legacy names (Mixtral's ``mlp.`` becomes
     ``block_sparse_moe.``) and renames them back when loading; this applies those renaming rules. Its weight
     *converters* (e.g. merging per-expert ``w1``/``w3`` into ``gate_up_proj``) are not applied here: a
-    transformed model keeps its experts per expert (see :func:`qgalore_fx.experts.checkpoint_expert_keys`).
+    transformed model keeps its experts per expert (see ``ExpertsHandler.checkpoint_keys`` in :mod:`qgalore_fx.handlers`).
     """
     if not hasattr(model, "config") or not hasattr(type(model), "from_pretrained"):
         return None
@@ -143,45 +143,31 @@ def key_renamer(model: nn.Module) -> Optional[Callable[[str], str]]:
     return lambda key: rename_source_key(key, renamings, [])[0]
 
 
-def linear_weight_factory(model: nn.Module, source: WeightSource, device) -> Callable[[str, nn.Module], Tensor]:
-    """Returns ``f(fqn, layer) -> fp32 [out, in] weight on device`` for one handled layer (read or initialized).
+@dataclasses.dataclass(frozen=True)
+class MetaWeights:
+    """Where the tensors of a model built on the ``meta`` device come from: ``source`` (empty: initialize as the
+    model would), ``device`` (where the real tensors go) and the ``model`` itself (its ``_init_weights`` and
+    transformers' checkpoint conventions). A layer handler (:mod:`qgalore_fx.handlers`) reads its layer from it."""
 
-    The layer's handler (:mod:`qgalore_fx.handlers`) says under which key and in which layout its weight is
-    stored: ``{fqn}.weight`` of shape [out, in] for ``nn.Linear``, [in, out] for GPT-2's ``Conv1D`` (read,
-    then transposed). Without ``weights``, a temporary of the layer's own type is built on ``device`` and
-    initialized as the model would (HF ``_init_weights``, else the type's constructor).
-    """
-    init = getattr(model, "_init_weights", None)
-    init = init if callable(init) else None
+    model: nn.Module
+    source: WeightSource
+    device: torch.device
 
-    def make(fqn: str, layer: nn.Module) -> Tensor:
-        handler = handler_for(layer)
-        if handler is None:
-            raise ValueError(f"{fqn!r} is a {type(layer).__name__}, which has no layer handler")
-        if not source.empty:
-            key = f"{fqn}.{handler.weight_name}" if fqn else handler.weight_name
-            w = source.get(key, handler.stored_shape(*handler.shape(layer)))
-            if w is None:
-                raise ValueError(f"weights has no tensor {key!r} for projected layer {fqn!r}")
-            return handler.to_dense(w).to(device=device, dtype=torch.float32)
-        return handler.initialized_weight(layer, device, init).detach()
+    @property
+    def init(self) -> Optional[Callable[[nn.Module], None]]:
+        """The model's own initializer (HF ``_init_weights``), or None."""
+        init = getattr(self.model, "_init_weights", None)
+        return init if callable(init) else None
 
-    return make
-
-
-def materialize_bias(fqn: str, layer: nn.Module, source: WeightSource, device) -> Optional[nn.Parameter]:
-    """The bias of a handled layer on the meta device: read from ``weights``, else zeros (None if it has none)."""
-    handler = handler_for(layer)
-    bias = handler.bias(layer)
-    if bias is None:
-        return None
-    key = f"{fqn}.{handler.bias_name}" if fqn else handler.bias_name
-    b = source.get(key, bias.shape) if not source.empty else None
-    if b is None:
-        if not source.empty:
-            raise ValueError(f"weights has no tensor {key!r}")
-        b = torch.zeros(bias.shape)
-    return nn.Parameter(b.to(device=device, dtype=bias.dtype), requires_grad=bias.requires_grad)
+    def tensor(self, key: str, shape, what: str, dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
+        """``key`` from ``source``, in ``dtype`` on ``device`` (None when the source is empty: initialize instead).
+        A key the source lacks is an error saying it is ``what``'s."""
+        if self.source.empty:
+            return None
+        t = self.source.get(key, shape)
+        if t is None:
+            raise ValueError(f"weights has no tensor {key!r} for {what}")
+        return t.to(device=self.device, dtype=dtype)
 
 
 @torch.no_grad()

@@ -2,12 +2,12 @@
 
     model = qgalore_fx.transform(model, rank=256)
 
-1. ``select_linears``   which layers to project (config rules; any type with a
-                        handler in :mod:`qgalore_fx.handlers`: ``nn.Linear``, GPT-2's ``Conv1D``);
-                        ``select_experts``: fused MoE experts (:mod:`qgalore_fx.experts`), each
-                        expert matrix projected on its own;
+1. ``select_layers``    which modules to project (config rules; any module a handler
+                        in :mod:`qgalore_fx.handlers` claims: ``nn.Linear``, GPT-2's ``Conv1D``,
+                        fused MoE experts), and that ``rank`` fits them;
 2. ``capture_regions``  torch.fx regions around them (see passes/capture.py);
-3. pass 1 ``quantize_weights``  INT8 storage + ``qgalore_fx.linear`` nodes;
+3. pass 1 ``quantize_weights``  each layer replaced by the projected layer its handler builds
+                                whole (INT8 storage and update state) + ``qgalore_fx.linear`` nodes;
 4. pass 2 ``fuse_update``       each node wired to its layer's update-state tensors.
 
 The model is changed in place and returned (use the return value: a traced
@@ -25,15 +25,13 @@ import torch
 import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
-from qgalore_fx.experts import QGaLoreExperts, checkpoint_expert_keys, expert_shapes, select_experts
-from qgalore_fx.handlers import handler_for
+from qgalore_fx.handlers import summaries
 from qgalore_fx.host_allocator import release_free_memory
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import OP_STATE_NAMES
-from qgalore_fx.materialize import (WeightsArg, WeightSource, key_renamer, linear_weight_factory, materialize_bias,
-                                   materialize_rest)
-from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_linears
-from qgalore_fx.passes.fuse_update import attach_update, fuse_update
+from qgalore_fx.materialize import MetaWeights, WeightsArg, WeightSource, key_renamer, materialize_rest
+from qgalore_fx.passes.capture import Region, _set_submodule, capture_regions, select_layers
+from qgalore_fx.passes.fuse_update import fuse_update
 from qgalore_fx.passes.quantize_weights import quantize_module, quantize_weights
 
 _REGIONS_ATTR = "_qgalore_fx_regions"
@@ -89,31 +87,14 @@ def _transform(model, rank, config, weights, device, options, rest: bool) -> nn.
         source.use_model_names(rename)
     target_device = torch.device("cpu" if device is None else device)
 
-    experts, not_projected = select_experts(model, config)
-    selected = select_linears(model, config, allow_empty=bool(experts))
-    # Before anything is rewritten. The default rule leaves out layers smaller than the rank (e.g. a 1 x 128
-    # MoE gate) and lists them in explain(); a layer chosen explicitly (target_modules/filter_fn) must fit.
-    too_small = {name: handler_for(layer).shape(layer) for name, layer in selected.items()
-                 if not config.fits(*handler_for(layer).shape(layer))}
-    small_experts = {f"{name}.{kind}": shape for name, module in experts.items()
-                     for kind, shape in expert_shapes(module).items() if not config.fits(*shape)}
-    explicit = config.target_modules is not None or config.filter_fn is not None
-    all_small = len(too_small) == len(selected) and len({n.rsplit(".", 1)[0] for n in small_experts}) == len(experts)
-    if (too_small or small_experts) and (explicit or all_small):
-        name, (m, n) = next(iter({**too_small, **small_experts}.items()))
-        config.check_fits(name, m, n)
-    for name in too_small:
-        del selected[name]
-    for name in {n.rsplit(".", 1)[0] for n in small_experts}:
-        not_projected.append((name, tuple(experts.pop(name).gate_up_proj.shape), f"experts smaller than rank "
-                                                                                   f"{config.rank}"))
+    selected, not_projected = select_layers(model, config)  # every check before anything changes
 
     if not rest and not on_meta:
         raise ValueError("transform_projected is for models built on the meta device")
     snapshot = _snapshot(model)
     try:
-        model = _rewrite(model, config, selected, experts, too_small, not_projected, source if on_meta else None,
-                         target_device, rest)
+        meta = MetaWeights(model, source, target_device) if on_meta else None
+        model = _rewrite(model, config, selected, not_projected, meta, rest)
     except BaseException:
         _restore(snapshot)  # nothing half-applied: the model is exactly as it was
         raise
@@ -122,44 +103,28 @@ def _transform(model, rank, config, weights, device, options, rest: bool) -> nn.
     return model
 
 
-def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, experts: dict, too_small: dict,
-             not_projected: list, source: Optional[WeightSource], target_device, rest: bool = True) -> nn.Module:
-    """Capture and both passes, after every check (``source``: the weights of a model on the meta device;
-    ``rest``: also materialize what is not projected)."""
-    on_meta = source is not None
-    materialize = None
-    if on_meta:
-        make_weight = linear_weight_factory(model, source, target_device)
-
-        def materialize(fqn, layer):
-            release_free_memory()  # the previous layer's fp32 weight, freed once quantized (qgalore_fx.host_allocator)
-            return make_weight(fqn, layer), materialize_bias(fqn, layer, source, target_device)
-
+def _rewrite(model: nn.Module, config: QGaLoreConfig, selected: dict, not_projected: list,
+             weights: Optional[MetaWeights], rest: bool = True) -> nn.Module:
+    """Capture and both passes, after every check (``weights``: where the tensors of a model on the meta device
+    come from; ``rest``: also materialize what is not projected)."""
     model, regions = capture_regions(model, selected, trace=config.trace)
-    index = 0
+    index = 0  # each projected layer's place in the model: its random stream
     for region in regions:
         if region.kind == "graph":
-            prefix = region.name
-            local = {n[len(prefix) + 1:] for n in selected if n.startswith(prefix + ".")} if prefix else set(selected)
-            quantize_weights(region.module, local, config, prefix, materialize)
-            index += fuse_update(region.module, prefix, config, index)
+            index += quantize_weights(region.module, region.layers, config, region.name, index, weights)
+            fuse_update(region.module)
         else:
-            layer = quantize_module(region.module, config, region.name, materialize)
-            _set_submodule(model, region.name, layer)
-            region.module = layer
-            attach_update(layer, region.name, config, index)
-            index += 1
-    for name, module in experts.items():
-        index = _project_experts(model, name, module, config, index, source, target_device)
-    if on_meta and rest:
-        materialize_rest(model, source, target_device, skip=(QGaLoreLinear,))
-    if on_meta:
+            region.module, count = quantize_module(region.module, config, region.name, index, weights)
+            _set_submodule(model, region.name, region.module)
+            index += count
+    if weights is not None and rest:
+        materialize_rest(model, weights.source, weights.device, skip=(QGaLoreLinear,))
+    if weights is not None:
         release_free_memory()
     _exclude_state_from_ddp_sync(model)
     object.__setattr__(model, _REGIONS_ATTR, regions)
     object.__setattr__(model, _CONFIG_ATTR, config)
-    object.__setattr__(model, _SKIPPED_ATTR, [(name, shape, f"smaller than rank {config.rank}")
-                                              for name, shape in too_small.items()] + not_projected)
+    object.__setattr__(model, _SKIPPED_ATTR, not_projected)
     return model
 
 
@@ -178,62 +143,6 @@ def _restore(snapshot: list) -> None:
     for module, attrs in snapshot:
         vars(module).clear()
         vars(module).update({k: copy.copy(v) if type(v) in _CONTAINERS else v for k, v in attrs.items()})
-
-
-def _project_experts(model: nn.Module, name: str, module: nn.Module, config: QGaLoreConfig, index: int,
-                     source: Optional[WeightSource], device) -> int:
-    """Replace one fused-experts module by a :class:`QGaLoreExperts`; returns the next layer index.
-
-    ``source`` (a model on the meta device): the 3-D weights are read from it, or initialized as the model
-    would when it is empty. Each expert matrix is quantized from its slice, one at a time.
-    """
-    weights = None
-    if source is not None:
-        weights = _expert_weights(model, name, module, source, device)
-
-    def build(e: int, kind: str, w: torch.Tensor) -> QGaLoreLinear:
-        out_features, in_features = w.shape
-        layer = QGaLoreLinear(in_features, out_features, None, config.weight_bits, config.block_size, device=w.device)
-        layer.load_weight_(w, f"{name}.{kind}.{e}")
-        return layer
-
-    new = QGaLoreExperts.from_module(module, build, weights)
-    del weights
-    _set_submodule(model, name, new)
-    for e in range(new.num_experts):
-        for kind in ("gate_up", "down"):
-            attach_update(getattr(new, kind)[e], f"{name}.{kind}.{e}", config, index)
-            index += 1
-    return index
-
-
-def _expert_weights(model: nn.Module, name: str, module: nn.Module, source: WeightSource, device):
-    """The fp32 3-D ``gate_up_proj`` / ``down_proj`` of a fused-experts module on the meta device."""
-    if not source.empty:
-        out = []
-        for pname in ("gate_up_proj", "down_proj"):
-            key, shape = f"{name}.{pname}", getattr(module, pname).shape
-            w = source.get(key, shape) if key in source else None
-            if w is None:  # stored per expert, as HF checkpoints do: expert e = cat of its pieces along dim 0
-                candidates = checkpoint_expert_keys(model, key, shape[0])
-                groups = next((g for g in candidates if all(k in source for keys in g for k in keys)), None)
-                if groups is None:
-                    example = "".join(f" such as {c[0][0]!r}" for c in candidates[-1:])
-                    raise ValueError(f"weights has no tensor {key!r} (nor its per-expert pieces{example}) for the "
-                                     f"projected experts {name!r}")
-                rows = shape[1] // len(groups)
-                w = torch.stack([torch.cat([source.get(keys[e], (rows, shape[2])) for keys in groups])
-                                 for e in range(shape[0])])
-            out.append(w.to(device=device, dtype=torch.float32))
-        return tuple(out)
-    tmp = copy.deepcopy(module).to_empty(device=device)
-    init = getattr(model, "_init_weights", None)
-    if callable(init):
-        init(tmp)
-    else:  # the fused parameters are created with torch.empty: never train from uninitialized memory
-        for p in (tmp.gate_up_proj, tmp.down_proj):
-            nn.init.normal_(p, std=0.02)
-    return tmp.gate_up_proj.detach().float(), tmp.down_proj.detach().float()
 
 
 def _exclude_state_from_ddp_sync(model: nn.Module) -> None:
@@ -278,15 +187,12 @@ def explain(model: nn.Module) -> str:
     regions = regions_of(model)
     if regions:
         traced = [r for r in regions if r.kind == "graph"]
-        swapped = [r for r in regions if r.kind == "module"]
+        swapped = [r for r in regions if r.kind == "module" and isinstance(r.module, QGaLoreLinear)]
         lines.append(f"regions: {len(traced)} traced with torch.fx, {len(swapped)} linears swapped as modules")
         notes = sorted({r.note for r in swapped if r.note})
         for note in notes[:5]:
             lines.append(f"  not traceable: {note}")
-    moe = [(n, m) for n, m in model.named_modules() if isinstance(m, QGaLoreExperts)]
-    if moe:
-        lines.append(f"MoE: {len(moe)} fused-experts modules, each expert matrix projected on its own "
-                     f"({sum(m.num_experts for _, m in moe)} experts, e.g. {moe[0][0]}.gate_up.0)")
+    lines += summaries(model)  # e.g. the MoE experts' line
     for name, shape, why in getattr(model, _SKIPPED_ATTR, []):
         dims = "x".join(str(d) for d in shape)
         lines.append(f"  not projected: {name} [{dims}] ({why}; trained by the AdamW group)")

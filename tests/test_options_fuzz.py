@@ -189,14 +189,13 @@ def _hf_model():
 @pytest.mark.parametrize("build", [model, _hf_model], ids=["sequential", "llama"])
 def test_a_failure_midway_restores_the_model_exactly(monkeypatch, where, build):
     from qgalore_fx.layers import QGaLoreLinear
-    from qgalore_fx.passes import quantize_weights
 
     m = build()
     before = _model_state(m)
     params = {n: p for n, p in m.named_parameters()}
     layers = len(qgalore_fx.projected_layers(qgalore_fx.transform(build(), rank=4)))
     if where == "pass 1":
-        _fail_on_call(monkeypatch, quantize_weights.QGaLoreLinear, "from_module", 2)
+        _fail_on_call(monkeypatch, QGaLoreLinear, "projected", 2)
     else:  # the second layer's update state, or the last one's
         _fail_on_call(monkeypatch, QGaLoreLinear, "enable_update", 2 if where == "pass 2" else layers)
     with pytest.raises(_Midway):

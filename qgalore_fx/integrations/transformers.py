@@ -49,9 +49,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qgalore_fx import __version__
 from qgalore_fx.config import QGaLoreConfig
-from qgalore_fx.experts import QGaLoreExperts
 from qgalore_fx.export import EXPORT_HOOKS
-from qgalore_fx.layers import QGaLoreLinear
+from qgalore_fx.handlers import projected_units
 from qgalore_fx.materialize import key_renamer
 from qgalore_fx.rewrite import TRANSFORM_HOOKS, logical_parameters, projected_layers, transform_projected
 
@@ -232,7 +231,7 @@ class QGaLoreHfQuantizer(HfQuantizer):
                 for module, container, name, _ in slots:
                     getattr(module, container)[name] = placeholder
             self._slots.append((t, slots, loaded[0] if loaded else None, shape))
-        names = [re.escape(name) for name, m in model.named_modules() if isinstance(m, (QGaLoreLinear, QGaLoreExperts))]
+        names = [re.escape(name) for name, _ in projected_units(model)]
         if names:  # the report: projected layers hold no `weight`, the checkpoint's fp weights are not used
             layers = r"^(?:" + "|".join(names) + r")\."
             model._keys_to_ignore_on_load_missing = {layers}

@@ -1,7 +1,9 @@
 """Choose the layers to project and capture the regions around them as FX graphs.
 
-A layer is projectable when its type has a handler (:mod:`qgalore_fx.handlers`);
-"linear" below means any such layer (``nn.Linear``, GPT-2's ``Conv1D``, ...).
+A module is projectable when a handler claims it (:mod:`qgalore_fx.handlers`);
+"linear" below means any layer of a handler that is rewritten in traced regions
+(``nn.Linear``, GPT-2's ``Conv1D``, ...). Modules of a handler that is not
+(fused MoE experts) are always swapped as modules, after every linear's region.
 
 Why regions, not one whole-model graph (measured with torch 2.13 and
 transformers 5.23, DESIGN.md §5): ``torch.fx.symbolic_trace`` fails on
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -53,14 +55,15 @@ class Region:
     kind: str  # "graph" or "module"
     module: nn.Module
     note: str = ""  # why a parent could not be traced, for explain()
+    layers: frozenset = frozenset()  # a graph's selected linears, by their names inside it: what pass 1 rewrites
 
 
 def _tied_to_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
     handler = handler_for(layer)
-    weight = getattr(layer, handler.weight_name, None) if handler is not None else None
-    return emb is not None and weight is not None and getattr(emb, "weight", None) is weight
+    weight = getattr(emb, "weight", None)
+    return handler is not None and weight is not None and any(w is weight for w in handler.weights(layer))
 
 
 def _supported() -> str:
@@ -86,16 +89,25 @@ def chosen_by_rules(config: QGaLoreConfig, module: nn.Module, name: str) -> bool
     return wanted
 
 
-def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = False) -> Dict[str, nn.Module]:
-    """The fully-qualified names of the layers to project, in module order.
+#: ``(name, shape, why)`` of a module the default rule would project but leaves to the AdamW group.
+LeftOut = Tuple[str, Tuple[int, ...], str]
 
-    A layer can be projected when its type has a handler (:mod:`qgalore_fx.handlers`: ``nn.Linear``,
-    GPT-2's ``Conv1D``, or one added with ``qgalore_fx.register_layer_handler``).
-    Default: every such layer inside a transformer block (an element of an ``nn.ModuleList``), or every
-    such layer when the model has no blocks. ``target_modules`` (regexes searched in the name) and
-    ``filter_fn(module, fqn)`` replace the default; given together, a layer must pass both. A module
+
+def select_layers(model: nn.Module, config: QGaLoreConfig) -> Tuple[Dict[str, nn.Module], List[LeftOut]]:
+    """The modules to project by fully-qualified name, in module order, and those left out.
+
+    A module can be projected when a handler claims it (:mod:`qgalore_fx.handlers`: ``nn.Linear``, GPT-2's
+    ``Conv1D``, one added with ``qgalore_fx.register_layer_handler``, fused MoE experts).
+    Default: every such module inside a transformer block (an element of an ``nn.ModuleList``), or every
+    such module when the model has no blocks. ``target_modules`` (regexes searched in the name) and
+    ``filter_fn(module, fqn)`` replace the default; given together, a module must pass both. A module
     ``filter_fn`` selects must have a handler; modules ``target_modules`` alone matches without one
     (containers such as ``mlp``) are skipped. ``include_lm_head`` adds the output head.
+
+    ``rank`` must fit every matrix of a chosen module (:meth:`QGaLoreConfig.fits`): one chosen explicitly
+    (``target_modules``/``filter_fn``) that it does not fit is an error, as is the default rule's choice when
+    it fits none; otherwise the modules it does not fit are left out (``explain()`` lists them), as are the
+    modules of a form their handler cannot project when it says so (``Handler.skips_unsupported``).
     """
     custom = config.target_modules is not None or config.filter_fn is not None
     in_blocks = block_members(model)
@@ -106,6 +118,7 @@ def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = 
         head = get_out()
 
     chosen: Dict[str, nn.Module] = {}
+    left_out: List[LeftOut] = []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -128,12 +141,13 @@ def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = 
                 continue
             if in_blocks and name not in in_blocks and module is not head:
                 continue
-        if not handler.is_plain(module):
-            raise ValueError(
-                f"module {name!r} is a {type(module).__name__} with its own forward; qgalore_fx can only rewrite "
-                f"layers that run their handled type's forward ({handler.name}). Exclude it with "
-                "filter_fn/target_modules, or register a handler for its type."
-            )
+        problem = handler.problem(module)
+        if problem is not None:
+            if custom or not handler.skips_unsupported:
+                raise ValueError(f"{name!r} is a {type(module).__name__} ({problem}), which qgalore_fx cannot "
+                                 "project; exclude it with filter_fn/target_modules")
+            left_out.append((name, handler.listed_shape(module), problem))
+            continue
         chosen[name] = module
 
     if config.include_lm_head and head is not None and handler_for(head) is not None:
@@ -147,11 +161,25 @@ def select_linears(model: nn.Module, config: QGaLoreConfig, allow_empty: bool = 
                 "codes; set include_lm_head=False or untie the weights (config.tie_word_embeddings=False)"
             )
     _check_not_shared(model, chosen)
-    if not chosen and not allow_empty:  # allow_empty: fused MoE experts were selected (qgalore_fx.experts)
+    if not chosen:
         how = "filter_fn/target_modules" if custom else "the default rule (handled layers inside transformer blocks)"
         raise ValueError(f"{how} selected no layer of {type(model).__name__}; nothing to transform "
                          f"(projectable types: {_supported()})")
-    return chosen
+
+    # Before anything is rewritten. The default rule leaves out modules smaller than the rank (e.g. a 1 x 128
+    # MoE gate) and lists them in explain(); a module chosen explicitly must fit.
+    too_small = {name: [(f"{name}.{part}" if part else name, shape)
+                        for part, shape in handler_for(module).shapes(module).items() if not config.fits(*shape)]
+                 for name, module in chosen.items()}
+    too_small = {name: parts for name, parts in too_small.items() if parts}
+    if too_small and (custom or len(too_small) == len(chosen)):
+        matrix, (m, n) = next(iter(too_small.values()))[0]
+        config.check_fits(matrix, m, n)
+    for name in too_small:
+        module = chosen.pop(name)
+        handler = handler_for(module)
+        left_out.append((name, handler.listed_shape(module), handler.smaller_than_rank(config.rank)))
+    return chosen, left_out
 
 
 def _check_not_shared(model: nn.Module, chosen: Dict[str, nn.Module]) -> None:
@@ -175,9 +203,8 @@ def _check_not_shared(model: nn.Module, chosen: Dict[str, nn.Module]) -> None:
                 f"layer {name!r} is reachable from {len(where)} places ({', '.join(where[:4])}); a shared layer "
                 "cannot be rewritten in one place only. Give each place its own layer, or exclude it with "
                 "filter_fn/target_modules")
-        handler = handler_for(module)
-        weight = getattr(module, handler.weight_name)
-        sharers = sorted({o for o in owners.get(id(weight), []) if not o.startswith(f"{name}.")})
+        sharers = sorted({o for w in handler_for(module).weights(module) for o in owners.get(id(w), [])
+                          if not o.startswith(f"{name}.")})
         if sharers:
             raise ValueError(
                 f"{name!r} shares its weight with {', '.join(sharers[:3])} (tied weights); a projected weight is "
@@ -206,8 +233,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def capture_regions(model: nn.Module, selected: Dict[str, nn.Module], trace: bool = True):
     """Replace traceable regions by GraphModules in place; returns (model, regions).
 
-    The returned model is ``model`` itself unless the root was traced.
+    The returned model is ``model`` itself unless the root was traced. A selected module whose handler is not
+    ``traced`` (fused experts) is a region of its own, swapped as a module, and the regions around it are not
+    traced for its sake; these regions come after every linear's, so the layers keep their numbering
+    (:meth:`qgalore_fx.handlers.Handler.project`'s ``index``: their random streams) whatever the model.
     """
+    swapped = {name: module for name, module in selected.items() if not handler_for(module).traced}
+    selected = {name: module for name, module in selected.items() if name not in swapped}
     containing = set()  # ids of modules with a selected linear at or below them
     for name in selected:
         parts = name.split(".")
@@ -239,10 +271,13 @@ def capture_regions(model: nn.Module, selected: Dict[str, nn.Module], trace: boo
                     root_holder["root"] = gm
                 else:
                     _set_submodule(root_holder["root"], prefix, gm)
-                regions.append(Region(prefix, "graph", gm))
+                inside = frozenset(n[len(prefix) + 1:] if prefix else n for n in selected
+                                   if not prefix or n.startswith(prefix + "."))
+                regions.append(Region(prefix, "graph", gm, layers=inside))
                 return
         for child_name, child in module.named_children():
             visit(child, f"{prefix}.{child_name}" if prefix else child_name, note)
 
     visit(model, "", "")
+    regions += [Region(name, "module", module) for name, module in swapped.items()]
     return root_holder["root"], regions
