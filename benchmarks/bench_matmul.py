@@ -2,6 +2,8 @@
 
     python benchmarks/bench_matmul.py --device cuda --size 4096 --tokens 4096      # on a GPU (bf16)
     python benchmarks/bench_matmul.py --device cpu --size 1024 --tokens 512        # here (fp32 references)
+    python benchmarks/bench_matmul.py --device cpu --size 4096 --out-features 11008 --tokens 256 --repeats 5 \
+        [--mmap-threshold 1048576]        # a LLaMA-7B MLP weight, 256 tokens, with glibc's policy or the fixed threshold
 
 For a weight of ``size x size`` stored as INT8 codes + per-256 scales and ``tokens`` rows of activations,
 it times, per direction (forward ``x @ W.T`` = ``qgalore_fx::int8_matmul``, input gradient ``g @ W`` =
@@ -57,7 +59,10 @@ def _timer(device: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--size", type=int, default=4096, help="the weight is size x size")
+    ap.add_argument("--size", type=int, default=4096, help="the weight is out-features x size")
+    ap.add_argument("--out-features", type=int, default=None, help="rows of the weight (default: --size)")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="qgalore_fx.host_allocator.set_cpu_mmap_threshold(BYTES) first (default: glibc's policy)")
     ap.add_argument("--tokens", type=int, default=4096, help="rows of activations (batch x sequence)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
@@ -72,30 +77,38 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mmap_threshold is not None:
+        from qgalore_fx.host_allocator import set_cpu_mmap_threshold
+
+        if not set_cpu_mmap_threshold(args.mmap_threshold):
+            raise SystemExit("--mmap-threshold needs Linux with glibc")
+    out_features = args.out_features or args.size
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(args.size, args.size, generator=g) * 0.02).to(device)
+    w = (torch.randn(out_features, args.size, generator=g) * 0.02).to(device)
     q = quantize_blockwise(w, bits=8, block_size=256)
     codes, scales = q.codes.reshape(w.shape), q.scales
     dense = q.dequantize(dtype).reshape(w.shape)  # the same values as the INT8 weight, stored dense
     x = torch.randn(args.tokens, args.size, generator=g).to(device=device, dtype=dtype)
+    gy = torch.randn(args.tokens, out_features, generator=g).to(device=device, dtype=dtype)
     run = _timer(args.device)
     rows = []
-    for name, op, ref, dense_fn in (
-        ("forward x @ W.T", torch.ops.qgalore_fx.int8_matmul, int8_matmul_reference, lambda: x @ dense.T),
-        ("input grad g @ W", torch.ops.qgalore_fx.int8_matmul_t, int8_matmul_t_reference, lambda: x @ dense),
+    for name, a, op, ref, dense_fn in (
+        ("forward x @ W.T", x, torch.ops.qgalore_fx.int8_matmul, int8_matmul_reference, lambda: x @ dense.T),
+        ("input grad g @ W", gy, torch.ops.qgalore_fx.int8_matmul_t, int8_matmul_t_reference, lambda: gy @ dense),
     ):
-        got, want = op(x, codes, scales, 256).float(), ref(x, codes, scales, 256).float()
+        got, want = op(a, codes, scales, 256).float(), ref(a, codes, scales, 256).float()
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-        t_op = run(lambda: op(x, codes, scales, 256), args.repeats)
-        t_ref = run(lambda: ref(x, codes, scales, 256), args.repeats)
+        t_op = run(lambda: op(a, codes, scales, 256), args.repeats)
+        t_ref = run(lambda: ref(a, codes, scales, 256), args.repeats)
         t_dense = run(dense_fn, args.repeats)
         rows.append({"direction": name, "op_s": t_op, "reference_s": t_ref, "dense_s": t_dense,
                      "op_vs_dense": t_op / t_dense, "reference_vs_dense": t_ref / t_dense, "max_rel_err": err})
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{device_name}, weight {args.size}x{args.size} int8 (block 256), {args.tokens} tokens, {dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"{device_name}, weight {out_features}x{args.size} int8 (block 256), {args.tokens} tokens, {dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, mmap threshold "
+          f"{args.mmap_threshold if args.mmap_threshold is not None else 'glibc default'}")
     print("| direction | op ms | reference ms | dense mm ms | op / dense | reference / dense | op vs reference err |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -103,7 +116,8 @@ def main(argv=None) -> int:
               f"| {r['op_vs_dense']:.2f} | {r['reference_vs_dense']:.2f} | {r['max_rel_err']:.1e} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": device_name, "size": args.size, "tokens": args.tokens, "dtype": str(dtype),
+            json.dump({"device": device_name, "size": args.size, "out_features": out_features,
+                       "mmap_threshold": args.mmap_threshold, "tokens": args.tokens, "dtype": str(dtype),
                        "rows": rows}, f, indent=1)
     return 0
 

@@ -21,6 +21,7 @@ dtype (as the reference does) and feeds ``tl.dot`` with an fp32 accumulator.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -124,28 +125,74 @@ def _weight_rows(codes: torch.Tensor, scales: torch.Tensor, block_size: int, sta
     return dequantize_reference(codes[start:stop], scales[first:last], 8, block_size, [stop - start, cols], dtype)
 
 
+_WORKSPACES = threading.local()
+
+
+def _workspace(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements that this thread reuses from call to call.
+
+    Every chunk of every dequant-matmul would otherwise allocate its own fp32 rows (16 MiB at
+    :data:`MATMUL_CHUNK`): a fresh mapping, faulted in page by page, wherever the CPU allocator serves
+    large blocks with ``mmap`` (qgalore_fx.host_allocator), and a hole in the heap where it does not.
+    Kept per thread (a buffer is in use only inside one call) and per slot, device and dtype; it grows to
+    the largest chunk seen and stays, about 2 x MATMUL_CHUNK elements at most.
+    """
+    key = (slot, device, dtype)
+    cache = getattr(_WORKSPACES, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACES.buffers = {}
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        cache[key] = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _weight_rows_in_workspace(codes: torch.Tensor, scales: torch.Tensor, block_size: int, start: int, stop: int,
+                              dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_weight_rows` written into this thread's workspace (the same products, so the same bits) where
+    the rows are whole fp32 blocks; elsewhere a fresh tensor as before."""
+    cols = codes.shape[1]
+    n = (stop - start) * cols
+    if dtype != torch.float32 or n % block_size or (start * cols) % block_size or codes.device.type == "meta":
+        return _weight_rows(codes, scales, block_size, start, stop, dtype)
+    first = start * cols // block_size
+    buf = _workspace("dequant", n, dtype, codes.device)
+    torch.mul(codes[start:stop].reshape(-1, block_size), scales[first:first + n // block_size].unsqueeze(1),
+              out=buf.view(-1, block_size))
+    return buf.view(stop - start, cols)
+
+
 def int8_matmul_chunked(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int):
     """``int8_matmul_reference`` computed over row chunks of the weight (:data:`MATMUL_CHUNK`), so the fp32
-    weight is never whole; equal to the reference up to float rounding (the BLAS blocks another shape)."""
+    weight is never whole; equal to the reference up to float rounding (the BLAS blocks another shape).
+    Each chunk is dequantized into a workspace the thread reuses (:func:`_workspace`)."""
     _check_matmul_args(x2d, codes, scales, block_size, "x2d", transposed=False)
     if codes.numel() <= MATMUL_CHUNK:
         return int8_matmul_reference(x2d, codes, scales, block_size)
     out = x2d.new_empty((x2d.shape[0], codes.shape[0]))
     for start, stop in _row_chunks(codes.shape[0], codes.shape[1], block_size):
-        out[:, start:stop] = x2d @ _weight_rows(codes, scales, block_size, start, stop, x2d.dtype).T
+        out[:, start:stop] = x2d @ _weight_rows_in_workspace(codes, scales, block_size, start, stop, x2d.dtype).T
     return out
 
 
 def int8_matmul_t_chunked(g2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int):
     """``int8_matmul_t_reference`` as a sum over row chunks of the weight (:data:`MATMUL_CHUNK`); the sum
-    runs in another order than one product, so results agree to float rounding."""
+    runs in another order than one product, so results agree to float rounding. The dequantized chunk and
+    each chunk's product live in workspaces the thread reuses."""
     _check_matmul_args(g2d, codes, scales, block_size, "g2d", transposed=True)
     if codes.numel() <= MATMUL_CHUNK:
         return int8_matmul_t_reference(g2d, codes, scales, block_size)
     out = None
+    part = None
     for start, stop in _row_chunks(codes.shape[0], codes.shape[1], block_size):
-        part = g2d[:, start:stop] @ _weight_rows(codes, scales, block_size, start, stop, g2d.dtype)
-        out = part if out is None else out.add_(part)
+        rows = _weight_rows_in_workspace(codes, scales, block_size, start, stop, g2d.dtype)
+        if out is None:
+            out = g2d[:, start:stop] @ rows
+            continue
+        if part is None:
+            part = _workspace("product", out.numel(), out.dtype, out.device).view(out.shape)
+        torch.matmul(g2d[:, start:stop], rows, out=part)
+        out.add_(part)
     return out
 
 
