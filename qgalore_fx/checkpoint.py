@@ -25,6 +25,7 @@ import stat
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -225,66 +226,6 @@ def _rng_state(enc: _Encoder) -> dict:
         out["numpy"] = enc.encode([name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
                                   "rng.numpy")
     return out
-
-
-def _decode_rng(rng: Any, tensors: dict) -> dict:
-    """The saved RNG states, each checked by loading it into a scratch generator (the global ones stay untouched)."""
-    if not isinstance(rng, dict) or set(rng) != {"torch_cpu", "cuda", "python", "numpy"}:
-        raise CheckpointCorruptError(f"{METADATA}: the 'rng' entry is missing or malformed (it must hold torch_cpu, "
-                                     "cuda, python and numpy)")
-    out = {k: _decode(rng[k], tensors, f"rng.{k}") for k in ("torch_cpu", "cuda", "python", "numpy")}
-    t = out["torch_cpu"]
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise _invalid("rng.torch_cpu", "a 1-D uint8 tensor (torch.get_rng_state())", t)
-    try:
-        torch.Generator().set_state(t)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise _invalid("rng.torch_cpu", f"a CPU generator state ({_first_line(e)})", t) from None
-    if out["cuda"] is not None:
-        states = out["cuda"]
-        if not isinstance(states, list) or not all(
-                isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in states):
-            raise _invalid("rng.cuda", "a list of 1-D uint8 tensors (torch.cuda.get_rng_state_all())", states)
-        if torch.cuda.is_available():
-            for i, s in enumerate(states[:torch.cuda.device_count()]):
-                try:
-                    torch.Generator(device=f"cuda:{i}").set_state(s)
-                except (RuntimeError, ValueError, TypeError) as e:
-                    raise _invalid(f"rng.cuda.{i}", f"a CUDA generator state ({_first_line(e)})", s) from None
-    py = out["python"]
-    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0]) and isinstance(py[1], tuple)
-            and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
-            and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2])))):
-        raise _invalid("rng.python", "(3, 625 ints, None or a finite float), the state of Python's random module", py)
-    try:
-        random.Random().setstate(out["python"])
-    except (TypeError, ValueError, OverflowError) as e:
-        raise _invalid("rng.python", f"the state of Python's random module ({_first_line(e)})",
-                       out["python"]) from None
-    if out["numpy"] is not None:
-        out["numpy"] = _check_numpy_rng(out["numpy"])
-    return out
-
-
-def _check_numpy_rng(state: Any) -> Any:
-    """numpy's legacy ``[name, keys, pos, has_gauss, cached]``, range-checked and tried on a scratch RandomState."""
-    ok = (isinstance(state, list) and len(state) == 5 and state[0] == "MT19937"
-          and isinstance(state[1], list) and len(state[1]) == 624
-          and all(_is_int(k) and 0 <= k < 2**32 for k in state[1])
-          and _is_int(state[2]) and 0 <= state[2] <= 624 and state[3] in (0, 1) and _is_int(state[3])
-          and _is_real(state[4]) and math.isfinite(state[4]))
-    if not ok:
-        raise _invalid("rng.numpy", "['MT19937', 624 ints in [0, 2**32), pos in [0, 624], has_gauss 0 or 1, "
-                       "a finite cached gaussian]", state)
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional: nothing to restore it into
-        return state
-    try:
-        np.random.RandomState().set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
-    except (TypeError, ValueError, OverflowError) as e:
-        raise _invalid("rng.numpy", f"a numpy RandomState state ({_first_line(e)})", state) from None
-    return state
 
 
 def _set_rng_state(rng: dict) -> None:
@@ -692,44 +633,6 @@ def _find_checkpoint(path: str) -> str:
     raise CheckpointNotFoundError(f"no checkpoint at {path}{hint}")
 
 
-def _check_layout(meta: dict, ckpt_dir: str) -> None:
-    """The parts of ``checkpoint.json`` that are read before decoding have the shapes this module writes."""
-    where = f"{ckpt_dir}/{METADATA}"
-    for key in ("files", "model", "config", "optimizer", "scheduler", "extra", "rng"):
-        if key not in meta:
-            raise CheckpointCorruptError(f"{where} has no {key!r} entry")
-    files = meta["files"]
-    if not isinstance(files, dict):
-        raise _invalid("files", "a dict of file records", files, where)
-    for name in (MODEL_FILE, STATE_FILE):
-        record = files.get(name)
-        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and _is_int(record.get("bytes"))
-                and record["bytes"] >= 0):
-            raise CheckpointCorruptError(f"{where} has no valid checksum record for {name} (files.{name})")
-    model = meta["model"]
-    if not (isinstance(model, dict) and isinstance(model.get("tensors"), dict)
-            and isinstance(model.get("aliases"), dict)):
-        raise _invalid("model", "{'tensors': {...}, 'aliases': {...}}", model, where)
-    for key, info in model["tensors"].items():
-        if not (isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(info.get("shape"), list)
-                and all(_is_int(d) and d >= 0 for d in info["shape"])):
-            raise _invalid(f"model.tensors.{key}", "{'dtype': a torch dtype name, 'shape': [non-negative ints]}",
-                           info, where)
-    for key, target in model["aliases"].items():
-        if not isinstance(target, str) or target not in model["tensors"]:
-            raise CheckpointCorruptError(f"{where}: alias {key!r} points at {target!r}, which is not stored")
-    if meta["config"] is not None and not (isinstance(meta["config"], dict) and _is_int(meta["config"].get("rank"))):
-        raise _invalid("config", "None or a qgalore_fx config dict", meta["config"], where)
-    for key in ("optimizer", "scheduler"):
-        value = meta[key]
-        if value is not None and not (isinstance(value, dict) and isinstance(value.get("class"), str)
-                                      and "state" in value):
-            raise _invalid(key, "None or {'class': str, 'state': ...}", value, where)
-    skipped = (meta["scheduler"] or {}).get("skipped", [])
-    if not (isinstance(skipped, list) and all(isinstance(k, str) for k in skipped)):
-        raise _invalid("scheduler.skipped", "a list of scheduler entry names", skipped, where)
-
-
 def read_checkpoint(path) -> dict:
     """Read and verify a checkpoint without a model: a dict with ``path`` (the directory read),
     ``model`` (the full state dict), ``optimizer`` / ``scheduler`` (state dicts or None),
@@ -739,7 +642,7 @@ def read_checkpoint(path) -> dict:
     """
     ckpt_dir = _find_checkpoint(os.path.abspath(os.fspath(path)))
     meta = _read_metadata(ckpt_dir)
-    _check_layout(meta, ckpt_dir)
+    _check(meta, _METADATA, "", f"{ckpt_dir}/{METADATA}")
     model_tensors = _read_tensors(ckpt_dir, MODEL_FILE, meta["files"][MODEL_FILE])
     state_tensors = _read_tensors(ckpt_dir, STATE_FILE, meta["files"][STATE_FILE])
 
@@ -765,7 +668,8 @@ def read_checkpoint(path) -> dict:
     out["extra"] = _decode(meta["extra"], state_tensors, "extra")
     if not isinstance(out["extra"], dict):
         raise _invalid("extra", "a dict", out["extra"], ckpt_dir)
-    out["rng"] = _decode_rng(meta["rng"], state_tensors)
+    out["rng"] = {k: _decode(v, state_tensors, f"rng.{k}") for k, v in meta["rng"].items()}
+    _check(out["rng"], _RNG, "rng", ckpt_dir)
     return out
 
 
@@ -809,26 +713,30 @@ def _join(prefix: str, name: str) -> str:
 
 
 # =========================================================================== checking against a description
-# load_checkpoint checks what read_checkpoint returned against one description of what a checkpoint holds
-# (_expected, below). A description is
-#   a dict         exactly these entries (one wrapped in Omittable may be absent), each holding what it describes;
-#   a list         a list of as many items, each holding what it describes;
-#   a tuple        everything it lists, in order (ANY, the empty tuple: anything);
-#   a kind         a callable (value, entry, where) that raises the CheckpointError naming the entry.
-# Entries are named by dotted paths (optimizer.param_groups.0.lr), model entries by their key.
+# What a checkpoint holds is described in one place (the next section) and checked by _check. A description is
+#   a dict        exactly these entries, each holding what it describes; an Omittable one may be absent, and
+#                 a ``...`` key admits any other entries;
+#   a list        a list of as many items, each holding what it describes;
+#   a tuple       everything it lists, in order (ANY, the empty tuple: anything);
+#   a kind        a callable (value, entry, where) that raises the CheckpointError naming the entry.
+# Entries are named by dotted paths (optimizer.param_groups.0.lr). docs/checkpoints.md lists what is checked.
 _EXACT = 2**53  # counters are stored in float64 control slots too: beyond this they are not exact
+_ABSENT = object()
 ANY = ()
+
+
+class ModelEntries(dict):
+    """A dict description whose entries are named as model entries (``model entry 'blocks.0.0.step'``)."""
 
 
 @dataclass(frozen=True)
 class Omittable:
     """An entry that may be absent; where present, it holds what ``kind`` describes."""
-
     kind: Any
 
 
 def _check(value, expected, entry: str, where: str) -> None:
-    """Raise the error of the first way ``value`` is not what ``expected`` describes (see above)."""
+    """Raise the error of the first way ``value`` is not what ``expected`` describes."""
     if isinstance(expected, Omittable):
         if value is not _ABSENT:
             _check(value, expected.kind, entry, where)
@@ -839,10 +747,11 @@ def _check(value, expected, entry: str, where: str) -> None:
         if not isinstance(value, dict):
             raise _invalid(entry, "a dict", value, where)
         for key, kind in expected.items():  # the entries first: a wrong one explains a wrong set of keys
-            if key in value:
-                _check(value[key], kind, f"model entry {key!r}" if entry == "model" else f"{entry}.{key}", where)
-        _check_keys(value, [k for k, kind in expected.items() if not isinstance(kind, Omittable)], entry, where,
-                    allowed=expected)
+            if key in value and key is not ...:
+                name = f"model entry {key!r}" if isinstance(expected, ModelEntries) else f"{entry}.{key}".lstrip(".")
+                _check(value[key], kind, name, where)
+        required = [k for k, kind in expected.items() if k is not ... and not isinstance(kind, Omittable)]
+        _check_keys(value, required, entry, where, allowed=value if ... in expected else expected)
     elif isinstance(expected, list):
         if type(value) is not list or len(value) != len(expected):
             raise _invalid(entry, f"a list of {len(expected)} entries", value, where)
@@ -850,9 +759,6 @@ def _check(value, expected, entry: str, where: str) -> None:
             _check(item, kind, f"{entry}.{i}", where)
     else:
         expected(value, entry, where)
-
-
-_ABSENT = object()
 
 
 def _at(tree: dict, path: str) -> Any:
@@ -865,9 +771,8 @@ def _at(tree: dict, path: str) -> Any:
 
 def _check_keys(saved: dict, expected, entry: str, where: str, allowed=None) -> None:
     """``saved`` has every key of ``expected`` and none but those of ``allowed`` (default: ``expected``)."""
-    allowed = expected if allowed is None else allowed
     missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in allowed]
+    unexpected = [k for k in saved if k not in (expected if allowed is None else allowed)]
     if missing or unexpected:
         parts = ([f"lacks {_names(map(repr, missing))}"] if missing else []) + \
                 ([f"has unknown {_names(map(repr, unexpected))}"] if unexpected else [])
@@ -876,16 +781,48 @@ def _check_keys(saved: dict, expected, entry: str, where: str, allowed=None) -> 
 
 # --------------------------------------------------------------------------- kinds
 @dataclass(frozen=True)
+class OrNone:
+    """None, or what ``kind`` describes."""
+    kind: Any
+
+    def __call__(self, value, entry: str, where: str) -> None:
+        if value is not None:
+            _check(value, self.kind, entry, where)
+
+
+@dataclass(frozen=True)
+class Each:
+    """A list (or a dict, with ``of=dict``) whose every item (value) holds what ``kind`` describes."""
+    kind: Any
+    of: type = list
+
+    def __call__(self, items, entry: str, where: str) -> None:
+        if not isinstance(items, self.of):
+            raise _invalid(entry, f"a {self.of.__name__}", items, where)
+        for i, item in (items.items() if isinstance(items, dict) else enumerate(items)):
+            _check(item, self.kind, f"{entry}.{i}", where)
+
+
+@dataclass(frozen=True)
+class IsA:
+    """A value of this type (an int: not a bool)."""
+    type: type
+
+    def __call__(self, value, entry: str, where: str) -> None:
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            name = self.type.__name__
+            raise _invalid(entry, f"{'an' if name[0] in 'aeiou' else 'a'} {name}", value, where)
+
+
+@dataclass(frozen=True)
 class Count:
     """An int in [low, 2**53); with ``tensor``, a 0-d int64 tensor holding one."""
-
     low: int = 0
     tensor: bool = False
 
     def __call__(self, value, entry: str, where: str) -> None:
         if isinstance(value, torch.Tensor) or self.tensor:
-            if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype != torch.int64:
-                raise _invalid(entry, "a 0-d int64 tensor", value, where)
+            TensorOf(torch.int64, 0)(value, entry, where)
             value = int(value)
         if not _is_int(value) or not self.low <= value < _EXACT:
             raise _invalid(entry, f"an integer in [{self.low}, 2**53)", value, where)
@@ -904,7 +841,6 @@ def count_in_any_number(value, entry: str, where: str) -> None:
 @dataclass(frozen=True)
 class Finite:
     """A float: finite; a float tensor: every element finite, and within [low, high] where given."""
-
     low: Optional[float] = None
     high: Optional[float] = None
 
@@ -950,7 +886,6 @@ def int8_codes(t, entry: str, where: str) -> None:
 @dataclass(frozen=True)
 class Int4Codes:
     """``numel`` packed INT4 codes: every real code's nibble in [1, 15] (code + 8), an odd count's padding 0."""
-
     numel: int
 
     def __call__(self, t, entry: str, where: str) -> None:
@@ -965,7 +900,6 @@ class Int4Codes:
 @dataclass(frozen=True)
 class TensorOf:
     """A tensor of this dtype and number of dimensions."""
-
     dtype: torch.dtype
     dim: int
     note: str = ""
@@ -978,8 +912,7 @@ class TensorOf:
 
 @dataclass(frozen=True)
 class Equal:
-    """Exactly ``value`` (same types; a one-element tensor by its item); ``what`` names it in the error."""
-
+    """Exactly ``value``: same types, a one-element tensor by its item; ``what`` names it in the error."""
     value: Any
     what: str = ""
 
@@ -992,27 +925,13 @@ class Equal:
 def _identical(a, b) -> bool:
     if type(a) is not type(b):
         return False
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(map(_identical, a, b))
-    return a == b
-
-
-@dataclass(frozen=True)
-class Each:
-    """A list or tuple whose every item holds what ``kind`` describes."""
-
-    kind: Any
-
-    def __call__(self, items, entry: str, where: str) -> None:
-        for i, item in enumerate(items):
-            _check(item, self.kind, f"{entry}.{i}", where)
+    return len(a) == len(b) and all(map(_identical, a, b)) if isinstance(a, (list, tuple)) else a == b
 
 
 @dataclass(frozen=True)
 class Like:
     """The kind of the live value it replaces: same scalar type, container type and length, dict keys, tensor
     dtype and shape; no NaN, and no inf where the live value is finite."""
-
     live: Any
 
     def __call__(self, saved, entry: str, where: str) -> None:
@@ -1025,8 +944,7 @@ class Like:
             if type(saved) is not type(live):
                 raise _invalid(entry, "None" if live is None else f"a {type(live).__name__}", saved, where)
         elif isinstance(live, int):
-            if not _is_int(saved):
-                raise _invalid(entry, "an int", saved, where)
+            IsA(int)(saved, entry, where)
         elif isinstance(live, float):
             if not _is_real(saved) or math.isnan(saved) or (math.isinf(saved) and math.isfinite(live)):
                 raise _invalid(entry, "a finite number", saved, where)
@@ -1047,27 +965,102 @@ def _like(live, more=ANY) -> tuple:
 
 
 # =========================================================================== what a checkpoint holds
+def _tensor_record(info, entry: str, where: str) -> None:
+    if not (isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(info.get("shape"), list)
+            and all(_is_int(d) and d >= 0 for d in info["shape"])):
+        raise _invalid(entry, "{'dtype': a torch dtype name, 'shape': [non-negative ints]}", info, where)
+
+
+def _aliases_stored(model: dict, entry: str, where: str) -> None:
+    for key, target in model["aliases"].items():
+        if not isinstance(target, str) or target not in model["tensors"]:
+            raise CheckpointCorruptError(f"{where}: alias {key!r} points at {target!r}, which is not stored")
+
+
+_FILE_RECORD = {"sha256": IsA(str), "bytes": Count(), ...: ANY}
+#: checkpoint.json, as far as read_checkpoint reads it before decoding the tensors.
+_METADATA = {
+    "files": {MODEL_FILE: _FILE_RECORD, STATE_FILE: _FILE_RECORD, ...: ANY},
+    "model": ({"tensors": Each(_tensor_record, of=dict), "aliases": IsA(dict), ...: ANY}, _aliases_stored),
+    "config": OrNone({"rank": IsA(int), ...: ANY}),
+    "optimizer": OrNone({"class": IsA(str), "state": ANY, ...: ANY}),
+    "scheduler": OrNone({"class": IsA(str), "state": ANY, "skipped": Omittable(Each(IsA(str))), ...: ANY}),
+    "extra": ANY,
+    "rng": {"torch_cpu": ANY, "cuda": ANY, "python": ANY, "numpy": ANY},
+    ...: ANY,
+}
+
+
+def _loads(what: str, load: Callable, state, entry: str, where: str) -> None:
+    """``load(state)`` succeeds: the state is tried on a scratch generator (the global ones stay untouched)."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise _invalid(entry, f"{what} ({_first_line(e)})", state, where) from None
+
+
+def _cuda_rng(states, entry: str, where: str) -> None:
+    _check(states, Each(TensorOf(torch.uint8, 1)), entry, where)
+    for i, s in enumerate(states[:torch.cuda.device_count()] if torch.cuda.is_available() else ()):
+        _loads("a CUDA generator state", torch.Generator(device=f"cuda:{i}").set_state, s, f"{entry}.{i}", where)
+
+
+def _python_rng(py, entry: str, where: str) -> None:
+    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0]) and isinstance(py[1], tuple)
+            and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
+            and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2])))):
+        raise _invalid(entry, "(3, 625 ints, None or a finite float), the state of Python's random module", py, where)
+    _loads("the state of Python's random module", random.Random().setstate, py, entry, where)
+
+
+def _numpy_rng(state, entry: str, where: str) -> None:
+    """numpy's legacy ``[name, keys, pos, has_gauss, cached]``, range-checked and tried on a scratch RandomState."""
+    if not (isinstance(state, list) and len(state) == 5 and state[0] == "MT19937"
+            and isinstance(state[1], list) and len(state[1]) == 624
+            and all(_is_int(k) and 0 <= k < 2**32 for k in state[1])
+            and _is_int(state[2]) and 0 <= state[2] <= 624 and state[3] in (0, 1) and _is_int(state[3])
+            and _is_real(state[4]) and math.isfinite(state[4])):
+        raise _invalid(entry, "['MT19937', 624 ints in [0, 2**32), pos in [0, 624], has_gauss 0 or 1, a finite "
+                       "cached gaussian]", state, where)
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional: nothing to restore it into
+        return
+    _loads("a numpy RandomState state", lambda s: np.random.RandomState().set_state(
+        (s[0], np.array(s[1], dtype=np.uint32), *s[2:])), state, entry, where)
+
+
+#: The saved RNG states, each also tried on a scratch generator.
+_RNG = {
+    "torch_cpu": (TensorOf(torch.uint8, 1, " (torch.get_rng_state())"),
+                  partial(_loads, "a CPU generator state", lambda s: torch.Generator().set_state(s))),
+    "cuda": OrNone(_cuda_rng),
+    "python": _python_rng,
+    "numpy": OrNone(_numpy_rng),
+}
+
+
 def _expected(meta: dict, model: nn.Module, optimizer, scheduler) -> List[Tuple[str, Any]]:
     """``(entry, description)`` for each part of a checkpoint that ``load_checkpoint`` restores, in checking order."""
-    parts = [("config", _same_config(model))]
+    parts = [("config", partial(_same_config, model))]
     if isinstance(optimizer, QGaLoreOptimizer):  # first: it also decides the shape of the layers' accumulators
-        parts.append(("optimizer.accumulation_steps", Omittable(_accumulation(optimizer))))
+        parts.append(("optimizer.accumulation_steps", Omittable(partial(_accumulation, optimizer))))
     parts.append(("model", _model(model)))
     if optimizer is not None:
-        parts += [("metadata.optimizer", _saved(optimizer, "optimizer", "; call load_checkpoint without optimizer= "
-                                                                       "or save one")),
+        parts += [("metadata.optimizer", partial(_saved, optimizer, "optimizer", "; call load_checkpoint without "
+                                                                                  "optimizer= or save one")),
                   ("optimizer", _optimizer(optimizer))]
     if scheduler is not None:
         skipped = (meta["scheduler"] or {}).get("skipped", [])
-        parts += [("metadata.scheduler", _saved(scheduler, "scheduler")),
+        parts += [("metadata.scheduler", partial(_saved, scheduler, "scheduler", "")),
                   ("scheduler", {key: _like(value, _SCHEDULER.get(key, ANY))
                                  for key, value in scheduler.state_dict().items() if key not in skipped})]
     return parts
 
 
 #: What a scheduler's entries hold beyond the kind of the live value.
-_SCHEDULER = {"last_epoch": Count(low=-1), "_step_count": Count(), "base_lrs": Each(non_negative),
-              "_last_lr": Each(non_negative)}
+_SCHEDULER = {"last_epoch": Count(low=-1), "_step_count": Count(), "base_lrs": Each(non_negative, of=list),
+              "_last_lr": Each(non_negative, of=list)}
 
 
 def _model(model: nn.Module):
@@ -1075,10 +1068,10 @@ def _model(model: nn.Module):
     projected layers' entries as :func:`_layer` says."""
     live = model.state_dict()
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    entries = {key: FINITE if key in params else no_nan for key in live}
+    entries = ModelEntries((key, FINITE if key in params else no_nan) for key in live)
     for name, layer in projected_layers(model):
         entries.update((_join(name, key), kind) for key, kind in _layer(layer).items())
-    return _fits(model, live), entries
+    return partial(_fits, model, live), entries
 
 
 def _layer(layer) -> dict:
@@ -1100,24 +1093,24 @@ def _optimizer(optimizer):
     """The live optimizer's parameter groups and per-parameter state (:func:`_adamw_state`, :func:`_torch_state`)."""
     live = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    names = getattr(optimizer, "_param_names", {})
     qgalore = isinstance(optimizer, QGaLoreOptimizer)
-    groups = (_group_sizes(live), [_group(g, qgalore) for g in live["param_groups"]])
+    groups = (partial(_group_sizes, live), [_group(g, qgalore) for g in live["param_groups"]])
+    anchors = len(optimizer.param_groups[0]["params"]) if qgalore else 0  # projected layers': a mirror of their step
+    shaped = type(optimizer).__name__ in _PARAM_SHAPED_STATE
+
+    def state(i: int, first: dict):
+        if i < anchors:
+            return {"step": COUNT_TENSOR}
+        if qgalore:
+            return _adamw_state(params[i], optimizer.optim_bits)
+        own = live["state"].get(i)
+        return _torch_state(params[i], own or first, bool(own), shaped)
+
+    per_parameter = PerParameter(params, getattr(optimizer, "_param_names", {}), state)
     if not qgalore:
-        shaped = type(optimizer).__name__ in _PARAM_SHAPED_STATE
-
-        def torch_state(i, first):
-            own = live["state"].get(i)
-            return _torch_state(params[i], own or first, bool(own), shaped)
-
-        return {"param_groups": groups, "state": PerParameter(params, names, torch_state)}
-    anchors = len(optimizer.param_groups[0]["params"])  # projected layers' anchors: a mirror of the layer's step
-
-    def state(i, first):
-        return {"step": COUNT_TENSOR} if i < anchors else _adamw_state(params[i], optimizer.optim_bits)
-
-    return _not_an_older_layout, {"param_groups": groups, "state": PerParameter(params, names, state),
-                                  "skipped_steps": COUNT_TENSOR, "accumulation_steps": _accumulation(optimizer)}
+        return {"param_groups": groups, "state": per_parameter}
+    return _not_an_older_layout, {"param_groups": groups, "state": per_parameter, "skipped_steps": COUNT_TENSOR,
+                                  "accumulation_steps": partial(_accumulation, optimizer)}
 
 
 #: What a param group's hyperparameters hold wherever an optimizer has them, beyond the kind of the live value.
@@ -1147,11 +1140,11 @@ def _adamw_state(p: torch.Tensor, optim_bits: int) -> dict:
     moments = {"m": FINITE, "v": Finite(0.0)}
     if bits == 8:
         moments = {"m": ANY, "v": ANY, "absmax_m": Finite(0.0), "absmax_v": Finite(0.0)}
-    adam = {"shape": (TensorOf(torch.int64, 1), _shape_of(p)),
+    adam = {"shape": (TensorOf(torch.int64, 1), partial(_shape_of, p)),
             "bits": (TensorOf(torch.int64, 0), Equal(bits, f"{bits} (this optimizer's moments for {list(p.shape)})")),
             "block_size": (TensorOf(torch.int64, 0), Equal(ADAM_BLOCK_SIZE, str(ADAM_BLOCK_SIZE))),
             **moments}
-    return {"step": COUNT_TENSOR, "adam": (adam, _adam_moments(p.shape, bits))}
+    return {"step": COUNT_TENSOR, "adam": (adam, partial(_adam_moments, p.shape, bits))}
 
 
 def _torch_state(p: torch.Tensor, ref: dict, live: bool, shaped: bool) -> dict:
@@ -1159,91 +1152,82 @@ def _torch_state(p: torch.Tensor, ref: dict, live: bool, shaped: bool) -> dict:
     with their kinds; tensors finite, ``step`` a count; with ``shaped``, moments of the parameter's shape and dtype."""
     out = {}
     for key, value in ref.items():
-        like = Like(value) if live else _resembles(value, key)
-        out[key] = (like, count_in_any_number) if key == "step" else ((_of_param(p),) if shaped else ()) + (like, FINITE)
+        like = Like(value) if live else partial(_resembles, value, key)
+        if key == "step":
+            out[key] = (like, count_in_any_number)
+        else:
+            out[key] = ((partial(_of_param, p),) if shaped else ()) + (like, FINITE)
     return out
 
 
 # --------------------------------------------------------------------------- kinds that compare with live objects
-def _same_config(model: nn.Module):
+def _same_config(model: nn.Module, saved: Optional[dict], entry: str, where: str) -> None:
     config = config_of(model)
     current = None if config is None else config.to_dict()
-
-    def check(saved: Optional[dict], entry: str, where: str) -> None:
-        if saved is None and current is None:
-            return
-        if current is None:
-            raise CheckpointMismatchError(
-                f"{where} was saved from a model transformed by qgalore_fx (rank={saved.get('rank')}), but this "
-                "model is not transformed: call qgalore_fx.transform(model, ...) with the same options first")
-        if saved is None:
-            raise CheckpointMismatchError(f"{where} was saved from a model not transformed by qgalore_fx, but this "
-                                          f"model is (rank={current['rank']}); load it into the untransformed model")
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, model {current.get(k)!r}"
-                for k in sorted(set(saved) | set(current), key=str) if saved.get(k) != current.get(k)]
-        if diff:
-            raise CheckpointMismatchError(f"{where} was saved with a different qgalore_fx config: {_names(diff)}")
-    return check
+    if saved is None and current is None:
+        return
+    if current is None:
+        raise CheckpointMismatchError(
+            f"{where} was saved from a model transformed by qgalore_fx (rank={saved.get('rank')}), but this model "
+            "is not transformed: call qgalore_fx.transform(model, ...) with the same options first")
+    if saved is None:
+        raise CheckpointMismatchError(f"{where} was saved from a model not transformed by qgalore_fx, but this "
+                                      f"model is (rank={current['rank']}); load it into the untransformed model")
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, model {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current), key=str) if saved.get(k) != current.get(k)]
+    if diff:
+        raise CheckpointMismatchError(f"{where} was saved with a different qgalore_fx config: {_names(diff)}")
 
 
-def _fits(model: nn.Module, current: dict):
+def _fits(model: nn.Module, current: dict, saved: Dict[str, torch.Tensor], entry: str, where: str) -> None:
     """The live state dict's keys, shapes and dtypes, and each layer's update schedule: else another model's."""
-    def check(saved: Dict[str, torch.Tensor], entry: str, where: str) -> None:
-        problems = []
-        missing = [k for k in current if k not in saved]
-        unexpected = [k for k in saved if k not in current]
-        if missing:
-            problems.append(f"missing from the checkpoint: {_names(missing)}")
-        if unexpected:
-            problems.append(f"not in the model: {_names(unexpected)}")
-        both = [k for k in current if k in saved]
-        shapes = [k for k in both if saved[k].shape != current[k].shape]
-        if shapes:
-            problems.append("shape mismatch: " + _names(
-                f"{k} (checkpoint {list(saved[k].shape)}, model {list(current[k].shape)})" for k in shapes))
-            if all(k.endswith(".accum") for k in shapes):
-                problems.append("(only the projected layers' accumulators differ: the checkpoint was saved with "
-                                "another accumulation_steps or fused setting; build the optimizer as the saved run "
-                                "did)")
-        dtypes = [f"{k} (checkpoint {_dtype_name(saved[k].dtype)}, model {_dtype_name(current[k].dtype)})"
-                  for k in both if k not in shapes and saved[k].dtype != current[k].dtype]
-        if dtypes:
-            problems.append(f"dtype mismatch: {_names(dtypes)}")
-        for name, layer in projected_layers(model):
-            if layer.spec is not None and not problems:
-                try:
-                    check_control(saved[_join(name, "_extra_state")], layer.spec, name)
-                except ValueError as e:
-                    problems.append(str(e))
-        if problems:
-            raise CheckpointMismatchError(f"{where} does not fit this model's parameters and buffers — "
-                                          + "; ".join(problems))
-    return check
+    problems = []
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        problems.append(f"missing from the checkpoint: {_names(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_names(unexpected)}")
+    both = [k for k in current if k in saved]
+    shapes = [k for k in both if saved[k].shape != current[k].shape]
+    if shapes:
+        problems.append("shape mismatch: " + _names(
+            f"{k} (checkpoint {list(saved[k].shape)}, model {list(current[k].shape)})" for k in shapes))
+        if all(k.endswith(".accum") for k in shapes):
+            problems.append("(only the projected layers' accumulators differ: the checkpoint was saved with another "
+                            "accumulation_steps or fused setting; build the optimizer as the saved run did)")
+    dtypes = [f"{k} (checkpoint {_dtype_name(saved[k].dtype)}, model {_dtype_name(current[k].dtype)})"
+              for k in both if k not in shapes and saved[k].dtype != current[k].dtype]
+    if dtypes:
+        problems.append(f"dtype mismatch: {_names(dtypes)}")
+    for name, layer in projected_layers(model):
+        if layer.spec is not None and not problems:
+            try:
+                check_control(saved[_join(name, "_extra_state")], layer.spec, name)
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        raise CheckpointMismatchError(f"{where} does not fit this model's parameters and buffers — "
+                                      + "; ".join(problems))
 
 
-def _saved(live, what: str, hint: str = ""):
+def _saved(live, what: str, hint: str, meta: Optional[dict], entry: str, where: str) -> None:
     """The metadata of a saved optimizer or scheduler: one of ``live``'s class."""
-    cls = type(live).__name__
-
-    def check(meta: Optional[dict], entry: str, where: str) -> None:
-        if meta is None:
-            raise CheckpointMismatchError(f"{where} has no {what} state (it was saved with {what}=None){hint}")
-        if meta["class"] != cls:
-            raise CheckpointMismatchError(f"{where} holds the state of a {meta['class']}, not of a {cls}")
-    return check
+    if meta is None:
+        raise CheckpointMismatchError(f"{where} has no {what} state (it was saved with {what}=None){hint}")
+    if meta["class"] != type(live).__name__:
+        raise CheckpointMismatchError(f"{where} holds the state of a {meta['class']}, not of a "
+                                      f"{type(live).__name__}")
 
 
-def _accumulation(optimizer):
+def _accumulation(optimizer, value, entry: str, where: str) -> None:
     """The QGaLoreOptimizer's ``accumulation_steps`` (loading never changes it)."""
-    def check(value, entry: str, where: str) -> None:
-        if not _is_int(value) or value < 1:
-            raise _invalid(entry, "an int >= 1", value, where)
-        if value != optimizer.accumulation_steps:
-            raise CheckpointMismatchError(
-                f"{where} was saved with accumulation_steps={value}, this optimizer has "
-                f"{optimizer.accumulation_steps}: build the optimizer with accumulation_steps={value} to resume this "
-                "run")
-    return check
+    if not _is_int(value) or value < 1:
+        raise _invalid(entry, "an int >= 1", value, where)
+    if value != optimizer.accumulation_steps:
+        raise CheckpointMismatchError(
+            f"{where} was saved with accumulation_steps={value}, this optimizer has {optimizer.accumulation_steps}: "
+            f"build the optimizer with accumulation_steps={value} to resume this run")
 
 
 def _not_an_older_layout(state, entry: str, where: str) -> None:
@@ -1252,16 +1236,13 @@ def _not_an_older_layout(state, entry: str, where: str) -> None:
                                       "layout); this version keeps it in the model's state dict")
 
 
-def _group_sizes(live: dict):
+def _group_sizes(live: dict, groups, entry: str, where: str) -> None:
     sizes = [len(g["params"]) for g in live["param_groups"]]
-
-    def check(groups, entry: str, where: str) -> None:
-        saved = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
-                 for g in groups] if isinstance(groups, list) else None
-        if saved is not None and saved != sizes:
-            raise CheckpointMismatchError(f"{where}: optimizer parameter groups differ — checkpoint has groups of "
-                                          f"{saved} parameters, this optimizer {sizes}")
-    return check
+    saved = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+             for g in groups] if isinstance(groups, list) else sizes
+    if saved != sizes:
+        raise CheckpointMismatchError(f"{where}: optimizer parameter groups differ — checkpoint has groups of "
+                                      f"{saved} parameters, this optimizer {sizes}")
 
 
 def _valid_hparams(group: dict, entry: str, where: str) -> None:
@@ -1274,16 +1255,11 @@ def _valid_hparams(group: dict, entry: str, where: str) -> None:
 class _OtherShape(Exception):
     """Raised inside :class:`PerParameter`: this entry is the state of a parameter of another shape."""
 
-    def __init__(self, shape: list):
-        super().__init__(shape)
-        self.shape = shape
-
 
 @dataclass(frozen=True)
 class PerParameter:
-    """``optimizer.state``: a parameter index -> the state ``kind_of(index, first saved state)`` describes, for the
+    """``optimizer.state``: parameter index -> the state ``kind_of(index, first saved state)`` describes, for the
     parameters that have one. States of parameters of other shapes are a CheckpointMismatchError naming them all."""
-
     params: list
     names: dict
     kind_of: Callable[[int, Any], Any]
@@ -1301,50 +1277,42 @@ class PerParameter:
                 _check(s, self.kind_of(index, next(iter(state.values()))), f"{entry}.{index}", where)
             except _OtherShape as e:
                 p = self.params[index]
-                other.append(f"{self.names.get(id(p), index)} (checkpoint {e.shape}, model {list(p.shape)})")
+                other.append(f"{self.names.get(id(p), index)} (checkpoint {e.args[0]}, model {list(p.shape)})")
         if other:
             raise CheckpointMismatchError(f"{where}: optimizer state shapes differ: {_names(other)}")
 
 
-def _shape_of(p: torch.Tensor):
-    def check(shape: torch.Tensor, entry: str, where: str) -> None:
-        if shape.tolist() != list(p.shape):
-            raise _OtherShape(shape.tolist())
-    return check
+def _shape_of(p: torch.Tensor, shape: torch.Tensor, entry: str, where: str) -> None:
+    if shape.tolist() != list(p.shape):
+        raise _OtherShape(shape.tolist())
 
 
-def _of_param(p: torch.Tensor):
+def _of_param(p: torch.Tensor, t, entry: str, where: str) -> None:
     """A tensor with dimensions has the parameter's shape (else it is another parameter's state) and dtype."""
-    def check(t, entry: str, where: str) -> None:
-        if isinstance(t, torch.Tensor) and t.dim():
-            if t.shape != p.shape:
-                raise _OtherShape(list(t.shape))
-            if t.dtype != p.dtype:
-                raise _invalid(entry, f"a {_dtype_name(p.dtype)} tensor (the parameter's dtype)", t, where)
-    return check
+    if isinstance(t, torch.Tensor) and t.dim():
+        if t.shape != p.shape:
+            raise _OtherShape(list(t.shape))
+        if t.dtype != p.dtype:
+            raise _invalid(entry, f"a {_dtype_name(p.dtype)} tensor (the parameter's dtype)", t, where)
 
 
-def _resembles(ref, key):
+def _resembles(ref, key, value, entry: str, where: str) -> None:
     """The kind of the other parameters' ``key``: a tensor of its dtype (0-d or not), else a value of its type."""
-    def check(value, entry: str, where: str) -> None:
-        if isinstance(ref, torch.Tensor):
-            same = isinstance(value, torch.Tensor) and value.dtype == ref.dtype and (value.dim() == 0) == (ref.dim() == 0)
-        else:
-            same = type(value) is type(ref)
-        if not same:
-            raise _invalid(entry, f"like {_show(ref)} (the other parameters' {key!r})", value, where)
-    return check
+    if isinstance(ref, torch.Tensor):
+        same = isinstance(value, torch.Tensor) and value.dtype == ref.dtype and (value.dim() == 0) == (ref.dim() == 0)
+    else:
+        same = type(value) is type(ref)
+    if not same:
+        raise _invalid(entry, f"like {_show(ref)} (the other parameters' {key!r})", value, where)
 
 
-def _adam_moments(shape: torch.Size, bits: int):
+def _adam_moments(shape: torch.Size, bits: int, adam: dict, entry: str, where: str) -> None:
     """Moments of AdamState's dtypes and shapes for this parameter, checked without copying them."""
-    def check(adam: dict, entry: str, where: str) -> None:
-        try:
-            AdamState(shape=shape, bits=bits, block_size=ADAM_BLOCK_SIZE, m=adam["m"], v=adam["v"],
-                      absmax_m=adam.get("absmax_m"), absmax_v=adam.get("absmax_v"))
-        except (ValueError, TypeError) as e:
-            raise CheckpointCorruptError(f"{where}: {entry}: {e}") from None
-    return check
+    try:
+        AdamState(shape=shape, bits=bits, block_size=ADAM_BLOCK_SIZE, m=adam["m"], v=adam["v"],
+                  absmax_m=adam.get("absmax_m"), absmax_v=adam.get("absmax_v"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointCorruptError(f"{where}: {entry}: {e}") from None
 
 
 # =========================================================================== load
