@@ -435,12 +435,8 @@ def _write_marker(directory: str, ident: str) -> None:
 
 
 def _own_siblings(path: str) -> List[Tuple[str, str]]:
-    """``(kind, sibling)`` for each ``<path>.tmp-<id>`` / ``<path>.old-<id>`` that save_checkpoint created.
-
-    A sibling is ours if it is a real directory (not a link) whose marker holds the ``<id>`` of its name, or an
-    empty ``.tmp-<id>`` (a save that died right after creating it). Anything else next to ``path`` — a user's
-    ``run.old-1`` backup, a copy of a checkpoint under another name — is never loaded or deleted.
-    """
+    """``(kind, sibling)`` for each ``<path>.tmp-<id>`` / ``<path>.old-<id>`` that save_checkpoint created
+    (docs/checkpoints.md, "Atomic replacement": a marked directory, or an empty ``.tmp-<id>``)."""
     out = []
     for sibling in sorted(glob.glob(glob.escape(path) + ".*-*")):
         m = _SIBLING_RE.fullmatch(sibling[len(path):])
@@ -493,12 +489,8 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
                     scheduler: Optional[Any] = None, **extra) -> str:
     """Write a complete checkpoint to the directory ``path``, atomically; returns the absolute path.
 
-    ``extra`` values (step, data position, ...) must be numbers, strings, bools, None, tensors, or
-    lists/tuples/dicts of those; ``load_checkpoint`` returns them. Scheduler entries that are not
-    storable (e.g. a callable object's attributes) are skipped and keep the loading scheduler's
-    values. Projected layers' update state (projections, moments, refresh schedule) is part of
-    the model's state dict; a checkpoint saved without the optimizer lacks the AdamW state of the
-    other parameters and the parameter groups.
+    ``extra`` values (numbers, strings, bools, None, tensors, lists/tuples/dicts of those) come back from
+    ``load_checkpoint``. What is stored and skipped: docs/checkpoints.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -750,8 +742,12 @@ def _check(value, expected, entry: str, where: str) -> None:
             if key in value and key is not ...:
                 name = f"model entry {key!r}" if isinstance(expected, ModelEntries) else f"{entry}.{key}".lstrip(".")
                 _check(value[key], kind, name, where)
-        required = [k for k, kind in expected.items() if k is not ... and not isinstance(kind, Omittable)]
-        _check_keys(value, required, entry, where, allowed=value if ... in expected else expected)
+        missing = [repr(k) for k, kind in expected.items() if k is not ... and k not in value
+                   and not isinstance(kind, Omittable)]
+        unknown = [repr(k) for k in value if k not in expected and ... not in expected]
+        if missing or unknown:
+            raise CheckpointCorruptError(f"{where}: {entry} " + " and ".join(
+                ([f"lacks {_names(missing)}"] if missing else []) + ([f"has unknown {_names(unknown)}"] if unknown else [])))
     elif isinstance(expected, list):
         if type(value) is not list or len(value) != len(expected):
             raise _invalid(entry, f"a list of {len(expected)} entries", value, where)
@@ -767,16 +763,6 @@ def _at(tree: dict, path: str) -> Any:
             return _ABSENT
         tree = tree[key]
     return tree
-
-
-def _check_keys(saved: dict, expected, entry: str, where: str, allowed=None) -> None:
-    """``saved`` has every key of ``expected`` and none but those of ``allowed`` (default: ``expected``)."""
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in (expected if allowed is None else allowed)]
-    if missing or unexpected:
-        parts = ([f"lacks {_names(map(repr, missing))}"] if missing else []) + \
-                ([f"has unknown {_names(map(repr, unexpected))}"] if unexpected else [])
-        raise CheckpointCorruptError(f"{where}: {entry} " + " and ".join(parts))
 
 
 # --------------------------------------------------------------------------- kinds
@@ -804,14 +790,23 @@ class Each:
 
 
 @dataclass(frozen=True)
-class IsA:
-    """A value of this type (an int: not a bool)."""
-    type: type
+class Holds:
+    """A value for which ``test`` is true; else the error says it must be ``what``."""
+    test: Callable[[Any], bool]
+    what: str
 
     def __call__(self, value, entry: str, where: str) -> None:
-        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
-            name = self.type.__name__
-            raise _invalid(entry, f"{'an' if name[0] in 'aeiou' else 'a'} {name}", value, where)
+        if not self.test(value):
+            raise _invalid(entry, self.what, value, where)
+
+
+def IsA(cls: type) -> Holds:  # noqa: N802 - reads as a kind, like the classes above
+    return Holds(lambda v: isinstance(v, cls) and not (cls is int and isinstance(v, bool)),
+                 f"{'an' if cls.__name__[0] in 'aeiou' else 'a'} {cls.__name__}")
+
+
+def _item(value):
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 @dataclass(frozen=True)
@@ -831,11 +826,9 @@ class Count:
 COUNT_TENSOR = Count(tensor=True)
 
 
-def count_in_any_number(value, entry: str, where: str) -> None:
-    """A count in any number type (torch.optim keeps ``step`` in a float tensor)."""
-    number = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-    if not (_is_real(number) and math.isfinite(number) and number == int(number) and 0 <= number < _EXACT):
-        raise _invalid(entry, "an integer count in [0, 2**53)", value, where)
+count_in_any_number = Holds(  # torch.optim keeps ``step`` in a float tensor
+    lambda v: _is_real(n := _item(v)) and math.isfinite(n) and n == int(n) and 0 <= n < _EXACT,
+    "an integer count in [0, 2**53)")
 
 
 @dataclass(frozen=True)
@@ -865,17 +858,10 @@ def no_nan(t, entry: str, where: str) -> None:
         raise CheckpointCorruptError(f"{where}: {entry} holds NaN")
 
 
-def non_negative(value, entry: str, where: str) -> None:
-    """A finite number >= 0 (a tensor: every element)."""
-    values = value.flatten().tolist() if isinstance(value, torch.Tensor) else [value]
-    if not all(_is_real(v) and math.isfinite(v) and v >= 0 for v in values):
-        raise _invalid(entry, "a finite number >= 0", value, where)
-
-
-def betas_pair(betas, entry: str, where: str) -> None:
-    values = [float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in betas]
-    if not all(_is_real(b) and 0.0 <= b < 1.0 for b in values):
-        raise _invalid(entry, "a pair of numbers in [0, 1)", betas, where)
+non_negative = Holds(lambda v: all(_is_real(x) and math.isfinite(x) and x >= 0 for x in (
+    v.flatten().tolist() if isinstance(v, torch.Tensor) else [v])), "a finite number >= 0")
+betas_pair = Holds(lambda betas: all(_is_real(b) and 0.0 <= b < 1.0 for b in map(_item, betas)),
+                   "a pair of numbers in [0, 1)")
 
 
 def int8_codes(t, entry: str, where: str) -> None:
@@ -917,7 +903,7 @@ class Equal:
     what: str = ""
 
     def __call__(self, value, entry: str, where: str) -> None:
-        got = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        got = _item(value)
         if not _identical(got, self.value):
             raise _invalid(entry, self.what or repr(self.value), got, where)
 
@@ -959,16 +945,10 @@ class Like:
             raise _invalid(entry, f"a {type(live).__name__}", saved, where)
 
 
-def _like(live, more=ANY) -> tuple:
-    """Like ``live``, then what ``more`` describes."""
-    return (Like(live),) + (more if isinstance(more, tuple) else (more,))
-
-
 # =========================================================================== what a checkpoint holds
-def _tensor_record(info, entry: str, where: str) -> None:
-    if not (isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(info.get("shape"), list)
-            and all(_is_int(d) and d >= 0 for d in info["shape"])):
-        raise _invalid(entry, "{'dtype': a torch dtype name, 'shape': [non-negative ints]}", info, where)
+_TENSOR_RECORD = Holds(lambda info: isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(
+    info.get("shape"), list) and all(_is_int(d) and d >= 0 for d in info["shape"]),
+    "{'dtype': a torch dtype name, 'shape': [non-negative ints]}")
 
 
 def _aliases_stored(model: dict, entry: str, where: str) -> None:
@@ -981,7 +961,7 @@ _FILE_RECORD = {"sha256": IsA(str), "bytes": Count(), ...: ANY}
 #: checkpoint.json, as far as read_checkpoint reads it before decoding the tensors.
 _METADATA = {
     "files": {MODEL_FILE: _FILE_RECORD, STATE_FILE: _FILE_RECORD, ...: ANY},
-    "model": ({"tensors": Each(_tensor_record, of=dict), "aliases": IsA(dict), ...: ANY}, _aliases_stored),
+    "model": ({"tensors": Each(_TENSOR_RECORD, of=dict), "aliases": IsA(dict), ...: ANY}, _aliases_stored),
     "config": OrNone({"rank": IsA(int), ...: ANY}),
     "optimizer": OrNone({"class": IsA(str), "state": ANY, ...: ANY}),
     "scheduler": OrNone({"class": IsA(str), "state": ANY, "skipped": Omittable(Each(IsA(str))), ...: ANY}),
@@ -1003,14 +983,6 @@ def _cuda_rng(states, entry: str, where: str) -> None:
     _check(states, Each(TensorOf(torch.uint8, 1)), entry, where)
     for i, s in enumerate(states[:torch.cuda.device_count()] if torch.cuda.is_available() else ()):
         _loads("a CUDA generator state", torch.Generator(device=f"cuda:{i}").set_state, s, f"{entry}.{i}", where)
-
-
-def _python_rng(py, entry: str, where: str) -> None:
-    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0]) and isinstance(py[1], tuple)
-            and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
-            and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2])))):
-        raise _invalid(entry, "(3, 625 ints, None or a finite float), the state of Python's random module", py, where)
-    _loads("the state of Python's random module", random.Random().setstate, py, entry, where)
 
 
 def _numpy_rng(state, entry: str, where: str) -> None:
@@ -1035,7 +1007,11 @@ _RNG = {
     "torch_cpu": (TensorOf(torch.uint8, 1, " (torch.get_rng_state())"),
                   partial(_loads, "a CPU generator state", lambda s: torch.Generator().set_state(s))),
     "cuda": OrNone(_cuda_rng),
-    "python": _python_rng,
+    "python": (Holds(lambda py: isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0])
+                     and isinstance(py[1], tuple) and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
+                     and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2]))),
+                     "(3, 625 ints, None or a finite float), the state of Python's random module"),
+               partial(_loads, "the state of Python's random module", lambda s: random.Random().setstate(s))),
     "numpy": OrNone(_numpy_rng),
 }
 
@@ -1053,14 +1029,14 @@ def _expected(meta: dict, model: nn.Module, optimizer, scheduler) -> List[Tuple[
     if scheduler is not None:
         skipped = (meta["scheduler"] or {}).get("skipped", [])
         parts += [("metadata.scheduler", partial(_saved, scheduler, "scheduler", "")),
-                  ("scheduler", {key: _like(value, _SCHEDULER.get(key, ANY))
+                  ("scheduler", {key: (Like(value), *_SCHEDULER.get(key, ANY))
                                  for key, value in scheduler.state_dict().items() if key not in skipped})]
     return parts
 
 
 #: What a scheduler's entries hold beyond the kind of the live value.
-_SCHEDULER = {"last_epoch": Count(low=-1), "_step_count": Count(), "base_lrs": Each(non_negative, of=list),
-              "_last_lr": Each(non_negative, of=list)}
+_SCHEDULER = {"last_epoch": (Count(low=-1),), "_step_count": (Count(),), "base_lrs": (Each(non_negative),),
+              "_last_lr": (Each(non_negative),)}
 
 
 def _model(model: nn.Module):
@@ -1115,7 +1091,7 @@ def _optimizer(optimizer):
 
 #: What a param group's hyperparameters hold wherever an optimizer has them, beyond the kind of the live value.
 _HYPERPARAMETERS = {**dict.fromkeys(("lr", "initial_lr", "weight_decay", "eps", "momentum", "dampening", "lr_decay",
-                                     "alpha"), non_negative), "betas": betas_pair}
+                                     "alpha"), (non_negative,)), "betas": (betas_pair,)}
 # torch.optim classes whose per-parameter state tensors are 0-d (step) or shaped like the parameter.
 _PARAM_SHAPED_STATE = {"Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop"}
 
@@ -1126,11 +1102,11 @@ def _group(live: dict, qgalore: bool):
     out = {"params": Equal(live["params"], f"{_show(live['params'])} (this optimizer's layout)")}
     for key, value in live.items():
         if key != "params":
-            kind = _like(value, _HYPERPARAMETERS.get(key, ANY))
+            kind = (Like(value), *_HYPERPARAMETERS.get(key, ANY))
             out[key] = kind if qgalore or key in _HYPERPARAMETERS else Omittable(kind)
     if not qgalore:
         return out
-    out["name"] = _like(live["name"], Equal(live["name"]))
+    out["name"] = (Like(live["name"]), Equal(live["name"]))
     return out, _valid_hparams
 
 
