@@ -24,7 +24,9 @@ import shutil
 import stat
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -224,66 +226,6 @@ def _rng_state(enc: _Encoder) -> dict:
         out["numpy"] = enc.encode([name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
                                   "rng.numpy")
     return out
-
-
-def _decode_rng(rng: Any, tensors: dict) -> dict:
-    """The saved RNG states, each checked by loading it into a scratch generator (the global ones stay untouched)."""
-    if not isinstance(rng, dict) or set(rng) != {"torch_cpu", "cuda", "python", "numpy"}:
-        raise CheckpointCorruptError(f"{METADATA}: the 'rng' entry is missing or malformed (it must hold torch_cpu, "
-                                     "cuda, python and numpy)")
-    out = {k: _decode(rng[k], tensors, f"rng.{k}") for k in ("torch_cpu", "cuda", "python", "numpy")}
-    t = out["torch_cpu"]
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise _invalid("rng.torch_cpu", "a 1-D uint8 tensor (torch.get_rng_state())", t)
-    try:
-        torch.Generator().set_state(t)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise _invalid("rng.torch_cpu", f"a CPU generator state ({_first_line(e)})", t) from None
-    if out["cuda"] is not None:
-        states = out["cuda"]
-        if not isinstance(states, list) or not all(
-                isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in states):
-            raise _invalid("rng.cuda", "a list of 1-D uint8 tensors (torch.cuda.get_rng_state_all())", states)
-        if torch.cuda.is_available():
-            for i, s in enumerate(states[:torch.cuda.device_count()]):
-                try:
-                    torch.Generator(device=f"cuda:{i}").set_state(s)
-                except (RuntimeError, ValueError, TypeError) as e:
-                    raise _invalid(f"rng.cuda.{i}", f"a CUDA generator state ({_first_line(e)})", s) from None
-    py = out["python"]
-    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0]) and isinstance(py[1], tuple)
-            and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
-            and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2])))):
-        raise _invalid("rng.python", "(3, 625 ints, None or a finite float), the state of Python's random module", py)
-    try:
-        random.Random().setstate(out["python"])
-    except (TypeError, ValueError, OverflowError) as e:
-        raise _invalid("rng.python", f"the state of Python's random module ({_first_line(e)})",
-                       out["python"]) from None
-    if out["numpy"] is not None:
-        out["numpy"] = _check_numpy_rng(out["numpy"])
-    return out
-
-
-def _check_numpy_rng(state: Any) -> Any:
-    """numpy's legacy ``[name, keys, pos, has_gauss, cached]``, range-checked and tried on a scratch RandomState."""
-    ok = (isinstance(state, list) and len(state) == 5 and state[0] == "MT19937"
-          and isinstance(state[1], list) and len(state[1]) == 624
-          and all(_is_int(k) and 0 <= k < 2**32 for k in state[1])
-          and _is_int(state[2]) and 0 <= state[2] <= 624 and state[3] in (0, 1) and _is_int(state[3])
-          and _is_real(state[4]) and math.isfinite(state[4]))
-    if not ok:
-        raise _invalid("rng.numpy", "['MT19937', 624 ints in [0, 2**32), pos in [0, 624], has_gauss 0 or 1, "
-                       "a finite cached gaussian]", state)
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional: nothing to restore it into
-        return state
-    try:
-        np.random.RandomState().set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
-    except (TypeError, ValueError, OverflowError) as e:
-        raise _invalid("rng.numpy", f"a numpy RandomState state ({_first_line(e)})", state) from None
-    return state
 
 
 def _set_rng_state(rng: dict) -> None:
@@ -493,12 +435,8 @@ def _write_marker(directory: str, ident: str) -> None:
 
 
 def _own_siblings(path: str) -> List[Tuple[str, str]]:
-    """``(kind, sibling)`` for each ``<path>.tmp-<id>`` / ``<path>.old-<id>`` that save_checkpoint created.
-
-    A sibling is ours if it is a real directory (not a link) whose marker holds the ``<id>`` of its name, or an
-    empty ``.tmp-<id>`` (a save that died right after creating it). Anything else next to ``path`` — a user's
-    ``run.old-1`` backup, a copy of a checkpoint under another name — is never loaded or deleted.
-    """
+    """``(kind, sibling)`` for each ``<path>.tmp-<id>`` / ``<path>.old-<id>`` that save_checkpoint created
+    (docs/checkpoints.md, "Atomic replacement": a marked directory, or an empty ``.tmp-<id>``)."""
     out = []
     for sibling in sorted(glob.glob(glob.escape(path) + ".*-*")):
         m = _SIBLING_RE.fullmatch(sibling[len(path):])
@@ -551,12 +489,8 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
                     scheduler: Optional[Any] = None, **extra) -> str:
     """Write a complete checkpoint to the directory ``path``, atomically; returns the absolute path.
 
-    ``extra`` values (step, data position, ...) must be numbers, strings, bools, None, tensors, or
-    lists/tuples/dicts of those; ``load_checkpoint`` returns them. Scheduler entries that are not
-    storable (e.g. a callable object's attributes) are skipped and keep the loading scheduler's
-    values. Projected layers' update state (projections, moments, refresh schedule) is part of
-    the model's state dict; a checkpoint saved without the optimizer lacks the AdamW state of the
-    other parameters and the parameter groups.
+    ``extra`` values (numbers, strings, bools, None, tensors, lists/tuples/dicts of those) come back from
+    ``load_checkpoint``. What is stored and skipped: docs/checkpoints.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -691,44 +625,6 @@ def _find_checkpoint(path: str) -> str:
     raise CheckpointNotFoundError(f"no checkpoint at {path}{hint}")
 
 
-def _check_layout(meta: dict, ckpt_dir: str) -> None:
-    """The parts of ``checkpoint.json`` that are read before decoding have the shapes this module writes."""
-    where = f"{ckpt_dir}/{METADATA}"
-    for key in ("files", "model", "config", "optimizer", "scheduler", "extra", "rng"):
-        if key not in meta:
-            raise CheckpointCorruptError(f"{where} has no {key!r} entry")
-    files = meta["files"]
-    if not isinstance(files, dict):
-        raise _invalid("files", "a dict of file records", files, where)
-    for name in (MODEL_FILE, STATE_FILE):
-        record = files.get(name)
-        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and _is_int(record.get("bytes"))
-                and record["bytes"] >= 0):
-            raise CheckpointCorruptError(f"{where} has no valid checksum record for {name} (files.{name})")
-    model = meta["model"]
-    if not (isinstance(model, dict) and isinstance(model.get("tensors"), dict)
-            and isinstance(model.get("aliases"), dict)):
-        raise _invalid("model", "{'tensors': {...}, 'aliases': {...}}", model, where)
-    for key, info in model["tensors"].items():
-        if not (isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(info.get("shape"), list)
-                and all(_is_int(d) and d >= 0 for d in info["shape"])):
-            raise _invalid(f"model.tensors.{key}", "{'dtype': a torch dtype name, 'shape': [non-negative ints]}",
-                           info, where)
-    for key, target in model["aliases"].items():
-        if not isinstance(target, str) or target not in model["tensors"]:
-            raise CheckpointCorruptError(f"{where}: alias {key!r} points at {target!r}, which is not stored")
-    if meta["config"] is not None and not (isinstance(meta["config"], dict) and _is_int(meta["config"].get("rank"))):
-        raise _invalid("config", "None or a qgalore_fx config dict", meta["config"], where)
-    for key in ("optimizer", "scheduler"):
-        value = meta[key]
-        if value is not None and not (isinstance(value, dict) and isinstance(value.get("class"), str)
-                                      and "state" in value):
-            raise _invalid(key, "None or {'class': str, 'state': ...}", value, where)
-    skipped = (meta["scheduler"] or {}).get("skipped", [])
-    if not (isinstance(skipped, list) and all(isinstance(k, str) for k in skipped)):
-        raise _invalid("scheduler.skipped", "a list of scheduler entry names", skipped, where)
-
-
 def read_checkpoint(path) -> dict:
     """Read and verify a checkpoint without a model: a dict with ``path`` (the directory read),
     ``model`` (the full state dict), ``optimizer`` / ``scheduler`` (state dicts or None),
@@ -738,7 +634,7 @@ def read_checkpoint(path) -> dict:
     """
     ckpt_dir = _find_checkpoint(os.path.abspath(os.fspath(path)))
     meta = _read_metadata(ckpt_dir)
-    _check_layout(meta, ckpt_dir)
+    _check(meta, _METADATA, "", f"{ckpt_dir}/{METADATA}")
     model_tensors = _read_tensors(ckpt_dir, MODEL_FILE, meta["files"][MODEL_FILE])
     state_tensors = _read_tensors(ckpt_dir, STATE_FILE, meta["files"][STATE_FILE])
 
@@ -764,7 +660,8 @@ def read_checkpoint(path) -> dict:
     out["extra"] = _decode(meta["extra"], state_tensors, "extra")
     if not isinstance(out["extra"], dict):
         raise _invalid("extra", "a dict", out["extra"], ckpt_dir)
-    out["rng"] = _decode_rng(meta["rng"], state_tensors)
+    out["rng"] = {k: _decode(v, state_tensors, f"rng.{k}") for k, v in meta["rng"].items()}
+    _check(out["rng"], _RNG, "rng", ckpt_dir)
     return out
 
 
@@ -779,10 +676,7 @@ def _names(items) -> str:
     return text + (f" and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
-# --------------------------------------------------------------------------- value checks
-_EXACT = 2**53  # counters are stored in float64 control slots too: beyond this they are not exact
-
-
+# --------------------------------------------------------------------------- helpers of the checks
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -806,82 +700,444 @@ def _invalid(entry: str, what: str, value, where: str = "checkpoint") -> Checkpo
     return CheckpointCorruptError(f"{where}: {entry} must be {what}, got {_show(value)}")
 
 
-def _check_count(value, entry: str, where: str, low: int = 0, tensor: bool = False) -> None:
-    """An int in [low, 2**53); with ``tensor``, a 0-d int64 tensor holding one."""
-    if isinstance(value, torch.Tensor) or tensor:
-        if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype != torch.int64:
-            raise _invalid(entry, "a 0-d int64 tensor", value, where)
-        number = int(value)
-    elif _is_int(value):
-        number = value
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# =========================================================================== checking against a description
+# What a checkpoint holds is described in one place (the next section) and checked by _check. A description is
+#   a dict        exactly these entries, each holding what it describes; an Omittable one may be absent, and
+#                 a ``...`` key admits any other entries;
+#   a list        a list of as many items, each holding what it describes;
+#   a tuple       everything it lists, in order (ANY, the empty tuple: anything);
+#   a kind        a callable (value, entry, where) that raises the CheckpointError naming the entry.
+# Entries are named by dotted paths (optimizer.param_groups.0.lr). docs/checkpoints.md lists what is checked.
+_EXACT = 2**53  # counters are stored in float64 control slots too: beyond this they are not exact
+_ABSENT = object()
+ANY = ()
+
+
+class ModelEntries(dict):
+    """A dict description whose entries are named as model entries (``model entry 'blocks.0.0.step'``)."""
+
+
+@dataclass(frozen=True)
+class Omittable:
+    """An entry that may be absent; where present, it holds what ``kind`` describes."""
+    kind: Any
+
+
+def _check(value, expected, entry: str, where: str) -> None:
+    """Raise the error of the first way ``value`` is not what ``expected`` describes."""
+    if isinstance(expected, Omittable):
+        if value is not _ABSENT:
+            _check(value, expected.kind, entry, where)
+    elif isinstance(expected, tuple):
+        for kind in expected:
+            _check(value, kind, entry, where)
+    elif isinstance(expected, dict):
+        if not isinstance(value, dict):
+            raise _invalid(entry, "a dict", value, where)
+        for key, kind in expected.items():  # the entries first: a wrong one explains a wrong set of keys
+            if key in value and key is not ...:
+                name = f"model entry {key!r}" if isinstance(expected, ModelEntries) else f"{entry}.{key}".lstrip(".")
+                _check(value[key], kind, name, where)
+        missing = [repr(k) for k, kind in expected.items() if k is not ... and k not in value
+                   and not isinstance(kind, Omittable)]
+        unknown = [repr(k) for k in value if k not in expected and ... not in expected]
+        if missing or unknown:
+            raise CheckpointCorruptError(f"{where}: {entry} " + " and ".join(
+                ([f"lacks {_names(missing)}"] if missing else []) + ([f"has unknown {_names(unknown)}"] if unknown else [])))
+    elif isinstance(expected, list):
+        if type(value) is not list or len(value) != len(expected):
+            raise _invalid(entry, f"a list of {len(expected)} entries", value, where)
+        for i, (item, kind) in enumerate(zip(value, expected)):
+            _check(item, kind, f"{entry}.{i}", where)
     else:
-        raise _invalid(entry, f"an integer in [{low}, 2**53)", value, where)
-    if not low <= number < _EXACT:
-        raise _invalid(entry, f"an integer in [{low}, 2**53)", number, where)
+        expected(value, entry, where)
 
 
-def _check_finite(t: torch.Tensor, entry: str, where: str, low: Optional[float] = None,
-                  high: Optional[float] = None) -> None:
-    """Every element finite (and within [low, high] where given)."""
-    if not t.is_floating_point() or t.numel() == 0:
+def _at(tree: dict, path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _ABSENT
+        tree = tree[key]
+    return tree
+
+
+# --------------------------------------------------------------------------- kinds
+@dataclass(frozen=True)
+class OrNone:
+    """None, or what ``kind`` describes."""
+    kind: Any
+
+    def __call__(self, value, entry: str, where: str) -> None:
+        if value is not None:
+            _check(value, self.kind, entry, where)
+
+
+@dataclass(frozen=True)
+class Each:
+    """A list (or a dict, with ``of=dict``) whose every item (value) holds what ``kind`` describes."""
+    kind: Any
+    of: type = list
+
+    def __call__(self, items, entry: str, where: str) -> None:
+        if not isinstance(items, self.of):
+            raise _invalid(entry, f"a {self.of.__name__}", items, where)
+        for i, item in (items.items() if isinstance(items, dict) else enumerate(items)):
+            _check(item, self.kind, f"{entry}.{i}", where)
+
+
+@dataclass(frozen=True)
+class Holds:
+    """A value for which ``test`` is true; else the error says it must be ``what``."""
+    test: Callable[[Any], bool]
+    what: str
+
+    def __call__(self, value, entry: str, where: str) -> None:
+        if not self.test(value):
+            raise _invalid(entry, self.what, value, where)
+
+
+def IsA(cls: type) -> Holds:  # noqa: N802 - reads as a kind, like the classes above
+    return Holds(lambda v: isinstance(v, cls) and not (cls is int and isinstance(v, bool)),
+                 f"{'an' if cls.__name__[0] in 'aeiou' else 'a'} {cls.__name__}")
+
+
+def _item(value):
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+@dataclass(frozen=True)
+class Count:
+    """An int in [low, 2**53); with ``tensor``, a 0-d int64 tensor holding one."""
+    low: int = 0
+    tensor: bool = False
+
+    def __call__(self, value, entry: str, where: str) -> None:
+        if isinstance(value, torch.Tensor) or self.tensor:
+            TensorOf(torch.int64, 0)(value, entry, where)
+            value = int(value)
+        if not _is_int(value) or not self.low <= value < _EXACT:
+            raise _invalid(entry, f"an integer in [{self.low}, 2**53)", value, where)
+
+
+COUNT_TENSOR = Count(tensor=True)
+
+
+count_in_any_number = Holds(  # torch.optim keeps ``step`` in a float tensor
+    lambda v: _is_real(n := _item(v)) and math.isfinite(n) and n == int(n) and 0 <= n < _EXACT,
+    "an integer count in [0, 2**53)")
+
+
+@dataclass(frozen=True)
+class Finite:
+    """A float: finite; a float tensor: every element finite, and within [low, high] where given."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    def __call__(self, t, entry: str, where: str) -> None:
+        if isinstance(t, float) and not math.isfinite(t):
+            raise _invalid(entry, "a finite number", t, where)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            return
+        if not bool(all_finite(t)):
+            raise CheckpointCorruptError(f"{where}: {entry} holds non-finite values ({_show(t)})")
+        if self.low is not None and bool((t < self.low).any()):
+            raise CheckpointCorruptError(f"{where}: {entry} holds values below {self.low} (min {float(t.min())!r})")
+        if self.high is not None and bool((t > self.high).any()):
+            raise CheckpointCorruptError(f"{where}: {entry} holds values above {self.high} (max {float(t.max())!r})")
+
+
+FINITE = Finite()
+
+
+def no_nan(t, entry: str, where: str) -> None:
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isnan(t).any()):
+        raise CheckpointCorruptError(f"{where}: {entry} holds NaN")
+
+
+non_negative = Holds(lambda v: all(_is_real(x) and math.isfinite(x) and x >= 0 for x in (
+    v.flatten().tolist() if isinstance(v, torch.Tensor) else [v])), "a finite number >= 0")
+betas_pair = Holds(lambda betas: all(_is_real(b) and 0.0 <= b < 1.0 for b in map(_item, betas)),
+                   "a pair of numbers in [0, 1)")
+
+
+def int8_codes(t, entry: str, where: str) -> None:
+    if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
+        raise CheckpointCorruptError(f"{where}: {entry} holds the code -128; INT8 codes lie in [-127, 127]")
+
+
+@dataclass(frozen=True)
+class Int4Codes:
+    """``numel`` packed INT4 codes: every real code's nibble in [1, 15] (code + 8), an odd count's padding 0."""
+    numel: int
+
+    def __call__(self, t, entry: str, where: str) -> None:
+        size = (self.numel + 1) // 2
+        if t.dtype != torch.uint8 or t.numel() != size:
+            raise _invalid(entry, f"uint8[{size}] (INT4 codes of {self.numel} values)", t, where)
+        nibbles = torch.stack([t & 0x0F, t >> 4], dim=1).reshape(-1).to(torch.int16)
+        if bool((nibbles[:self.numel] == 0).any()) or bool((nibbles[self.numel:] != 0).any()):
+            raise CheckpointCorruptError(f"{where}: {entry} holds INT4 codes outside [-7, 7]")
+
+
+@dataclass(frozen=True)
+class TensorOf:
+    """A tensor of this dtype and number of dimensions."""
+    dtype: torch.dtype
+    dim: int
+    note: str = ""
+
+    def __call__(self, t, entry: str, where: str) -> None:
+        if not isinstance(t, torch.Tensor) or t.dtype != self.dtype or t.dim() != self.dim:
+            dims = f"{self.dim}-D" if self.dim else "0-d"
+            raise _invalid(entry, f"a {dims} {_dtype_name(self.dtype)} tensor{self.note}", t, where)
+
+
+@dataclass(frozen=True)
+class Equal:
+    """Exactly ``value``: same types, a one-element tensor by its item; ``what`` names it in the error."""
+    value: Any
+    what: str = ""
+
+    def __call__(self, value, entry: str, where: str) -> None:
+        got = _item(value)
+        if not _identical(got, self.value):
+            raise _invalid(entry, self.what or repr(self.value), got, where)
+
+
+def _identical(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    return len(a) == len(b) and all(map(_identical, a, b)) if isinstance(a, (list, tuple)) else a == b
+
+
+@dataclass(frozen=True)
+class Like:
+    """The kind of the live value it replaces: same scalar type, container type and length, dict keys, tensor
+    dtype and shape; no NaN, and no inf where the live value is finite."""
+    live: Any
+
+    def __call__(self, saved, entry: str, where: str) -> None:
+        live = self.live
+        if isinstance(live, torch.Tensor):
+            if not isinstance(saved, torch.Tensor) or saved.dtype != live.dtype or saved.shape != live.shape:
+                raise _invalid(entry, _show(live), saved, where)
+            no_nan(saved, entry, where)
+        elif isinstance(live, bool) or live is None or isinstance(live, str):
+            if type(saved) is not type(live):
+                raise _invalid(entry, "None" if live is None else f"a {type(live).__name__}", saved, where)
+        elif isinstance(live, int):
+            IsA(int)(saved, entry, where)
+        elif isinstance(live, float):
+            if not _is_real(saved) or math.isnan(saved) or (math.isinf(saved) and math.isfinite(live)):
+                raise _invalid(entry, "a finite number", saved, where)
+        elif isinstance(live, (list, tuple)):
+            if type(saved) is not type(live) or len(saved) != len(live):
+                raise _invalid(entry, f"a {type(live).__name__} of {len(live)} entries", saved, where)
+            for i, (s, v) in enumerate(zip(saved, live)):
+                Like(v)(s, f"{entry}.{i}", where)
+        elif isinstance(live, dict):
+            _check(saved, {k: Like(v) for k, v in live.items()}, entry, where)
+        elif type(saved) is not type(live):
+            raise _invalid(entry, f"a {type(live).__name__}", saved, where)
+
+
+# =========================================================================== what a checkpoint holds
+_TENSOR_RECORD = Holds(lambda info: isinstance(info, dict) and info.get("dtype") in _DTYPE_NAMES and isinstance(
+    info.get("shape"), list) and all(_is_int(d) and d >= 0 for d in info["shape"]),
+    "{'dtype': a torch dtype name, 'shape': [non-negative ints]}")
+
+
+def _aliases_stored(model: dict, entry: str, where: str) -> None:
+    for key, target in model["aliases"].items():
+        if not isinstance(target, str) or target not in model["tensors"]:
+            raise CheckpointCorruptError(f"{where}: alias {key!r} points at {target!r}, which is not stored")
+
+
+_FILE_RECORD = {"sha256": IsA(str), "bytes": Count(), ...: ANY}
+#: checkpoint.json, as far as read_checkpoint reads it before decoding the tensors.
+_METADATA = {
+    "files": {MODEL_FILE: _FILE_RECORD, STATE_FILE: _FILE_RECORD, ...: ANY},
+    "model": ({"tensors": Each(_TENSOR_RECORD, of=dict), "aliases": IsA(dict), ...: ANY}, _aliases_stored),
+    "config": OrNone({"rank": IsA(int), ...: ANY}),
+    "optimizer": OrNone({"class": IsA(str), "state": ANY, ...: ANY}),
+    "scheduler": OrNone({"class": IsA(str), "state": ANY, "skipped": Omittable(Each(IsA(str))), ...: ANY}),
+    "extra": ANY,
+    "rng": {"torch_cpu": ANY, "cuda": ANY, "python": ANY, "numpy": ANY},
+    ...: ANY,
+}
+
+
+def _loads(what: str, load: Callable, state, entry: str, where: str) -> None:
+    """``load(state)`` succeeds: the state is tried on a scratch generator (the global ones stay untouched)."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise _invalid(entry, f"{what} ({_first_line(e)})", state, where) from None
+
+
+def _cuda_rng(states, entry: str, where: str) -> None:
+    _check(states, Each(TensorOf(torch.uint8, 1)), entry, where)
+    for i, s in enumerate(states[:torch.cuda.device_count()] if torch.cuda.is_available() else ()):
+        _loads("a CUDA generator state", torch.Generator(device=f"cuda:{i}").set_state, s, f"{entry}.{i}", where)
+
+
+def _numpy_rng(state, entry: str, where: str) -> None:
+    """numpy's legacy ``[name, keys, pos, has_gauss, cached]``, range-checked and tried on a scratch RandomState."""
+    if not (isinstance(state, list) and len(state) == 5 and state[0] == "MT19937"
+            and isinstance(state[1], list) and len(state[1]) == 624
+            and all(_is_int(k) and 0 <= k < 2**32 for k in state[1])
+            and _is_int(state[2]) and 0 <= state[2] <= 624 and state[3] in (0, 1) and _is_int(state[3])
+            and _is_real(state[4]) and math.isfinite(state[4])):
+        raise _invalid(entry, "['MT19937', 624 ints in [0, 2**32), pos in [0, 624], has_gauss 0 or 1, a finite "
+                       "cached gaussian]", state, where)
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional: nothing to restore it into
         return
-    if not bool(all_finite(t)):
-        raise CheckpointCorruptError(f"{where}: {entry} holds non-finite values ({_show(t)})")
-    if low is not None and bool((t < low).any()):
-        raise CheckpointCorruptError(f"{where}: {entry} holds values below {low} (min {float(t.min())!r})")
-    if high is not None and bool((t > high).any()):
-        raise CheckpointCorruptError(f"{where}: {entry} holds values above {high} (max {float(t.max())!r})")
+    _loads("a numpy RandomState state", lambda s: np.random.RandomState().set_state(
+        (s[0], np.array(s[1], dtype=np.uint32), *s[2:])), state, entry, where)
 
 
-def _check_like(saved, live, entry: str, where: str) -> None:
-    """``saved`` has the kind of the live value it replaces: same scalar type, container type and length, dict
-    keys, tensor dtype and shape; no NaN, and no inf where the live value is finite."""
-    if isinstance(live, torch.Tensor):
-        if not isinstance(saved, torch.Tensor) or saved.dtype != live.dtype or saved.shape != live.shape:
-            raise _invalid(entry, _show(live), saved, where)
-        if saved.is_floating_point() and bool(torch.isnan(saved).any()):
-            raise CheckpointCorruptError(f"{where}: {entry} holds NaN")
-        return
-    if isinstance(live, bool) or live is None or isinstance(live, str):
-        if type(saved) is not type(live):
-            raise _invalid(entry, "None" if live is None else f"a {type(live).__name__}", saved, where)
-        return
-    if isinstance(live, int):
-        if not _is_int(saved):
-            raise _invalid(entry, "an int", saved, where)
-        return
-    if isinstance(live, float):
-        if not _is_real(saved) or math.isnan(saved) or (math.isinf(saved) and math.isfinite(live)):
-            raise _invalid(entry, "a finite number", saved, where)
-        return
-    if isinstance(live, (list, tuple)):
-        if type(saved) is not type(live) or len(saved) != len(live):
-            raise _invalid(entry, f"a {type(live).__name__} of {len(live)} entries", saved, where)
-        for i, (s, v) in enumerate(zip(saved, live)):
-            _check_like(s, v, f"{entry}.{i}", where)
-        return
-    if isinstance(live, dict):
-        if not isinstance(saved, dict):
-            raise _invalid(entry, "a dict", saved, where)
-        _check_keys(saved, live, entry, where)
-        for k in live:
-            _check_like(saved[k], live[k], f"{entry}.{k}", where)
-        return
-    if type(saved) is not type(live):
-        raise _invalid(entry, f"a {type(live).__name__}", saved, where)
+#: The saved RNG states, each also tried on a scratch generator.
+_RNG = {
+    "torch_cpu": (TensorOf(torch.uint8, 1, " (torch.get_rng_state())"),
+                  partial(_loads, "a CPU generator state", lambda s: torch.Generator().set_state(s))),
+    "cuda": OrNone(_cuda_rng),
+    "python": (Holds(lambda py: isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and _is_int(py[0])
+                     and isinstance(py[1], tuple) and len(py[1]) == 625 and all(_is_int(k) for k in py[1])
+                     and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2]))),
+                     "(3, 625 ints, None or a finite float), the state of Python's random module"),
+               partial(_loads, "the state of Python's random module", lambda s: random.Random().setstate(s))),
+    "numpy": OrNone(_numpy_rng),
+}
 
 
-def _check_keys(saved: dict, expected, entry: str, where: str) -> None:
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    if missing or unexpected:
-        parts = ([f"lacks {_names(map(repr, missing))}"] if missing else []) + \
-                ([f"has unknown {_names(map(repr, unexpected))}"] if unexpected else [])
-        raise CheckpointCorruptError(f"{where}: {entry} " + " and ".join(parts))
+def _expected(meta: dict, model: nn.Module, optimizer, scheduler) -> List[Tuple[str, Any]]:
+    """``(entry, description)`` for each part of a checkpoint that ``load_checkpoint`` restores, in checking order."""
+    parts = [("config", partial(_same_config, model))]
+    if isinstance(optimizer, QGaLoreOptimizer):  # first: it also decides the shape of the layers' accumulators
+        parts.append(("optimizer.accumulation_steps", Omittable(partial(_accumulation, optimizer))))
+    parts.append(("model", _model(model)))
+    if optimizer is not None:
+        parts += [("metadata.optimizer", partial(_saved, optimizer, "optimizer", "; call load_checkpoint without "
+                                                                                  "optimizer= or save one")),
+                  ("optimizer", _optimizer(optimizer))]
+    if scheduler is not None:
+        skipped = (meta["scheduler"] or {}).get("skipped", [])
+        parts += [("metadata.scheduler", partial(_saved, scheduler, "scheduler", "")),
+                  ("scheduler", {key: (Like(value), *_SCHEDULER.get(key, ANY))
+                                 for key, value in scheduler.state_dict().items() if key not in skipped})]
+    return parts
 
 
-# --------------------------------------------------------------------------- config and model
-def _check_config(saved: Optional[dict], model: nn.Module, where: str) -> None:
+#: What a scheduler's entries hold beyond the kind of the live value.
+_SCHEDULER = {"last_epoch": (Count(low=-1),), "_step_count": (Count(),), "base_lrs": (Each(non_negative),),
+              "_last_lr": (Each(non_negative),)}
+
+
+def _model(model: nn.Module):
+    """The live state dict's entries, shapes and dtypes; parameters finite, other float entries free of NaN;
+    projected layers' entries as :func:`_layer` says."""
+    live = model.state_dict()
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    entries = ModelEntries((key, FINITE if key in params else no_nan) for key in live)
+    for name, layer in projected_layers(model):
+        entries.update((_join(name, key), kind) for key, kind in _layer(layer).items())
+    return partial(_fits, model, live), entries
+
+
+def _layer(layer) -> dict:
+    """A projected layer's entries: finite; codes in range; scales, second moments and 8-bit absmax >= 0; counts."""
+    out = {key: FINITE for key, t in layer.state_dict().items() if isinstance(t, torch.Tensor)}
+    if layer.weight_bits == 8:
+        out.update(weight_codes=int8_codes, weight_scales=Finite(0.0, float(MAX_SCALE[8])))
+    spec = layer.spec
+    if spec is not None:
+        out["proj_codes"] = {4: Int4Codes(math.prod(spec.projection_shape)), 8: int8_codes}.get(spec.proj_bits, FINITE)
+        if spec.proj_bits in MAX_SCALE:
+            out["proj_scales"] = Finite(0.0, float(MAX_SCALE[spec.proj_bits]))
+        second = ("exp_avg_absmax", "exp_avg_sq_absmax") if layer.exp_avg.dtype == torch.uint8 else ("exp_avg_sq",)
+        out.update(dict.fromkeys(second, Finite(0.0)), step=COUNT_TENSOR, skipped=COUNT_TENSOR)
+    return out
+
+
+def _optimizer(optimizer):
+    """The live optimizer's parameter groups and per-parameter state (:func:`_adamw_state`, :func:`_torch_state`)."""
+    live = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    qgalore = isinstance(optimizer, QGaLoreOptimizer)
+    groups = (partial(_group_sizes, live), [_group(g, qgalore) for g in live["param_groups"]])
+    anchors = len(optimizer.param_groups[0]["params"]) if qgalore else 0  # projected layers': a mirror of their step
+    shaped = type(optimizer).__name__ in _PARAM_SHAPED_STATE
+
+    def state(i: int, first: dict):
+        if i < anchors:
+            return {"step": COUNT_TENSOR}
+        if qgalore:
+            return _adamw_state(params[i], optimizer.optim_bits)
+        own = live["state"].get(i)
+        return _torch_state(params[i], own or first, bool(own), shaped)
+
+    per_parameter = PerParameter(params, getattr(optimizer, "_param_names", {}), state)
+    if not qgalore:
+        return {"param_groups": groups, "state": per_parameter}
+    return _not_an_older_layout, {"param_groups": groups, "state": per_parameter, "skipped_steps": COUNT_TENSOR,
+                                  "accumulation_steps": partial(_accumulation, optimizer)}
+
+
+#: What a param group's hyperparameters hold wherever an optimizer has them, beyond the kind of the live value.
+_HYPERPARAMETERS = {**dict.fromkeys(("lr", "initial_lr", "weight_decay", "eps", "momentum", "dampening", "lr_decay",
+                                     "alpha"), (non_negative,)), "betas": (betas_pair,)}
+# torch.optim classes whose per-parameter state tensors are 0-d (step) or shaped like the parameter.
+_PARAM_SHAPED_STATE = {"Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop"}
+
+
+def _group(live: dict, qgalore: bool):
+    """A param group: this optimizer's parameter indices and settings of the live kinds. torch.optim fills in the
+    flags an older version did not save, so another optimizer's group may lack those (not the hyperparameters)."""
+    out = {"params": Equal(live["params"], f"{_show(live['params'])} (this optimizer's layout)")}
+    for key, value in live.items():
+        if key != "params":
+            kind = (Like(value), *_HYPERPARAMETERS.get(key, ANY))
+            out[key] = kind if qgalore or key in _HYPERPARAMETERS else Omittable(kind)
+    if not qgalore:
+        return out
+    out["name"] = (Like(live["name"]), Equal(live["name"]))
+    return out, _valid_hparams
+
+
+def _adamw_state(p: torch.Tensor, optim_bits: int) -> dict:
+    """A parameter's state in the QGaLoreOptimizer's AdamW group: its step and AdamState, flattened."""
+    bits = 32 if optim_bits == 8 and p.numel() < ADAM_MIN_8BIT_SIZE else optim_bits  # AdamState.zeros' rule
+    moments = {"m": FINITE, "v": Finite(0.0)}
+    if bits == 8:
+        moments = {"m": ANY, "v": ANY, "absmax_m": Finite(0.0), "absmax_v": Finite(0.0)}
+    adam = {"shape": (TensorOf(torch.int64, 1), partial(_shape_of, p)),
+            "bits": (TensorOf(torch.int64, 0), Equal(bits, f"{bits} (this optimizer's moments for {list(p.shape)})")),
+            "block_size": (TensorOf(torch.int64, 0), Equal(ADAM_BLOCK_SIZE, str(ADAM_BLOCK_SIZE))),
+            **moments}
+    return {"step": COUNT_TENSOR, "adam": (adam, partial(_adam_moments, p.shape, bits))}
+
+
+def _torch_state(p: torch.Tensor, ref: dict, live: bool, shaped: bool) -> dict:
+    """A parameter's state in another optimizer: the entries of ``ref`` (its live state, else the first saved one)
+    with their kinds; tensors finite, ``step`` a count; with ``shaped``, moments of the parameter's shape and dtype."""
+    out = {}
+    for key, value in ref.items():
+        like = Like(value) if live else partial(_resembles, value, key)
+        if key == "step":
+            out[key] = (like, count_in_any_number)
+        else:
+            out[key] = ((partial(_of_param, p),) if shaped else ()) + (like, FINITE)
+    return out
+
+
+# --------------------------------------------------------------------------- kinds that compare with live objects
+def _same_config(model: nn.Module, saved: Optional[dict], entry: str, where: str) -> None:
     config = config_of(model)
     current = None if config is None else config.to_dict()
     if saved is None and current is None:
@@ -899,315 +1155,140 @@ def _check_config(saved: Optional[dict], model: nn.Module, where: str) -> None:
         raise CheckpointMismatchError(f"{where} was saved with a different qgalore_fx config: {_names(diff)}")
 
 
-def _check_model_state(saved: Dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
-    current = model.state_dict()
+def _fits(model: nn.Module, current: dict, saved: Dict[str, torch.Tensor], entry: str, where: str) -> None:
+    """The live state dict's keys, shapes and dtypes, and each layer's update schedule: else another model's."""
+    problems = []
     missing = [k for k in current if k not in saved]
     unexpected = [k for k in saved if k not in current]
-    problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {_names(missing)}")
     if unexpected:
         problems.append(f"not in the model: {_names(unexpected)}")
-    shapes = [f"{k} (checkpoint {list(saved[k].shape)}, model {list(current[k].shape)})"
-              for k in current if k in saved and saved[k].shape != current[k].shape]
+    both = [k for k in current if k in saved]
+    shapes = [k for k in both if saved[k].shape != current[k].shape]
     if shapes:
-        problems.append(f"shape mismatch: {_names(shapes)}")
-        if all(k.endswith(".accum") for k in current if k in saved and saved[k].shape != current[k].shape):
+        problems.append("shape mismatch: " + _names(
+            f"{k} (checkpoint {list(saved[k].shape)}, model {list(current[k].shape)})" for k in shapes))
+        if all(k.endswith(".accum") for k in shapes):
             problems.append("(only the projected layers' accumulators differ: the checkpoint was saved with another "
                             "accumulation_steps or fused setting; build the optimizer as the saved run did)")
     dtypes = [f"{k} (checkpoint {_dtype_name(saved[k].dtype)}, model {_dtype_name(current[k].dtype)})"
-              for k in current if k in saved and saved[k].shape == current[k].shape
-              and saved[k].dtype != current[k].dtype]
+              for k in both if k not in shapes and saved[k].dtype != current[k].dtype]
     if dtypes:
         problems.append(f"dtype mismatch: {_names(dtypes)}")
-    if not problems:
-        for name, layer in projected_layers(model):
-            if layer.spec is not None:
-                try:
-                    check_control(saved[_join(name, "_extra_state")], layer.spec, name)
-                except ValueError as e:
-                    problems.append(str(e))
+    for name, layer in projected_layers(model):
+        if layer.spec is not None and not problems:
+            try:
+                check_control(saved[_join(name, "_extra_state")], layer.spec, name)
+            except ValueError as e:
+                problems.append(str(e))
     if problems:
         raise CheckpointMismatchError(f"{where} does not fit this model's parameters and buffers — "
                                       + "; ".join(problems))
-    _check_model_values(saved, model, where)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _saved(live, what: str, hint: str, meta: Optional[dict], entry: str, where: str) -> None:
+    """The metadata of a saved optimizer or scheduler: one of ``live``'s class."""
+    if meta is None:
+        raise CheckpointMismatchError(f"{where} has no {what} state (it was saved with {what}=None){hint}")
+    if meta["class"] != type(live).__name__:
+        raise CheckpointMismatchError(f"{where} holds the state of a {meta['class']}, not of a "
+                                      f"{type(live).__name__}")
 
 
-def _check_model_values(saved: Dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
-    """Values a model entry can hold: parameters and projected layers' tensors finite, no NaN anywhere,
-    quantization codes in range, scales and second moments >= 0, counters in [0, 2**53)."""
-    must_be_finite = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    for name, layer in projected_layers(model):
-        must_be_finite.update(_join(name, k) for k, t in layer.state_dict().items() if isinstance(t, torch.Tensor))
-    for key, t in saved.items():
-        if not t.is_floating_point():
-            continue
-        if key in must_be_finite:
-            _check_finite(t, f"model entry {key!r}", where)
-        elif bool(torch.isnan(t).any()):
-            raise CheckpointCorruptError(f"{where}: model entry {key!r} holds NaN")
-    for name, layer in projected_layers(model):
-        def entry(k):
-            return _join(name, k)
-
-        if layer.weight_bits == 8:
-            _check_int8_codes(saved[entry("weight_codes")], entry("weight_codes"), where)
-            _check_finite(saved[entry("weight_scales")], f"model entry {entry('weight_scales')!r}", where, 0.0,
-                          float(MAX_SCALE[8]))
-        spec = layer.spec
-        if spec is None:
-            continue
-        codes, scales = saved[entry("proj_codes")], saved[entry("proj_scales")]
-        if spec.proj_bits == 4:
-            _check_int4_codes(codes, math.prod(spec.projection_shape), entry("proj_codes"), where)
-        elif spec.proj_bits == 8:
-            _check_int8_codes(codes, entry("proj_codes"), where)
-        if spec.proj_bits in MAX_SCALE:
-            _check_finite(scales, f"model entry {entry('proj_scales')!r}", where, 0.0, float(MAX_SCALE[spec.proj_bits]))
-        if saved[entry("exp_avg")].dtype == torch.uint8:
-            for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-                _check_finite(saved[entry(k)], f"model entry {entry(k)!r}", where, 0.0)
-        else:
-            _check_finite(saved[entry("exp_avg_sq")], f"model entry {entry('exp_avg_sq')!r}", where, 0.0)
-        for k in ("step", "skipped"):
-            _check_count(saved[entry(k)], f"model entry {entry(k)!r}", where, tensor=True)
+def _accumulation(optimizer, value, entry: str, where: str) -> None:
+    """The QGaLoreOptimizer's ``accumulation_steps`` (loading never changes it)."""
+    if not _is_int(value) or value < 1:
+        raise _invalid(entry, "an int >= 1", value, where)
+    if value != optimizer.accumulation_steps:
+        raise CheckpointMismatchError(
+            f"{where} was saved with accumulation_steps={value}, this optimizer has {optimizer.accumulation_steps}: "
+            f"build the optimizer with accumulation_steps={value} to resume this run")
 
 
-def _check_int8_codes(t: torch.Tensor, entry: str, where: str) -> None:
-    if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
-        raise CheckpointCorruptError(f"{where}: model entry {entry!r} holds the code -128; INT8 codes lie in "
-                                     "[-127, 127]")
-
-
-def _check_int4_codes(t: torch.Tensor, numel: int, entry: str, where: str) -> None:
-    """Packed INT4: every real code's nibble in [1, 15] (code + 8), the padding nibble of an odd count 0."""
-    if t.dtype != torch.uint8 or t.numel() != (numel + 1) // 2:
-        raise _invalid(f"model entry {entry!r}", f"uint8[{(numel + 1) // 2}] (INT4 codes of {numel} values)", t,
-                       where)
-    nibbles = torch.stack([t & 0x0F, t >> 4], dim=1).reshape(-1).to(torch.int16)
-    real, pad = nibbles[:numel], nibbles[numel:]
-    if bool((real == 0).any()) or bool((pad != 0).any()):
-        raise CheckpointCorruptError(f"{where}: model entry {entry!r} holds INT4 codes outside [-7, 7]")
-
-
-# --------------------------------------------------------------------------- optimizer
-# torch.optim classes whose per-parameter state tensors are 0-d (step) or shaped like the parameter.
-_PARAM_SHAPED_STATE = {"Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop"}
-# Hyperparameters that must be finite and >= 0 wherever an optimizer has them.
-_NON_NEGATIVE = ("lr", "initial_lr", "weight_decay", "eps", "momentum", "dampening", "lr_decay", "alpha")
-
-
-def _check_optimizer_state(saved_meta: Optional[dict], state: Any, optimizer, where: str) -> None:
-    if saved_meta is None:
-        raise CheckpointMismatchError(f"{where} has no optimizer state (it was saved with optimizer=None); "
-                                      "call load_checkpoint without optimizer= or save one")
-    if saved_meta["class"] != type(optimizer).__name__:
-        raise CheckpointMismatchError(f"{where} holds the state of a {saved_meta['class']}, not of a "
-                                      f"{type(optimizer).__name__}")
-    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list) \
-            or not isinstance(state.get("state"), dict):
-        raise _invalid("optimizer", "a state dict with 'state' and 'param_groups'", state, where)
-    if "qgalore_layers" in state:
+def _not_an_older_layout(state, entry: str, where: str) -> None:
+    if isinstance(state, dict) and "qgalore_layers" in state:
         raise CheckpointMismatchError(f"{where} keeps the projected layers' state in the optimizer (an older "
                                       "layout); this version keeps it in the model's state dict")
-    live = optimizer.state_dict()
-    qgalore = isinstance(optimizer, QGaLoreOptimizer)
-    _check_keys(state, live, "optimizer", where)
-    if qgalore:
-        _check_count(state["skipped_steps"], "optimizer.skipped_steps", where, tensor=True)
-        _check_accumulation(state, optimizer, where)
-    saved_sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
-                   for g in state["param_groups"]]
+
+
+def _group_sizes(live: dict, groups, entry: str, where: str) -> None:
     sizes = [len(g["params"]) for g in live["param_groups"]]
-    if saved_sizes != sizes:
+    saved = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+             for g in groups] if isinstance(groups, list) else sizes
+    if saved != sizes:
         raise CheckpointMismatchError(f"{where}: optimizer parameter groups differ — checkpoint has groups of "
-                                      f"{saved_sizes} parameters, this optimizer {sizes}")
-    for i, (saved_group, live_group) in enumerate(zip(state["param_groups"], live["param_groups"])):
-        _check_group(saved_group, live_group, f"optimizer.param_groups.{i}", where, qgalore)
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    names = getattr(optimizer, "_param_names", {})
-    first_adamw = len(optimizer.param_groups[0]["params"]) if qgalore else 0
-    bad_shapes = []
-    for index, s in state["state"].items():
-        entry = f"optimizer.state.{index}"
-        if not _is_int(index) or not 0 <= index < len(params):
-            raise _invalid("an optimizer.state key", f"a parameter index in [0, {len(params)})", index, where)
-        p = params[index]
-        if not isinstance(s, dict):
-            raise _invalid(entry, "a dict", s, where)
-        if index < first_adamw:  # a projected layer's anchor: only a mirror of the layer's step, ignored on load
-            if set(s) != {"step"}:
-                raise _invalid(entry, "{'step': <count>} (a projected layer's entry)", sorted(s), where)
-            _check_count(s["step"], entry + ".step", where, tensor=True)
-            continue
-        if qgalore:
-            shape = _check_adamw_state(s, p, optimizer.optim_bits, entry, where)
-        else:
-            shape = _check_torch_state(s, p, live["state"].get(index), next(iter(state["state"].values())),
-                                       type(optimizer).__name__, entry, where)
-        if shape is not None:
-            bad_shapes.append(f"{names.get(id(p), index)} (checkpoint {shape}, model {list(p.shape)})")
-    if bad_shapes:
-        raise CheckpointMismatchError(f"{where}: optimizer state shapes differ: {_names(bad_shapes)}")
+                                      f"{saved} parameters, this optimizer {sizes}")
 
 
-def _check_accumulation(state: Any, optimizer, where: str) -> None:
-    """A QGaLoreOptimizer's ``accumulation_steps`` must be the saved run's (loading never changes it)."""
-    if not isinstance(optimizer, QGaLoreOptimizer) or not isinstance(state, dict) or "accumulation_steps" not in state:
-        return  # a missing entry is reported with the rest of the optimizer state
-    accumulation = state["accumulation_steps"]
-    if not _is_int(accumulation) or accumulation < 1:
-        raise _invalid("optimizer.accumulation_steps", "an int >= 1", accumulation, where)
-    if accumulation != optimizer.accumulation_steps:
-        raise CheckpointMismatchError(
-            f"{where} was saved with accumulation_steps={accumulation}, this optimizer has "
-            f"{optimizer.accumulation_steps}: build the optimizer with accumulation_steps={accumulation} to resume "
-            "this run")
+def _valid_hparams(group: dict, entry: str, where: str) -> None:
+    try:
+        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    except ValueError as e:
+        raise CheckpointCorruptError(f"{where}: {entry}: {e}") from None
 
 
-def _check_group(saved: Any, live: dict, entry: str, where: str, qgalore: bool) -> None:
-    if not isinstance(saved, dict):
-        raise _invalid(entry, "a dict", saved, where)
-    params = saved.get("params")
-    if not (type(params) is list and all(_is_int(i) for i in params) and params == live["params"]):
-        raise _invalid(f"{entry}.params", f"{_show(live['params'])} (this optimizer's layout)", params, where)
-    if qgalore:
-        _check_keys(saved, live, entry, where)
-    else:  # torch.optim fills in the flags an older version did not save; not the hyperparameters
-        _check_keys(saved, [k for k in live if k in saved or k in _NON_NEGATIVE + ("betas",)], entry, where)
-    for key, value in saved.items():
-        if key != "params":
-            _check_like(value, live[key], f"{entry}.{key}", where)
-    for key in _NON_NEGATIVE:
-        if key in saved:
-            value = saved[key]
-            values = value.flatten().tolist() if isinstance(value, torch.Tensor) else [value]
-            if not all(_is_real(v) and math.isfinite(v) and v >= 0 for v in values):
-                raise _invalid(f"{entry}.{key}", "a finite number >= 0", value, where)
-    if "betas" in saved:
-        betas = saved["betas"]
-        values = [float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in betas]
-        if not all(_is_real(b) and 0.0 <= b < 1.0 for b in values):
-            raise _invalid(f"{entry}.betas", "a pair of numbers in [0, 1)", betas, where)
-    if qgalore:
-        if saved["name"] != live["name"]:
-            raise _invalid(f"{entry}.name", repr(live["name"]), saved["name"], where)
-        try:
-            _check_hparams(saved["lr"], saved["betas"], saved["eps"], saved["weight_decay"])
-        except ValueError as e:
-            raise CheckpointCorruptError(f"{where}: {entry}: {e}") from None
+class _OtherShape(Exception):
+    """Raised inside :class:`PerParameter`: this entry is the state of a parameter of another shape."""
 
 
-def _check_adamw_state(s: dict, p: torch.Tensor, optim_bits: int, entry: str, where: str) -> Optional[list]:
-    """One parameter's state in the QGaLoreOptimizer's AdamW group; returns its shape when it is another one."""
-    _check_keys(s, ("step", "adam"), entry, where)
-    _check_count(s["step"], f"{entry}.step", where, tensor=True)
-    adam = s["adam"]
-    if not isinstance(adam, dict):
-        raise _invalid(f"{entry}.adam", "a dict", adam, where)
-    for k in ("shape", "bits", "block_size"):
-        t = adam.get(k)
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != (1 if k == "shape" else 0):
-            raise _invalid(f"{entry}.adam.{k}", f"a {'1-D' if k == 'shape' else '0-d'} int64 tensor", t, where)
-    shape = adam["shape"].tolist()
-    if shape != list(p.shape):
-        return shape
-    bits = 32 if optim_bits == 8 and p.numel() < ADAM_MIN_8BIT_SIZE else optim_bits  # AdamState.zeros' rule
-    if int(adam["bits"]) != bits:
-        raise _invalid(f"{entry}.adam.bits", f"{bits} (this optimizer's moments for {list(p.shape)})",
-                       int(adam["bits"]), where)
-    if int(adam["block_size"]) != ADAM_BLOCK_SIZE:
-        raise _invalid(f"{entry}.adam.block_size", str(ADAM_BLOCK_SIZE), int(adam["block_size"]), where)
-    _check_keys(adam, ("m", "v", "shape", "bits", "block_size") + (("absmax_m", "absmax_v") if bits == 8 else ()),
-                f"{entry}.adam", where)
-    try:  # dtypes and shapes of the moments, without copying them
-        AdamState(shape=p.shape, bits=bits, block_size=ADAM_BLOCK_SIZE, m=adam["m"], v=adam["v"],
+@dataclass(frozen=True)
+class PerParameter:
+    """``optimizer.state``: parameter index -> the state ``kind_of(index, first saved state)`` describes, for the
+    parameters that have one. States of parameters of other shapes are a CheckpointMismatchError naming them all."""
+    params: list
+    names: dict
+    kind_of: Callable[[int, Any], Any]
+
+    def __call__(self, state, entry: str, where: str) -> None:
+        if not isinstance(state, dict):
+            raise _invalid(entry, "a dict", state, where)
+        other = []
+        for index, s in state.items():
+            if not _is_int(index) or not 0 <= index < len(self.params):
+                raise _invalid(f"an {entry} key", f"a parameter index in [0, {len(self.params)})", index, where)
+            if not isinstance(s, dict):
+                raise _invalid(f"{entry}.{index}", "a dict", s, where)
+            try:
+                _check(s, self.kind_of(index, next(iter(state.values()))), f"{entry}.{index}", where)
+            except _OtherShape as e:
+                p = self.params[index]
+                other.append(f"{self.names.get(id(p), index)} (checkpoint {e.args[0]}, model {list(p.shape)})")
+        if other:
+            raise CheckpointMismatchError(f"{where}: optimizer state shapes differ: {_names(other)}")
+
+
+def _shape_of(p: torch.Tensor, shape: torch.Tensor, entry: str, where: str) -> None:
+    if shape.tolist() != list(p.shape):
+        raise _OtherShape(shape.tolist())
+
+
+def _of_param(p: torch.Tensor, t, entry: str, where: str) -> None:
+    """A tensor with dimensions has the parameter's shape (else it is another parameter's state) and dtype."""
+    if isinstance(t, torch.Tensor) and t.dim():
+        if t.shape != p.shape:
+            raise _OtherShape(list(t.shape))
+        if t.dtype != p.dtype:
+            raise _invalid(entry, f"a {_dtype_name(p.dtype)} tensor (the parameter's dtype)", t, where)
+
+
+def _resembles(ref, key, value, entry: str, where: str) -> None:
+    """The kind of the other parameters' ``key``: a tensor of its dtype (0-d or not), else a value of its type."""
+    if isinstance(ref, torch.Tensor):
+        same = isinstance(value, torch.Tensor) and value.dtype == ref.dtype and (value.dim() == 0) == (ref.dim() == 0)
+    else:
+        same = type(value) is type(ref)
+    if not same:
+        raise _invalid(entry, f"like {_show(ref)} (the other parameters' {key!r})", value, where)
+
+
+def _adam_moments(shape: torch.Size, bits: int, adam: dict, entry: str, where: str) -> None:
+    """Moments of AdamState's dtypes and shapes for this parameter, checked without copying them."""
+    try:
+        AdamState(shape=shape, bits=bits, block_size=ADAM_BLOCK_SIZE, m=adam["m"], v=adam["v"],
                   absmax_m=adam.get("absmax_m"), absmax_v=adam.get("absmax_v"))
     except (ValueError, TypeError) as e:
-        raise CheckpointCorruptError(f"{where}: {entry}.adam: {e}") from None
-    if bits == 8:
-        for k in ("absmax_m", "absmax_v"):
-            _check_finite(adam[k], f"{entry}.adam.{k}", where, 0.0)
-    else:
-        _check_finite(adam["m"], f"{entry}.adam.m", where)
-        _check_finite(adam["v"], f"{entry}.adam.v", where, 0.0)
-    return None
-
-
-def _check_torch_state(s: dict, p: torch.Tensor, live: Optional[dict], first: dict, cls: str, entry: str,
-                       where: str) -> Optional[list]:
-    """One parameter's state of another optimizer; returns its shape when it is another parameter's.
-
-    Its entries have the kinds of the live state of that parameter where there is one (same keys, types, tensor
-    dtypes and shapes), else those of the first saved state (same keys, types and tensor dtypes); tensors are
-    finite, ``step`` is a count, and the classes of ``_PARAM_SHAPED_STATE`` keep moments of the parameter's shape
-    and dtype.
-    """
-    if live:
-        if isinstance(p, torch.Tensor) and cls in _PARAM_SHAPED_STATE:
-            for key, value in s.items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                    return list(value.shape)
-        _check_like(s, live, entry, where)
-    else:
-        _check_keys(s, first, entry, where)
-        for key, value in s.items():
-            ref = first[key]
-            if isinstance(ref, torch.Tensor):
-                same = isinstance(value, torch.Tensor) and value.dtype == ref.dtype \
-                    and (value.dim() == 0) == (ref.dim() == 0)
-            else:
-                same = type(value) is type(ref)
-            if not same:
-                raise _invalid(f"{entry}.{key}", f"like {_show(ref)} (the other parameters' {key!r})", value, where)
-    for key, value in s.items():
-        name = f"{entry}.{key}"
-        if key == "step":
-            number = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            if not (_is_real(number) and math.isfinite(number) and number == int(number) and 0 <= number < _EXACT):
-                raise _invalid(name, "an integer count in [0, 2**53)", value, where)
-            continue
-        if isinstance(value, torch.Tensor):
-            _check_finite(value, name, where)
-            if cls in _PARAM_SHAPED_STATE and value.dim():
-                if value.shape != p.shape:
-                    return list(value.shape)
-                if value.dtype != p.dtype:
-                    raise _invalid(name, f"a {_dtype_name(p.dtype)} tensor (the parameter's dtype)", value, where)
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise _invalid(name, "a finite number", value, where)
-    return None
-
-
-# --------------------------------------------------------------------------- scheduler
-def _check_scheduler_state(meta: Optional[dict], saved: Any, scheduler, where: str) -> dict:
-    """The scheduler's state after loading: the live state dict updated with the checked saved entries."""
-    if meta is None:
-        raise CheckpointMismatchError(f"{where} has no scheduler state (it was saved with scheduler=None)")
-    if meta["class"] != type(scheduler).__name__:
-        raise CheckpointMismatchError(f"{where} holds the state of a {meta['class']}, not of a "
-                                      f"{type(scheduler).__name__}")
-    live = scheduler.state_dict()
-    skipped = meta.get("skipped", [])
-    _check_keys(saved, [k for k in live if k not in skipped], "scheduler", where)
-    for key, value in saved.items():
-        _check_like(value, live[key], f"scheduler.{key}", where)
-    if "last_epoch" in saved:
-        _check_count(saved["last_epoch"], "scheduler.last_epoch", where, low=-1)
-    if "_step_count" in saved:
-        _check_count(saved["_step_count"], "scheduler._step_count", where)
-    for key in ("base_lrs", "_last_lr"):
-        for i, lr in enumerate(saved.get(key, ())):
-            if not (_is_real(lr) and math.isfinite(lr) and lr >= 0):
-                raise _invalid(f"scheduler.{key}.{i}", "a finite number >= 0", lr, where)
-    state = dict(live)
-    state.update(saved)
-    return state
+        raise CheckpointCorruptError(f"{where}: {entry}: {e}") from None
 
 
 # =========================================================================== load
@@ -1223,17 +1304,9 @@ def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
     _refuse_sharded(model, "load_checkpoint")
     ckpt = read_checkpoint(path)
     where = f"checkpoint {ckpt['path']}"
-    meta = ckpt["metadata"]
-    # ---- validate everything
-    _check_config(ckpt["config"], model, where)
-    if optimizer is not None:  # first: it also decides the shape of the layers' accumulators in the model
-        _check_accumulation(ckpt["optimizer"], optimizer, where)
-    _check_model_state(ckpt["model"], model, where)
-    if optimizer is not None:
-        _check_optimizer_state(meta["optimizer"], ckpt["optimizer"], optimizer, where)
-    scheduler_state = None
-    if scheduler is not None:
-        scheduler_state = _check_scheduler_state(meta["scheduler"], ckpt["scheduler"], scheduler, where)
+    for entry, expected in _expected(ckpt["metadata"], model, optimizer, scheduler):  # everything, first
+        _check(_at(ckpt, entry), expected, entry, where)
+    scheduler_state = None if scheduler is None else {**scheduler.state_dict(), **ckpt["scheduler"]}
 
     # ---- then apply. Nothing below is expected to fail: an error here is a bug of the checks above.
     step = "the model"
