@@ -1,21 +1,12 @@
-"""The CPU heap: giving freed memory back to the OS where a run has just freed a lot of it.
+"""The CPU heap: giving freed memory back to the OS where the library has just freed a lot of it.
 
-glibc's malloc serves blocks under its mmap threshold from the heap, and raises that threshold (up to 32 MiB)
-each time a mapped block is freed. Building a model on ``meta`` and quantizing it layer by layer then leaves
-freed fp32 weights as holes between the INT8 codes that outlive them; the holes stay resident, and a later
-allocation that does not fit one grows the heap. On the LLaMA-1B preset that is 0.8 GiB of resident holes
-after ``transform`` (3.52 GiB resident against 2.29 GiB of weights and states; docs/host-memory.md).
-
-Two remedies, measured there:
-
-* a fixed mmap threshold (:func:`set_cpu_mmap_threshold`): every block of 1 MiB or more gets its own mapping,
-  returned when freed. It is process-wide and makes every large temporary fault its pages in again, which is
-  why the library never sets it on its own (an application may: ``qgalore-fx pretrain --mmap-threshold``);
-* ``malloc_trim`` (:func:`release_free_memory`) where the library itself has just freed much: after each
-  projected layer a build on ``meta`` quantizes, and after the optimizer's states exist. It hands back the
-  pages of free holes and changes nothing else; the next allocation reuses the address range.
-
-Both are no-ops (returning False) where they do not apply: not Linux, or not glibc.
+glibc's malloc serves blocks under its mmap threshold from the heap and raises that threshold (up to 32 MiB)
+each time a mapped block is freed, so a build on ``meta`` that quantizes layer after layer leaves its freed fp32
+weights as resident holes between the INT8 codes. :func:`release_free_memory` (``malloc_trim``) hands such holes
+back; the library calls it while building on ``meta``. :func:`set_cpu_mmap_threshold` removes the holes
+everywhere but makes every large allocation fault its pages in again, BLAS buffers included, so only an
+application sets it. Measurements: docs/host-memory.md. Both are no-ops (returning False) where they do not
+apply: not Linux, or not glibc.
 """
 
 from __future__ import annotations
@@ -42,6 +33,7 @@ class _MallInfo2(ctypes.Structure):
 
 
 _LIBC: Optional[ctypes.CDLL] = None
+_TRIMMED_FREE = 0  # free heap bytes right after the last trim (their pages are already back with the OS)
 _LOADED = False
 
 
@@ -71,15 +63,23 @@ def free_heap_bytes() -> Optional[int]:
 
 
 def release_free_memory(min_bytes: int = RELEASE_MIN_BYTES) -> bool:
-    """``malloc_trim(0)`` when the heap holds at least ``min_bytes`` free (always, where that is unknown):
-    the free pages of every arena go back to the OS. Returns whether it trimmed."""
+    """``malloc_trim(0)``, when the heap holds at least ``min_bytes`` more free than it did after the last trim
+    (always, where that is unknown): the free pages of every arena go back to the OS. Returns whether it trimmed.
+
+    A trimmed hole still counts as free in the heap, so the last trim's free figure is the baseline; holes
+    reused since then are resident again, so the baseline never exceeds what is free now."""
+    global _TRIMMED_FREE
     libc = _libc()
     if libc is None:
         return False
     free = free_heap_bytes()
-    if free is not None and free < min_bytes:
-        return False
+    if free is not None:
+        _TRIMMED_FREE = min(_TRIMMED_FREE, free)
+        if free - _TRIMMED_FREE < min_bytes:
+            return False
     libc.malloc_trim(0)
+    if free is not None:
+        _TRIMMED_FREE = free
     return True
 
 

@@ -311,6 +311,8 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
 
+from qgalore_fx.host_allocator import free_heap_bytes, release_free_memory
+
 if sys.argv[1] == "set":
     assert set_cpu_mmap_threshold(1 << 20)
 big = torch.ones(4 << 20)  # 16 MiB mapped and freed: glibc's own policy then raises its mmap threshold
@@ -321,6 +323,10 @@ for _ in range(64):  # 2 MiB temporaries interleaved with smaller tensors that s
     keep.append(torch.ones(1 << 16))  # 256 KiB
 before = rss()
 del temp
+if sys.argv[1] == "trim":
+    assert free_heap_bytes() >= 100 << 20  # the holes are counted free in the heap
+    assert release_free_memory()
+    assert not release_free_memory()  # nothing left to hand back: below the 64 MiB it waits for
 print((before - rss()) >> 20)
 """
 
@@ -333,9 +339,11 @@ def test_cpu_mmap_threshold_returns_freed_tensors_to_the_os():
     import subprocess
 
     freed = {mode: int(subprocess.run([sys.executable, "-c", _FRAGMENTATION_PROBE, mode], capture_output=True,
-                                      text=True, check=True).stdout.split()[-1]) for mode in ("set", "default")}
+                                      text=True, check=True).stdout.split()[-1])
+             for mode in ("set", "default", "trim")}
     assert freed["set"] >= 100, freed
     assert freed["default"] < freed["set"] - 64, freed
+    assert freed["trim"] >= 100, freed  # malloc_trim hands the holes back without the threshold
 
 
 def test_cpu_mmap_threshold_rejects_bad_sizes():

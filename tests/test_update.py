@@ -57,13 +57,17 @@ def test_update_moves_int8_weights_inside_backward():
     assert layer.stats()["step"] == 1
 
 
+@pytest.mark.parametrize("proj_side", ["short", "long"])
 @pytest.mark.parametrize("m,n", [(48, 32), (32, 48)])
-def test_first_steps_equal_a_dense_galore_reference(m, n):
-    """fp32 weights, fp32 Adam, no SR: the layer follows GaLore's math exactly (given its stored P)."""
+def test_first_steps_equal_a_dense_galore_reference(m, n, proj_side):
+    """fp32 weights, fp32 Adam, no SR: the layer follows GaLore's math exactly (given its stored P), on GaLore's
+    side of the weight or (``proj_side="long"``) on the other one."""
     torch.manual_seed(1)
     dense = nn.Linear(n, m, bias=False)
     model = qgalore_fx.transform(nn.Sequential(copy.deepcopy(dense)), rank=5, weight_bits=32, proj_bits=16,
-                                 optim_bits=32, stochastic_round=False, proj_method="full", scale=0.25)
+                                 optim_bits=32, stochastic_round=False, proj_method="full", scale=0.25,
+                                 proj_side=proj_side)
+    right = (m >= n) == (proj_side == "short")  # R = G Pᵀ ([m, r]) rather than Pᵀ G ([r, n])
     opt = qgalore_fx.optimizer(model, lr=1e-2, weight_decay=0.1)
     layer = layer_of(model)
     W = dense.weight.detach().clone()
@@ -81,13 +85,14 @@ def test_first_steps_equal_a_dense_galore_reference(m, n):
         P = layer.projection_matrix()
         if t == 1:  # P is the top-r singular subspace of the first gradient
             U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-            ref_P = Vh[:5] if m >= n else U[:, :5]
-            assert proj.subspace_similarity(P, ref_P, proj.projection_side(m, n)) > 0.999
-        R = G @ P.t() if m >= n else P.t() @ G
+            ref_P = Vh[:5] if right else U[:, :5]
+            assert proj.subspace_similarity(P, ref_P, "right" if right else "left") > 0.999
+        assert layer.exp_avg.shape == ((m, 5) if right else (5, n))
+        R = G @ P.t() if right else P.t() @ G
         m1 = (1 - 0.9) * R if m1 is None else 0.9 * m1 + 0.1 * R
         v1 = (1 - 0.999) * R * R if v1 is None else 0.999 * v1 + 0.001 * R * R
         N = (m1 / (1 - 0.9 ** t)) / ((v1 / (1 - 0.999 ** t)).sqrt() + 1e-8)
-        delta = N @ P if m >= n else P @ N
+        delta = N @ P if right else P @ N
         W = W * (1 - 1e-2 * 0.1) - 1e-2 * 0.25 * delta
         torch.testing.assert_close(layer.dequantized_weight(), W, atol=2e-6, rtol=1e-5)
 
@@ -230,6 +235,7 @@ SWITCHES = [
     dict(fused=False),
     dict(proj_method="full"),
     dict(proj_method="randomized"),
+    dict(proj_side="long"),
 ]
 
 

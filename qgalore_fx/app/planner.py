@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx.config import PROJ_METHODS
+from qgalore_fx.config import PROJ_METHODS, PROJ_SIDES
 from qgalore_fx.handlers import handler_named
 from qgalore_fx.kernels.adam8bit import AdamState
 from qgalore_fx.memory import GB, MB, GiB, MiB, MemoryReport, _nbytes, memory_report, process_memory
@@ -789,6 +789,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                           "--batch-size/--seq-len): weights, states, activations and the transients of each phase")
     run.add_argument("--proj-method", choices=PROJ_METHODS, default=None,
                      help="the transform's proj_method for --run (default: the library's)")
+    run.add_argument("--proj-side", choices=PROJ_SIDES, default=None,
+                     help="the transform's proj_side for --run (default: the library's)")
     run.add_argument("--no-rest-in-backward", action="store_true",
                      help="--run with qgalore_fx.optimizer(rest_in_backward=False): unprojected gradients held "
                           "until step()")
@@ -830,9 +832,11 @@ def _run_memory(args: argparse.Namespace, out) -> int:
             raise ValueError("--run needs --preset")
         if args.embedding_dtype == "bf16" and args.no_rest_in_backward:
             raise ValueError("--embedding-dtype bf16 needs rest_in_backward (drop --no-rest-in-backward)")
-        options = {} if args.proj_method is None else {"proj_method": args.proj_method}
+        options = {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
+                   if value is not None}
         result = plan_run(args.preset, args.rank, batch_size=args.batch_size or 1, seq_len=args.seq_len,
-                          checkpointing=not args.no_checkpointing, rest_in_backward=not args.no_rest_in_backward,
+                          checkpointing=not args.no_checkpointing,
+                          rest_in_backward=False if args.no_rest_in_backward else None,
                           vocab_size=args.vocab_size, embedding_dtype={"fp32": torch.float32,
                                                                       "bf16": torch.bfloat16}[args.embedding_dtype],
                           **options)
@@ -881,7 +885,8 @@ def _run_world(args: argparse.Namespace, out) -> int:
     if args.embedding_dtype != "fp32" or args.no_rest_in_backward:
         raise ValueError("--world-size plans fp32 unprojected parameters stepped in step() (rest_in_backward is "
                          "refused under torch.distributed): drop --embedding-dtype and --no-rest-in-backward")
-    options = {} if args.proj_method is None else {"proj_method": args.proj_method}
+    options = {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
+               if value is not None}
     runtime = runtime_rss()
     results = []
     for preset in [args.preset] if args.preset else WORLD_PRESETS:
