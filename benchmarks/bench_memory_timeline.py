@@ -1,7 +1,8 @@
 """Peak memory of a real Q-GaLore training step, phase by phase: the LLaMA-7B headline on a CPU.
 
+    python benchmarks/bench_memory_timeline.py --preset 7b --steps 2 --threads 2   # LLaMA-7B with the defaults
     python benchmarks/bench_memory_timeline.py --preset 7b --steps 3 --threads 2 --mmap-threshold 1048576 \
-        --rest-in-backward --embedding-dtype bf16           # the LLaMA-7B headline run
+        --embedding-dtype bf16                              # the lowest-memory 7B run
     python benchmarks/bench_memory_timeline.py --preset 60m --steps 3          # a quick check of the script
 
 The model is built on the ``meta`` device from the preset's ``LlamaConfig`` and
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                          "turns it on where it is valid and pays (a large untied embedding or head)")
     ap.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="storage of the input embedding and output head; bf16 (stochastic rounding, see "
-                         "qgalore_fx.fused_rest) needs --rest-in-backward")
+                         "qgalore_fx.fused_rest) needs the embedding and head updated inside backward")
     ap.add_argument("--no-plan", action="store_true", help="skip the planner's prediction (qgalore_fx.app.planner."
                     "plan_run, printed beside the measurement)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA each phase also records "

@@ -9,13 +9,15 @@ Methods (``bench_speed.make_optimizer``, the same definitions as the step-time b
 - ``adamw``: ``torch.optim.AdamW`` on every parameter, fp32 weights;
 - ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit``, fp32 weights (``--peer-dtype bf16`` for bf16 weights);
 - ``galore``: ``galore_torch.GaLoreAdamW`` (block linears projected at the preset's rank, scale 0.25, gap 200);
-- ``qgalore``: ``qgalore_fx.transform(model, rank)`` + ``qgalore_fx.optimizer`` with every default;
+- ``qgalore``: ``qgalore_fx.transform(model, rank)`` + ``qgalore_fx.optimizer`` with every default (at 60m and
+  up that updates the embedding and head inside backward);
 - ``qgalore-lowmem``: as ``qgalore``, with ``rest_in_backward=True`` and the embedding and head stored bf16
   (the LLaMA-7B set-up of BENCHMARKS.md).
 
 Every method trains the same LLaMA (:mod:`qgalore_fx.app.presets`) with activation checkpointing (unless
 ``--checkpointing off``), batch ``--batch-size`` x ``--seq-len`` random tokens, ``--threads`` threads, glibc's mmap threshold at 1 MiB
-(``qgalore_fx.memory.set_cpu_mmap_threshold``, so freed tensors leave the resident set in every process). The
+(``qgalore_fx.memory.set_cpu_mmap_threshold``, so freed tensors leave the resident set in every process;
+``--allocator glibc`` keeps glibc's own policy, whose large allocations need no page faults). The
 peers build the fp32 model directly; Q-GaLore builds on ``meta`` and materializes straight into INT8, as its
 users do. Each child runs under ``resource.setrlimit(RLIMIT_DATA, --cap-gib)``: an allocation past the cap
 fails inside the child (reported with the phase it failed in) instead of swapping or waking the OOM killer.
@@ -87,7 +89,8 @@ def worker(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_speed import make_optimizer
 
-    set_cpu_mmap_threshold(1 << 20)
+    if args.allocator == "threshold":
+        set_cpu_mmap_threshold(1 << 20)
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     config = llama_config(preset.name, vocab_size=None if preset.vocab_size else 8192)
@@ -106,7 +109,7 @@ def worker(args) -> dict:
             if lowmem:
                 model.get_input_embeddings().to(torch.bfloat16)
                 model.get_output_embeddings().to(torch.bfloat16)
-            opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=lowmem)
+            opt = qgalore_fx.optimizer(model, lr=1e-3, rest_in_backward=True if lowmem else None)
         else:
             dtype = torch.bfloat16 if args.peer_dtype == "bf16" else torch.float32
             torch.set_default_dtype(dtype)  # built in its dtype: a bf16 model never exists in fp32
@@ -161,7 +164,8 @@ def _print_case(case: dict, args) -> None:
     rows = case["rows"]
     print(f"\n{case['preset']}, batch {case['batch_size']} x {case['seq_len']}, {case['threads']} thread(s), "
           f"activation checkpointing {case['checkpointing']}, RLIMIT_DATA {args.cap_gib:g} GiB per process, "
-          f"peers' weights {args.peer_dtype}, {args.steps} steps (median of the steps after the first)")
+          f"peers' weights {args.peer_dtype}, allocator {args.allocator}, {args.steps} steps (median of the steps "
+          "after the first)")
     floor = step_floor(case["preset"], case["batch_size"], case["seq_len"], checkpointing=case["checkpointing"] == "on")
     median = {r["method"]: r.get("median_step_seconds") for r in rows}
     print(f"matmul floor (qgalore_fx.app.floor, rank {floor.rank}): Q-GaLore {floor.ratio('qgalore'):.3f}x AdamW, "
@@ -197,6 +201,10 @@ def main(argv=None) -> int:
                     help="a shape to run every method at (e.g. 60m:4:1:off), repeatable; default: one case from "
                          "--preset, --batch-size, --threads and --checkpointing")
     ap.add_argument("--cap-gib", type=float, default=21.0, help="RLIMIT_DATA of each child (GiB)")
+    ap.add_argument("--allocator", choices=("threshold", "glibc"), default="threshold",
+                    help="threshold: glibc's mmap threshold fixed at 1 MiB in every child (freed tensors leave the "
+                         "resident set, large allocations fault their pages in again); glibc: its own policy "
+                         "(docs/host-memory.md)")
     ap.add_argument("--peer-dtype", choices=("fp32", "bf16"), default="fp32", help="the peers' weight dtype")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -216,7 +224,8 @@ def main(argv=None) -> int:
                   f"checkpointing {ckpt}: {method} ...", flush=True)
             cmd = [sys.executable, __file__, "--worker", method, "--preset", preset, "--batch-size", str(batch),
                    "--seq-len", str(args.seq_len), "--threads", str(threads), "--checkpointing", ckpt,
-                   "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--peer-dtype", args.peer_dtype]
+                   "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--peer-dtype", args.peer_dtype,
+                   "--allocator", args.allocator]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
                                      if not line.startswith("RESULT ")))
@@ -236,6 +245,7 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps({
             "command": "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "allocator": args.allocator,
             "cases": report}, indent=1))
     return 0
 

@@ -47,7 +47,7 @@ if [ -z "${QUICK:-}" ]; then
     part step-1b python benchmarks/bench_memory_timeline.py --preset 1b --steps 5 --device cuda \
         --out "$OUT/step-1b.json"
     # 5. Peak memory of LLaMA-7B steps (max_memory_allocated is in the JSON's memory report on CUDA).
-    part memory-7b python benchmarks/bench_memory_timeline.py --preset 7b --steps 3 --rest-in-backward \
+    part memory-7b python benchmarks/bench_memory_timeline.py --preset 7b --steps 3 \
         --device cuda --out "$OUT/memory-7b.json"
 fi
 # 6. FSDP2 on CUDA with nccl (one GPU: a world of one; CPU/gloo covers 2 and 4 ranks in tests/test_fsdp.py), and

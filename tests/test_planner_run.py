@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc and glibc's mallopt: Linux only")
-@pytest.mark.parametrize("extra", [["--rest-in-backward"], ["--rest-in-backward", "--embedding-dtype", "bf16"], []])
+@pytest.mark.parametrize("extra", [[], ["--rest-in-backward", "on", "--embedding-dtype", "bf16"],
+                                   ["--rest-in-backward", "off"]])
 def test_planned_peak_matches_a_measured_run(tmp_path, extra):
     out = tmp_path / "run.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory_timeline.py"), "--preset", "60m",
