@@ -227,7 +227,7 @@ def test_defaults_are_the_train_config_defaults(captured):
     assert resolved.transform_kwargs() == dict(
         rank=64, update_interval=200, scale=0.25, fused=True, cos_threshold=0.4, adaptive=True,
         weight_bits=8, proj_bits=4, stochastic_round=True, optim_bits=8, queue_size=5,
-        proj_method="subspace", align="sign", eps_placement="adam",
+        proj_method="subspace", align="sign", eps_placement="adam", proj_side="short",
     )
 
 
@@ -235,13 +235,13 @@ def test_switches_reach_the_transform(captured):
     argv = ["pretrain", "--rank", "32", "--weight-bits", "16", "--proj-bits", "8", "--optim-bits",
             "32", "--no-stochastic-round", "--no-adaptive", "--no-fused", "--update-interval", "50",
             "--scale", "0.5", "--cos-threshold", "0.6", "--queue-size", "3", "--proj-method", "full",
-            "--align", "procrustes", "--eps-placement", "galore", "--rest-lr", "5e-4"]
+            "--align", "procrustes", "--eps-placement", "galore", "--proj-side", "long", "--rest-lr", "5e-4"]
     assert cli.main(argv) == 0
     assert captured[0].rest_lr == 5e-4
     assert captured[0].resolved().transform_kwargs() == dict(
         rank=32, update_interval=50, scale=0.5, fused=False, cos_threshold=0.6, adaptive=False,
         weight_bits=16, proj_bits=8, stochastic_round=False, optim_bits=32, queue_size=3,
-        proj_method="full", align="procrustes", eps_placement="galore",
+        proj_method="full", align="procrustes", eps_placement="galore", proj_side="long",
     )
 
 
