@@ -1,6 +1,7 @@
 """Fuzz transform()/optimizer() options: invalid ones raise a clear error naming the option, valid ones train."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -185,7 +186,8 @@ def _hf_model():
     return tiny_llama()
 
 
-@pytest.mark.parametrize("where", ["pass 1", "pass 2", "pass 2 late"])
+@pytest.mark.parametrize("where", ["second layer built", "second layer's update state", "last layer's update state",
+                                   "pass 2"])
 @pytest.mark.parametrize("build", [model, _hf_model], ids=["sequential", "llama"])
 def test_a_failure_midway_restores_the_model_exactly(monkeypatch, where, build):
     from qgalore_fx.layers import QGaLoreLinear
@@ -194,10 +196,12 @@ def test_a_failure_midway_restores_the_model_exactly(monkeypatch, where, build):
     before = _model_state(m)
     params = {n: p for n, p in m.named_parameters()}
     layers = len(qgalore_fx.projected_layers(qgalore_fx.transform(build(), rank=4)))
-    if where == "pass 1":
+    if where == "second layer built":  # pass 1: a handler builds each projected layer whole
         _fail_on_call(monkeypatch, QGaLoreLinear, "projected", 2)
-    else:  # the second layer's update state, or the last one's
-        _fail_on_call(monkeypatch, QGaLoreLinear, "enable_update", 2 if where == "pass 2" else layers)
+    elif where == "pass 2":  # wiring the first graph's op calls to their layers' state
+        _fail_on_call(monkeypatch, sys.modules["qgalore_fx.rewrite"], "fuse_update", 1)
+    else:
+        _fail_on_call(monkeypatch, QGaLoreLinear, "enable_update", 2 if where.startswith("second") else layers)
     with pytest.raises(_Midway):
         qgalore_fx.transform(m, rank=4)
     monkeypatch.undo()
