@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qgalore_fx.host_allocator import CPU_MMAP_THRESHOLD, release_free_memory, set_cpu_mmap_threshold  # noqa: F401
+from qgalore_fx.host_allocator import CPU_MMAP_THRESHOLD, set_cpu_mmap_threshold  # noqa: F401  (their old home)
 from qgalore_fx.kernels.adam8bit import AdamState
 
 __all__ = [

@@ -262,9 +262,11 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
     per_layer, saved = _activation_costs(config, batch_size, seq_len, checkpointing)
     update, refresh = _update_costs(model, rank, T, factored=True)
     head = model.get_output_embeddings()
+    fused = fused_rest.fused_weights(model)
     if rest_in_backward is None:  # qgalore_fx.optimizer's default: on when an embedding or head is fused
-        rest_in_backward = bool(fused_rest.fused_weights(model))
-    fused = fused_rest.fused_weights(model) if rest_in_backward else {}
+        rest_in_backward = bool(fused)
+    if not rest_in_backward:
+        fused = {}
     head_grad = 0 if head is None or id(head.weight) in fused else head.weight.element_size() * head.weight.numel()
     if rest_in_backward:
         held = 0
@@ -832,8 +834,7 @@ def _run_memory(args: argparse.Namespace, out) -> int:
             raise ValueError("--run needs --preset")
         if args.embedding_dtype == "bf16" and args.no_rest_in_backward:
             raise ValueError("--embedding-dtype bf16 needs rest_in_backward (drop --no-rest-in-backward)")
-        options = {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
-                   if value is not None}
+        options = _transform_options(args)
         result = plan_run(args.preset, args.rank, batch_size=args.batch_size or 1, seq_len=args.seq_len,
                           checkpointing=not args.no_checkpointing,
                           rest_in_backward=False if args.no_rest_in_backward else None,
@@ -881,12 +882,17 @@ def _run_memory(args: argparse.Namespace, out) -> int:
 WORLD_PRESETS = ("60m", "130m", "350m", "1b", "7b", "13b", "70b")
 
 
+def _transform_options(args: argparse.Namespace) -> dict:
+    """The transform options ``--proj-method`` and ``--proj-side`` set (the library's default where unset)."""
+    return {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
+            if value is not None}
+
+
 def _run_world(args: argparse.Namespace, out) -> int:
     if args.embedding_dtype != "fp32" or args.no_rest_in_backward:
         raise ValueError("--world-size plans fp32 unprojected parameters stepped in step() (rest_in_backward is "
                          "refused under torch.distributed): drop --embedding-dtype and --no-rest-in-backward")
-    options = {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
-               if value is not None}
+    options = _transform_options(args)
     runtime = runtime_rss()
     results = []
     for preset in [args.preset] if args.preset else WORLD_PRESETS:

@@ -135,7 +135,7 @@ def _workspace(slot: str, numel: int, dtype: torch.dtype, device: torch.device) 
     :data:`MATMUL_CHUNK`): a fresh mapping, faulted in page by page, wherever the CPU allocator serves
     large blocks with ``mmap`` (qgalore_fx.host_allocator), and a hole in the heap where it does not.
     Kept per thread (a buffer is in use only inside one call) and per slot, device and dtype; it grows to
-    the largest chunk seen and stays, about 2 x MATMUL_CHUNK elements at most.
+    the largest chunk seen and stays (about MATMUL_CHUNK elements: the rows of whole quantization blocks).
     """
     key = (slot, device, dtype)
     cache = getattr(_WORKSPACES, "buffers", None)
@@ -177,8 +177,9 @@ def int8_matmul_chunked(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Te
 
 def int8_matmul_t_chunked(g2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int):
     """``int8_matmul_t_reference`` as a sum over row chunks of the weight (:data:`MATMUL_CHUNK`); the sum
-    runs in another order than one product, so results agree to float rounding. The dequantized chunk and
-    each chunk's product live in workspaces the thread reuses."""
+    runs in another order than one product, so results agree to float rounding. The dequantized chunk lives
+    in a workspace the thread reuses; each chunk's product in one buffer per call (its size follows the
+    tokens, so it is not kept)."""
     _check_matmul_args(g2d, codes, scales, block_size, "g2d", transposed=True)
     if codes.numel() <= MATMUL_CHUNK:
         return int8_matmul_t_reference(g2d, codes, scales, block_size)
@@ -190,7 +191,7 @@ def int8_matmul_t_chunked(g2d: torch.Tensor, codes: torch.Tensor, scales: torch.
             out = g2d[:, start:stop] @ rows
             continue
         if part is None:
-            part = _workspace("product", out.numel(), out.dtype, out.device).view(out.shape)
+            part = torch.empty_like(out)
         torch.matmul(g2d[:, start:stop], rows, out=part)
         out.add_(part)
     return out
