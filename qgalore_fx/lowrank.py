@@ -27,6 +27,7 @@ from qgalore_fx.kernels import all_finite, quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
 from qgalore_fx.kernels.quant import row_chunks
+from qgalore_fx.kernels.workspace import workspace
 from qgalore_fx.kernels.writeback import writeback_, writeback_applies
 
 
@@ -358,8 +359,9 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     for start, stop in _row_chunks(m, n, bs):
         rows = slice(start, stop)
         # ΔW rows: N[rows] @ P (right projection) or P[rows] @ N (left)
-        delta = proj.project_back(N[rows], P, "right") if spec.side == "right" else \
-            proj.project_back(N, P[row0 + start:row0 + stop], "left")
+        out = workspace("delta", (stop - start) * n, torch.float32, N.device).view(stop - start, n)
+        delta = proj.project_back(N[rows], P, "right", out) if spec.side == "right" else \
+            proj.project_back(N, P[row0 + start:row0 + stop], "left", out)
         if weight.is_floating_point():
             W = weight[rows].float()
             W.mul_(decay).sub_(delta.mul_(step_size))

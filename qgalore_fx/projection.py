@@ -153,8 +153,9 @@ def project(G: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
     return P.to(dtype).T @ G.to(dtype)
 
 
-def project_back(R: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
-    """Full-shape update from a low-rank one: ``R @ P`` (right) or ``P @ R`` (left)."""
+def project_back(R: torch.Tensor, P: torch.Tensor, side: Side, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Full-shape update from a low-rank one: ``R @ P`` (right) or ``P @ R`` (left); into ``out`` (a contiguous
+    tensor of the result's shape and dtype) when given."""
     side = _check_side(side)
     _check_2d("R", R)
     _check_2d("P", P)
@@ -164,12 +165,21 @@ def project_back(R: torch.Tensor, P: torch.Tensor, side: Side) -> torch.Tensor:
             raise ValueError(
                 f"right side needs R of shape [m, {P.shape[0]}] for P {tuple(P.shape)}, got R {tuple(R.shape)}"
             )
-        return R.to(dtype) @ P.to(dtype)
+        return _matmul(R.to(dtype), P.to(dtype), out)
     if R.shape[0] != P.shape[1]:
         raise ValueError(
             f"left side needs R of shape [{P.shape[1]}, n] for P {tuple(P.shape)}, got R {tuple(R.shape)}"
         )
-    return P.to(dtype) @ R.to(dtype)
+    return _matmul(P.to(dtype), R.to(dtype), out)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is None:
+        return a @ b
+    if out.shape != (a.shape[0], b.shape[1]) or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {a.dtype} tensor of shape {(a.shape[0], b.shape[1])}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return torch.matmul(a, b, out=out)
 
 
 # --------------------------------------------------------------------------------------

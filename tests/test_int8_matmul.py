@@ -218,3 +218,27 @@ def test_the_ops_chunked_default_kernel_equals_the_reference(monkeypatch, shape,
                                mm.int8_matmul_reference(x, codes, scales, block_size), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(torch.ops.qgalore_fx.int8_matmul_t(g, codes, scales, block_size),
                                mm.int8_matmul_t_reference(g, codes, scales, block_size), rtol=1e-5, atol=1e-4)
+
+
+def test_the_chunked_kernels_allocate_nothing_of_a_chunks_size(monkeypatch):
+    """Each chunk's fp32 rows are dequantized into this thread's workspace, codes copied then scaled in place: a
+    warm call allocates only its output (``torch.mul`` of int8 by fp32 would first promote the codes into a
+    temporary of the chunk's size, a fresh mapping faulted in page by page under the mmap threshold)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qgalore_fx.kernels import int8_matmul as mm
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (2048, 1024), generator=gen, dtype=torch.int8)
+    scales = torch.rand(mm.num_blocks(codes.numel(), 256), generator=gen) + 0.1
+    x, g = torch.randn(4, 1024, generator=gen), torch.randn(4, 2048, generator=gen)
+    monkeypatch.setattr(mm, "MATMUL_CHUNK", 256 * 1024)  # 8 chunks of 1 MiB fp32
+    chunk_bytes = 256 * 1024 * 4
+    for fn, a in ((mm.int8_matmul_chunked, x), (mm.int8_matmul_t_chunked, g)):
+        fn(a, codes, scales, 256)  # fills the workspace
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn(a, codes, scales, 256)
+        assert [e.name for e in prof.events() if e.cpu_memory_usage >= chunk_bytes] == []
+        ref = (mm.int8_matmul_reference if fn is mm.int8_matmul_chunked else mm.int8_matmul_t_reference)(
+            a, codes, scales, 256)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())  # sums of ~1e3

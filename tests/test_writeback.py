@@ -43,6 +43,40 @@ def test_writeback_equals_reference(shape, stochastic, ok):
         assert not torch.equal(c, codes)
 
 
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_a_failed_second_kernel_finishes_eagerly_with_the_same_bits(monkeypatch, stochastic):
+    """The first kernel has already written the new weight over ``delta`` when the second fails to compile: the
+    write-back must finish from it (not fall back to the reference, which would read ``delta`` as the step)."""
+    gen = torch.Generator().manual_seed(1)
+    codes, scales = quantize_reference(torch.randn(16, 256, generator=gen) * 0.02, 8, 256)
+    delta = torch.randn(16, 256, generator=gen)
+    decay, step_size, ok = torch.tensor(0.999), torch.tensor(2e-3), torch.tensor(True)
+    seed = make_seed(7, offset=0) if stochastic else None
+    expect = _reference(codes, scales, delta, decay, step_size, seed, ok, 256)
+    kernel = writeback._SR_KERNEL if stochastic else writeback._NEAREST_KERNEL
+    monkeypatch.setattr(kernel, "available", lambda: False)
+    c, s = codes.clone(), scales.clone()
+    assert writeback.writeback_(c, s, delta.clone(), decay, step_size, 256, seed, ok)
+    assert torch.equal(c, expect[0]) and torch.equal(s, expect[1])
+
+
+def test_the_write_back_allocates_no_chunk_sized_buffer():
+    """The new weight goes into ``delta`` and the noise into this thread's workspace: a repeated write-back of a
+    4 MiB chunk allocates nothing of the chunk's size (each such block is a fresh mapping faulted in page by page
+    under qgalore_fx.host_allocator's threshold)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(2)
+    codes, scales = quantize_reference(torch.randn(4096, 256, generator=gen) * 0.02, 8, 256)
+    delta = torch.randn(4096, 256, generator=gen)
+    args = (torch.tensor(0.999), torch.tensor(2e-3), 256, make_seed(3, offset=0), torch.tensor(True))
+    assert writeback.writeback_(codes, scales, delta.clone(), *args)  # compiles; fills the workspace
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert writeback.writeback_(codes, scales, delta, *args)
+    big = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= delta.numel()]
+    assert big == []
+
+
 def test_writeback_does_not_apply_where_the_reference_differs(monkeypatch):
     codes = torch.zeros(3, 100, dtype=torch.int8)  # 300 elements: a short last block
     assert not writeback.writeback_applies(codes, 256)

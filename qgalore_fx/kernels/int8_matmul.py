@@ -21,14 +21,14 @@ dtype (as the reference does) and feeds ``tl.dot`` with an fp32 accumulator.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .fastpath import reference_forced
-from .quant import FLOAT_DTYPES, _check_block_size, dequantize_reference, num_blocks, row_chunks
+from .quant import FLOAT_DTYPES, _check_block_size, dequantize_into, dequantize_reference, num_blocks, row_chunks
+from .workspace import workspace
 
 try:
     import triton
@@ -125,41 +125,18 @@ def _weight_rows(codes: torch.Tensor, scales: torch.Tensor, block_size: int, sta
     return dequantize_reference(codes[start:stop], scales[first:last], 8, block_size, [stop - start, cols], dtype)
 
 
-_WORKSPACES = threading.local()
-
-
-def _workspace(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements that this thread reuses from call to call.
-
-    Every chunk of every dequant-matmul would otherwise allocate its own fp32 rows (16 MiB at
-    :data:`MATMUL_CHUNK`): a fresh mapping, faulted in page by page, wherever the CPU allocator serves
-    large blocks with ``mmap`` (qgalore_fx.host_allocator), and a hole in the heap where it does not.
-    Kept per thread (a buffer is in use only inside one call) and per slot, device and dtype; it grows to
-    the largest chunk seen and stays (about MATMUL_CHUNK elements: the rows of whole quantization blocks).
-    """
-    key = (slot, device, dtype)
-    cache = getattr(_WORKSPACES, "buffers", None)
-    if cache is None:
-        cache = _WORKSPACES.buffers = {}
-    buf = cache.get(key)
-    if buf is None or buf.numel() < numel:
-        cache[key] = buf = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
 def _weight_rows_in_workspace(codes: torch.Tensor, scales: torch.Tensor, block_size: int, start: int, stop: int,
                               dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_weight_rows` written into this thread's workspace (the same products, so the same bits) where
-    the rows are whole fp32 blocks; elsewhere a fresh tensor as before."""
+    """:func:`_weight_rows` written into this thread's workspace (:mod:`.workspace`; the same products, so the
+    same bits) where the rows are whole fp32 blocks; elsewhere a fresh tensor as before."""
     cols = codes.shape[1]
     n = (stop - start) * cols
-    if dtype != torch.float32 or n % block_size or (start * cols) % block_size or codes.device.type == "meta":
+    if dtype != torch.float32 or n % block_size or (start * cols) % block_size:
         return _weight_rows(codes, scales, block_size, start, stop, dtype)
     first = start * cols // block_size
-    buf = _workspace("dequant", n, dtype, codes.device)
-    torch.mul(codes[start:stop].reshape(-1, block_size), scales[first:first + n // block_size].unsqueeze(1),
-              out=buf.view(-1, block_size))
-    return buf.view(stop - start, cols)
+    out = workspace("dequant", n, dtype, codes.device)
+    dequantize_into(codes[start:stop], scales[first:first + n // block_size], block_size, out)
+    return out.view(stop - start, cols)
 
 
 def int8_matmul_chunked(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int):

@@ -395,6 +395,18 @@ def quantize_reference(
     return (codes.view(x.shape) if bits == 8 else codes), scales
 
 
+def dequantize_into(codes: torch.Tensor, scales: torch.Tensor, block_size: int, out: torch.Tensor) -> torch.Tensor:
+    """INT8 ``codes * scale`` written into the fp32 ``out`` (``codes.numel()`` elements, whole blocks), returned.
+
+    The codes are copied into ``out`` (int8 to fp32 is exact) and multiplied there in place: the same products,
+    rounded once, as ``torch.mul(codes, scales)``, which on the CPU first converts the int8 operand into an fp32
+    temporary of the whole chunk (TensorIterator's input promotion).
+    """
+    blocks = out.view(-1, block_size)
+    blocks.copy_(codes.reshape(-1, block_size))
+    return blocks.mul_(scales.reshape(-1, 1)).view(-1)
+
+
 def dequantize_reference(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -408,9 +420,9 @@ def dequantize_reference(
     n = math.prod(shape)
     flat = codes.reshape(-1)
     if bits == 8 and dtype == torch.float32 and n % block_size == 0:
-        # The same products in one pass: int8 promotes to fp32 exactly inside the multiply, the result is the
-        # output (no temporaries to bound); about 2x faster than the chunk loop below on a 1376 x 512 weight.
-        return torch.mul(flat.view(-1, block_size), scales.unsqueeze(1)).view(list(shape))
+        # The same products in one pass (about 2x faster than the chunk loop below on a 1376 x 512 weight).
+        out = torch.empty(n, dtype=dtype, device=codes.device)
+        return dequantize_into(flat, scales, block_size, out).view(list(shape))
     out = torch.empty(n, dtype=dtype, device=codes.device)
     for start, stop in _chunks(n, block_size):
         if bits == 8:
