@@ -308,13 +308,18 @@ ADAM_CHUNK = 1 << 20
 def _adam_direction(R: Tensor, adam: AdamState, t: Tensor, beta1, beta2, eps, ok: Tensor, base: int = 0) -> Tensor:
     """Adam's direction N for R, over chunks of :data:`ADAM_CHUNK` elements (whole moment blocks). ``base``: the
     index of R's first element in the whole R (under FSDP2 a rank holds rows of it), so the second moment's
-    rounding draws are the same whatever the split."""
+    rounding draws are the same whatever the split.
+
+    A contiguous fp32 ``R`` is consumed: each chunk of N is written over the chunk of R it came from (R is read
+    by nothing after Adam), so the update holds one ``R``-sized tensor instead of two (45 MiB less at the peak of
+    a LLaMA-7B MLP layer's update, rank 1024)."""
     n = R.numel()
     if n <= ADAM_CHUNK:
         return adam_direction_masked_(R, adam, t, beta1, beta2, eps, ok, offset=base)
     chunk = max(adam.block_size, ADAM_CHUNK // adam.block_size * adam.block_size)
     flat = R.reshape(-1)
-    N = torch.empty(n, dtype=torch.float32, device=R.device)
+    in_place = R.dtype == torch.float32 and R.is_contiguous()
+    N = flat if in_place else torch.empty(n, dtype=torch.float32, device=R.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         N[start:stop] = adam_direction_masked_(flat[start:stop], adam.part(start, stop), t, beta1, beta2, eps, ok,
@@ -325,7 +330,8 @@ def _adam_direction(R: Tensor, adam: AdamState, t: Tensor, beta1, beta2, eps, ok
 @torch.no_grad()
 def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, hparams: Tensor,
           seed: Optional[Tensor], spec: UpdateSpec, P: Optional[Tensor] = None) -> None:
-    """One update from the low-rank gradient ``R``, branch-free (no host synchronization).
+    """One update from the low-rank gradient ``R`` (consumed: Adam's direction is written over it), branch-free
+    (no host synchronization).
 
     Writes ``weight``/``scales`` and the moments, and counts ``step``/``skipped``; a non-finite
     ``R`` or non-finite hyperparameters leave weight and moments exactly as they were. The weight is

@@ -21,9 +21,10 @@
     ``torch.compile`` orders it after every read of the old weight; opaque to
     the compiler, because the refresh is data-dependent.
 
-``torch.ops.qgalore_fx.lowrank_step_(weight!, scales!, state!, R, hparams, seed, spec, P=None)``
+``torch.ops.qgalore_fx.lowrank_step_(weight!, scales!, state!, R!, hparams, seed, spec, P=None)``
     The steady-state update over tensors (:func:`qgalore_fx.lowrank.step_`):
-    Adam on R, project back, decay, stochastic-rounding write-back;
+    Adam on R (consumed: its direction N is written over it), project back, decay, stochastic-rounding
+    write-back;
     branch-free, hyperparameters as tensors. ``P`` is the dequantized
     projection when the caller already holds it (else read from the state).
 
@@ -142,7 +143,7 @@ def _(weight, scales, state, hparams, x, grad_y, spec):
     return None
 
 
-@torch.library.custom_op("qgalore_fx::lowrank_step_", mutates_args=("weight", "scales", "state"))
+@torch.library.custom_op("qgalore_fx::lowrank_step_", mutates_args=("weight", "scales", "state", "R"))
 def lowrank_step_(weight: Tensor, scales: Tensor, state: List[Tensor], R: Tensor, hparams: Tensor,
                   seed: Optional[Tensor], spec: str, P: Optional[Tensor] = None) -> None:
     lowrank.step_(weight, scales, lowrank.state_from_list(state), R, hparams, seed, lowrank.decode_spec(spec), P)

@@ -430,3 +430,21 @@ def test_a_refresh_with_few_tokens_never_forms_G_and_trains_as_the_formed_one(mo
     monkeypatch.setattr(proj.FactoredGradient, "cheaper", staticmethod(lambda *a: False))
     formed, _ = run(False)
     assert float((factored - formed).norm() / (formed - starts[0]).norm()) < 1e-4
+
+
+def test_adams_direction_is_written_over_R_chunk_by_chunk(monkeypatch):
+    """The update holds one R-sized tensor: N goes over the R it came from, chunk by chunk, with the same values
+    as a separate N, and the same moments."""
+    from qgalore_fx import lowrank
+    from qgalore_fx.kernels.adam8bit import AdamState
+
+    monkeypatch.setattr(lowrank, "ADAM_CHUNK", 4096)  # 4 chunks
+    R = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    args = (torch.tensor(3), 0.9, 0.999, 1e-8, torch.tensor(True))
+    a, b = AdamState.zeros(R.shape), AdamState.zeros(R.shape)
+    expect = lowrank._adam_direction(R.clone().t().contiguous().t(), b, *args)  # not contiguous: a separate N
+    R_in = R.clone()
+    N = lowrank._adam_direction(R_in, a, *args)
+    assert N.data_ptr() == R_in.data_ptr()
+    assert torch.equal(N, expect) and not torch.equal(N, R)
+    assert torch.equal(a.m, b.m) and torch.equal(a.v, b.v)
