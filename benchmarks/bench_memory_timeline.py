@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--interval", type=float, default=0.02)
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--mmap-threshold", type=int, default=None,
-                    help="call qgalore_fx.memory.set_cpu_mmap_threshold(BYTES) first (default: glibc's own policy)")
+                    help="call qgalore_fx.memory.set_cpu_mmap_threshold(BYTES) first (default: the library's own choice, "
+                         "qgalore_fx.optimizer(mmap_threshold=None): set for a model of 4 GiB or more)")
     ap.add_argument("--rest-in-backward", choices=("default", "on", "off"), default="default",
                     help="qgalore_fx.optimizer(..., rest_in_backward=None/True/False): on, the embedding, norms "
                          "and head are updated inside backward and their gradients freed at once; the default "

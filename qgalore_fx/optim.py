@@ -55,6 +55,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from qgalore_fx import fused_rest, lowrank, sharding
+from qgalore_fx.host_allocator import auto_mmap_threshold, check_mmap_threshold
 from qgalore_fx.config import OPTIM_BITS
 from qgalore_fx.kernels import all_finite
 from qgalore_fx.kernels.adam8bit import AdamState, adamw_masked_
@@ -585,7 +586,7 @@ def _resolve_process_group(process_group):
 def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, optim_bits: Optional[int] = None, accumulation_steps: int = 1,
               process_group="auto", reduce: str = "lowrank", rest_lr: Optional[float] = None,
-              rest_in_backward: Optional[bool] = None) -> QGaLoreOptimizer:
+              rest_in_backward: Optional[bool] = None, mmap_threshold: Optional[bool] = None) -> QGaLoreOptimizer:
     """The optimizer for a transformed model (see module docstring).
 
     ``lr`` drives the projected layers; ``rest_lr`` (default: ``lr``) the AdamW group of everything else —
@@ -603,10 +604,18 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     when the model has an embedding or head large enough to matter and nothing needs the gradients after
     backward (:meth:`QGaLoreOptimizer._rest_in_backward_by_default`); ``False`` keeps every update of that
     group in ``step()``.
+
+    ``mmap_threshold`` (CPU, Linux with glibc): True returns freed blocks of 1 MiB and more to the OS at once
+    (process-wide, :func:`qgalore_fx.host_allocator.set_cpu_mmap_threshold`), False keeps glibc's policy. The
+    default, ``None``, sets it for a model holding 4 GiB or more on the CPU, where it lowers the peak and the step
+    time (LLaMA-7B: 2.4 GiB lower), and says so once; smaller models keep glibc's policy (docs/host-memory.md).
     """
     if isinstance(betas, Iterable) and not isinstance(betas, (str, bytes)):
         betas = tuple(betas)  # any iterable pair; anything else is refused by name, as a bad pair is
-    return QGaLoreOptimizer(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+    check_mmap_threshold(mmap_threshold)  # before the optimizer binds the layers
+    opt = QGaLoreOptimizer(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             optim_bits=optim_bits, accumulation_steps=accumulation_steps,
                             process_group=process_group, reduce=reduce, rest_lr=rest_lr,
                             rest_in_backward=rest_in_backward)
+    auto_mmap_threshold(model, mmap_threshold)
+    return opt

@@ -363,3 +363,29 @@ def test_report_names_float_projection_storage(proj_bits, label, bytes_per_eleme
     assert f"projections ({label})" in str(report)
     elements = sum(layer.proj_codes.numel() for _, layer in qgalore_fx.projected_layers(model))
     assert report.projections == elements * bytes_per_element
+
+
+def test_the_optimizer_sets_the_mmap_threshold_by_the_models_size(monkeypatch):
+    """``optimizer(mmap_threshold=None)`` sets glibc's threshold only for a model of AUTO_THRESHOLD_BYTES or more on
+    the CPU (said once), True always, False never; anything else is refused by name before the layers are bound."""
+    import qgalore_fx
+    from qgalore_fx import host_allocator
+
+    calls = []
+    monkeypatch.setattr(host_allocator, "set_cpu_mmap_threshold", lambda: calls.append(1) or True)
+    monkeypatch.setattr(host_allocator, "_AUTO_SET", False)
+    model = qgalore_fx.transform(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64)), rank=8)
+    held = host_allocator._cpu_bytes(model)
+    assert 0 < held < host_allocator.AUTO_THRESHOLD_BYTES
+    qgalore_fx.optimizer(model, lr=1e-3)
+    assert calls == []
+    qgalore_fx.optimizer(model, lr=1e-3, mmap_threshold=True)
+    assert calls == [1]
+    monkeypatch.setattr(host_allocator, "AUTO_THRESHOLD_BYTES", held)  # the model is now "large"
+    with pytest.warns(UserWarning, match="mmap_threshold=False"):
+        qgalore_fx.optimizer(model, lr=1e-3)
+    assert calls == [1, 1]
+    qgalore_fx.optimizer(model, lr=1e-3, mmap_threshold=False)
+    assert calls == [1, 1]
+    with pytest.raises(TypeError, match="mmap_threshold must be None"):
+        qgalore_fx.optimizer(model, lr=1e-3, mmap_threshold="on")
