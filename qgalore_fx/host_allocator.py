@@ -125,30 +125,46 @@ def check_mmap_threshold(mmap_threshold) -> None:
         raise TypeError(f"mmap_threshold must be None (by the model's size), True or False, got {mmap_threshold!r}")
 
 
-_AUTO_SET = False  # the threshold was set by auto_mmap_threshold: said once per process
+_AUTO_SET = False  # the threshold was set by the library: said once per process
+
+#: ``QGALORE_FX_MMAP_THRESHOLD=0`` keeps the library from ever setting the threshold on its own (the build and
+#: ``optimizer(mmap_threshold=None)``); an explicit ``optimizer(mmap_threshold=True)`` still does.
+ENV_MMAP_THRESHOLD = "QGALORE_FX_MMAP_THRESHOLD"
+
+
+def _auto(held: int, what: str) -> bool:
+    """Set the threshold when ``held`` bytes reach :data:`AUTO_THRESHOLD_BYTES` (and the environment allows)."""
+    global _AUTO_SET
+    import os
+
+    if held < AUTO_THRESHOLD_BYTES or os.environ.get(ENV_MMAP_THRESHOLD, "") in ("0", "off", "false"):
+        return False
+    if not set_cpu_mmap_threshold():
+        return False
+    if not _AUTO_SET:
+        _AUTO_SET = True
+        import warnings
+
+        warnings.warn(f"qgalore_fx: {what} holds {held / 2**30:.1f} GiB on the CPU, so freed blocks of "
+                      f"{CPU_MMAP_THRESHOLD >> 20} MiB and more now go back to the OS at once (glibc's mmap "
+                      f"threshold, process-wide; docs/host-memory.md); {ENV_MMAP_THRESHOLD}=0 keeps glibc's own "
+                      "policy", stacklevel=4)
+    return True
 
 
 def auto_mmap_threshold(model, mmap_threshold: Optional[bool]) -> bool:
-    """``optimizer(mmap_threshold=...)``: True sets the 1 MiB threshold, False leaves glibc's policy, None sets it
-    when ``model``'s tensors on the CPU hold :data:`AUTO_THRESHOLD_BYTES` or more (and says so once). Returns
-    whether the threshold is now set by this call."""
-    global _AUTO_SET
+    """``optimizer(mmap_threshold=...)``: True sets the 1 MiB threshold, False leaves the allocator as it is, None
+    sets it when ``model``'s tensors on the CPU hold :data:`AUTO_THRESHOLD_BYTES` or more (and says so once).
+    Returns whether this call set it."""
     check_mmap_threshold(mmap_threshold)
-    if mmap_threshold is False:
-        return False
     if mmap_threshold is None:
-        held = _cpu_bytes(model)
-        if held < AUTO_THRESHOLD_BYTES:
-            return False
-        if not set_cpu_mmap_threshold():
-            return False
-        if not _AUTO_SET:
-            _AUTO_SET = True
-            import warnings
+        return _auto(_cpu_bytes(model), "the model")
+    return mmap_threshold and set_cpu_mmap_threshold()
 
-            warnings.warn(f"qgalore_fx.optimizer: the model holds {held / 2**30:.1f} GiB on the CPU, so freed "
-                          f"blocks of {CPU_MMAP_THRESHOLD >> 20} MiB and more now go back to the OS at once "
-                          "(glibc's mmap threshold, process-wide; docs/host-memory.md); pass mmap_threshold=False "
-                          "to keep glibc's own policy", stacklevel=3)
-        return True
-    return set_cpu_mmap_threshold()
+
+def auto_mmap_threshold_for_build(model) -> bool:
+    """Before a build on ``meta`` materializes ``model`` on the CPU: the threshold is set from the start when the
+    model will hold :data:`AUTO_THRESHOLD_BYTES` or more (each parameter element keeps at least one byte, the INT8
+    code), so the build's freed fp32 weights never become heap holes that a later step faults in again (LLaMA-7B:
+    built under glibc's policy and switched at ``optimizer()``, the step peaked 0.30 GiB higher)."""
+    return _auto(sum(p.numel() for p in model.parameters()), "the model being built")

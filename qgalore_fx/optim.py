@@ -606,9 +606,11 @@ def optimizer(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9,
     group in ``step()``.
 
     ``mmap_threshold`` (CPU, Linux with glibc): True returns freed blocks of 1 MiB and more to the OS at once
-    (process-wide, :func:`qgalore_fx.host_allocator.set_cpu_mmap_threshold`), False keeps glibc's policy. The
-    default, ``None``, sets it for a model holding 4 GiB or more on the CPU, where it lowers the peak and the step
-    time (LLaMA-7B: 2.4 GiB lower), and says so once; smaller models keep glibc's policy (docs/host-memory.md).
+    (process-wide, :func:`qgalore_fx.host_allocator.set_cpu_mmap_threshold`), False leaves the allocator as it is.
+    The default, ``None``, sets it for a model holding 4 GiB or more on the CPU, where it lowers the peak and the
+    step time (LLaMA-7B: 2.4 GiB lower), and says so once (a build of such a model on ``meta`` has already set it
+    before materializing); smaller models keep glibc's policy, ``QGALORE_FX_MMAP_THRESHOLD=0`` keeps it always
+    (docs/host-memory.md).
     """
     if isinstance(betas, Iterable) and not isinstance(betas, (str, bytes)):
         betas = tuple(betas)  # any iterable pair; anything else is refused by name, as a bad pair is

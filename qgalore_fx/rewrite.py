@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from qgalore_fx.config import QGaLoreConfig
 from qgalore_fx.handlers import summaries
-from qgalore_fx.host_allocator import release_free_memory
+from qgalore_fx.host_allocator import auto_mmap_threshold_for_build, release_free_memory
 from qgalore_fx.layers import QGaLoreLinear
 from qgalore_fx.lowrank import OP_STATE_NAMES
 from qgalore_fx.materialize import MetaWeights, WeightsArg, WeightSource, key_renamer, materialize_rest
@@ -86,6 +86,8 @@ def _transform(model, rank, config, weights, device, options, rest: bool) -> nn.
     if rename is not None:  # an HF checkpoint under legacy names (e.g. Mixtral's block_sparse_moe)
         source.use_model_names(rename)
     target_device = torch.device("cpu" if device is None else device)
+    if on_meta and target_device.type == "cpu":
+        auto_mmap_threshold_for_build(model)
 
     selected, not_projected = select_layers(model, config)  # every check before anything changes
 

@@ -382,10 +382,42 @@ def test_the_optimizer_sets_the_mmap_threshold_by_the_models_size(monkeypatch):
     qgalore_fx.optimizer(model, lr=1e-3, mmap_threshold=True)
     assert calls == [1]
     monkeypatch.setattr(host_allocator, "AUTO_THRESHOLD_BYTES", held)  # the model is now "large"
-    with pytest.warns(UserWarning, match="mmap_threshold=False"):
+    with pytest.warns(UserWarning, match="QGALORE_FX_MMAP_THRESHOLD=0"):
         qgalore_fx.optimizer(model, lr=1e-3)
     assert calls == [1, 1]
     qgalore_fx.optimizer(model, lr=1e-3, mmap_threshold=False)
+    monkeypatch.setenv(host_allocator.ENV_MMAP_THRESHOLD, "0")
+    qgalore_fx.optimizer(model, lr=1e-3)
     assert calls == [1, 1]
     with pytest.raises(TypeError, match="mmap_threshold must be None"):
         qgalore_fx.optimizer(model, lr=1e-3, mmap_threshold="on")
+
+
+def test_a_large_build_on_meta_sets_the_mmap_threshold_before_it_materializes(monkeypatch):
+    """The build's freed fp32 weights must not become heap holes: a model on ``meta`` whose parameters reach the
+    size threshold (one byte per element at least) gets the threshold before its first layer is materialized."""
+    import qgalore_fx
+    from qgalore_fx import host_allocator
+    from qgalore_fx.passes import quantize_weights
+
+    events = []
+    monkeypatch.setattr(host_allocator, "set_cpu_mmap_threshold", lambda: events.append("threshold") or True)
+    monkeypatch.setattr(host_allocator, "_AUTO_SET", True)
+    real = quantize_weights.release_free_memory
+    monkeypatch.setattr(quantize_weights, "release_free_memory", lambda *a: events.append("layer") or real(*a))
+
+    def build():
+        with torch.device("meta"):
+            model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64))
+        return qgalore_fx.transform(model, rank=8)
+
+    build()
+    assert "threshold" not in events and "layer" in events
+    events.clear()
+    monkeypatch.setattr(host_allocator, "AUTO_THRESHOLD_BYTES", 64 * 96)
+    build()
+    assert events[0] == "threshold" and "layer" in events
+    events.clear()
+    monkeypatch.setenv(host_allocator.ENV_MMAP_THRESHOLD, "0")
+    build()
+    assert "threshold" not in events

@@ -19,6 +19,7 @@ from torch import Tensor
 from qgalore_fx.config import OPTIM_BITS
 
 from .fastpath import CompiledKernel, NativeKernel
+from .quant import _mix32
 
 __all__ = [
     "AdamState",
@@ -379,7 +380,6 @@ def _floor_positive_codes(v_codes: Tensor, positive: Tensor) -> Tensor:
 
 
 _MASK32 = 0xFFFFFFFF
-_MIX32 = 0x45D9F3B
 _GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio
 
 
@@ -401,10 +401,7 @@ def _uniform(index: Tensor, salt: Tensor) -> Tensor:
     probability ``p`` and never the long geometric tails of independent draws. Integer ops only, so eager torch
     and compiled code give the same bits; every product stays below 2^63.
     """
-    x = (index + salt[0]) & _MASK32
-    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
-    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
-    x = ((x ^ (x >> 16)) + salt[1]) & _MASK32
+    x = (_mix32((index + salt[0]) & _MASK32) + salt[1]) & _MASK32
     return (x >> 8).float() * (1.0 / (1 << 24))
 
 

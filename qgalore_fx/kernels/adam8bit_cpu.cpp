@@ -31,7 +31,7 @@ constexpr int kCompactExp0 = 103;  // adam8bit._COMPACT_EXP0
 constexpr int kCompactExps = 25;   // adam8bit._COMPACT_EXPS
 constexpr int kLutShift = 14;      // adam8bit._LUT_SHIFT
 constexpr int kMantBits = 23 - kLutShift;
-constexpr uint32_t kMix32 = 0x45D9F3B;  // adam8bit._MIX32
+constexpr uint32_t kMix32 = 0x45D9F3B;  // quant._MIX32 (adam8bit._uniform's mix)
 
 // adam8bit._fused_codes for 8 values x in [-1, 1]: the nearest code (int32).
 inline __m256i nearest_codes(__m256 x, const int32_t* lut, const float* mid) {

@@ -51,11 +51,10 @@ Rounding
   law as ``floor(v + u)`` (it rounds down with probability ``ceil(v) - v``, else up, so
   ``E[x_hat] = x``) but it never suffers the fp32 rounding of the sum ``v + u``.
   The noise is counter based: the ops take ``seed`` = int64 tensor ``[seed, offset]``. The
-  reference builds a ``torch.Generator`` deterministically from ``(seed, offset)`` and draws
-  ``torch.rand``; the Triton path draws ``tl.rand(seed, offset + element_index)`` (Philox).
-  The two streams are different but each is deterministic: same seed, same codes (for the
-  reference: on the same device type and with the same ``REFERENCE_CHUNK``, since it draws
-  the noise chunk by chunk).
+  reference draws ``sr_noise(offset + element_index)``, a keyed integer hash of the element's
+  counter (:func:`sr_noise`; the compiled write-back computes the same inside its kernel); the
+  Triton path draws ``tl.rand(seed, offset + element_index)`` (Philox). The two streams are
+  different but each is deterministic and independent of chunking: same seed, same codes.
 
 Custom ops (namespace ``qgalore_fx``)
 -------------------------------------
@@ -285,13 +284,37 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _reference_generator(seed: torch.Tensor, device: torch.device) -> torch.Generator:
-    """A generator seeded deterministically from the (seed, offset) pair in ``seed``."""
+_MASK32 = (1 << 32) - 1
+_MIX32 = 0x45D9F3B  # odd, < 2^27: a 32-bit value times it stays below 2^59 in int64
+
+
+def noise_key(seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int64 ``[k0, k1, offset]`` on ``device`` for the ``[seed, offset]`` pair (one host read of ``seed``): the
+    32-bit halves of ``splitmix64(seed)`` and the offset, what :func:`sr_noise` needs besides the counters."""
     s, offset = (int(v) for v in seed.tolist())
-    mixed = _splitmix64((_splitmix64(s & _MASK64) ^ (offset & _MASK64)) & _MASK64)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(mixed & _INT64_MAX)
-    return gen
+    k = _splitmix64(s & _MASK64)
+    return torch.tensor([k & _MASK32, k >> 32, offset], dtype=torch.int64, device=device)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of the 32-bit values ``x`` (int64 holding them): xor-shift, multiply by an odd constant."""
+    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
+    x = ((x ^ (x >> 16)) * _MIX32) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sr_noise(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """fp32 draws in [0, 1) (multiples of 2^-24) for the int64 counters ``index`` under ``key`` (:func:`noise_key`).
+
+    ``u = hash(offset + i)``: counter based, so element ``i`` of a call draws the same whatever the chunking,
+    the sharding or the kernel. The low 32 bits of the counter, keyed, go through a bijective 32-bit mix; the
+    high 32 bits are folded in before a second mix, so distinct counters of one call never share a draw within
+    2^32 elements. Integer ops only, every product below 2^63: eager torch and compiled code give the same bits.
+    """
+    c = index + key[2]
+    x = _mix32((c & _MASK32) ^ key[0])
+    x = _mix32(x ^ (((c >> 32) ^ key[1]) & _MASK32))
+    return (x >> 8).float() * (1.0 / (1 << 24))
 
 
 def make_seed(
@@ -372,7 +395,7 @@ def quantize_reference(
         codes = torch.empty(n, dtype=torch.int8, device=x.device)
     else:
         codes = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
-    gen = None if seed is None else _reference_generator(seed, x.device)
+    key = None if seed is None else noise_key(seed, x.device)
     for start, stop in _chunks(n, block_size):
         blocks = _as_blocks(flat[start:stop].float(), block_size)  # may be a view of x: read only
         # max(amax, -amin) is several times faster than abs().amax() or aminmax() on CPU; the
@@ -380,10 +403,10 @@ def quantize_reference(
         absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).abs_()
         scale = absmax.div_(qmax).clamp_(max=MAX_SCALE[bits])  # the clamp bites at the fp32 top only
         v = blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
-        if gen is None:
+        if key is None:
             q = v.round_()  # round half to even
         else:
-            u = torch.rand(v.shape, generator=gen, device=x.device)
+            u = sr_noise(torch.arange(start, start + v.numel(), device=x.device).view(v.shape), key)
             q = torch.floor(v)
             q += u < v.sub_(q)  # v - floor(v) is exact in fp32
         q = q.clamp_(-qmax, qmax).view(-1)[: stop - start]

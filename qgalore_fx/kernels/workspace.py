@@ -1,6 +1,6 @@
 """Per-thread scratch buffers for the chunked kernels' temporaries.
 
-The chunked paths (dequant-matmul, the write-back's ΔW rows and stochastic-rounding noise) each need a few MiB
+The chunked paths (the dequant-matmul's fp32 rows, the write-back's ΔW rows) each need a few MiB
 of fp32 per chunk, a dozen to hundreds of chunks per layer and step. Allocated fresh, every one of them is a new
 mapping faulted in page by page wherever the CPU allocator serves large blocks with ``mmap``
 (:mod:`qgalore_fx.host_allocator`), and a hole in the heap where it does not. At LLaMA-7B shapes the faults
@@ -8,7 +8,7 @@ cost about a third of a layer's backward on two cores (``benchmarks/bench_layer_
 
 A workspace is kept per thread (a buffer is used only inside one call, on the thread that runs it) and per
 slot, device and dtype. It grows to the largest request seen and stays: each slot is bounded by its caller's
-chunk size (``MATMUL_CHUNK``, ``WRITE_CHUNK`` elements), so all of them together are a few tens of MiB.
+chunk size (``MATMUL_CHUNK``, ``WRITE_CHUNK`` elements), so both together are about 20 MiB.
 Callers must finish with a buffer before they ask for the same slot again.
 """
 

@@ -11,10 +11,10 @@ the weight (``codes``, ``scales``)::
 :func:`writeback_` computes the same with the same ops in the same order, compiled by ``torch.compile``
 (``qgalore_fx.kernels.fastpath``) as two kernels: the new fp32 weight written over ``delta`` (the caller's
 scratch), then its quantization; two passes over the chunk instead of about a dozen, and no fp32 copy
-allocated. The stochastic-rounding noise is the reference's own — ``torch.rand`` of the chunk's
-``[blocks, block_size]`` shape from the generator the reference builds from ``seed`` — drawn eagerly and
-passed in, so the codes are the reference's **bit for bit** (every op involved is exactly rounded: int8 to
-fp32, products, differences, the division by the scale, floor; a test checks it). It applies on the CPU,
+allocated. The stochastic-rounding noise is the reference's own — :func:`qgalore_fx.kernels.quant.sr_noise`,
+integer ops on each element's counter, computed inside the kernel (no noise tensor) — so the codes are the
+reference's **bit for bit** (every op involved is exactly rounded: int8 to fp32, products, differences, the
+division by the scale, floor, the integer hash; a test checks it). It applies on the CPU,
 where the ``quantize`` op's kernel is that reference (on CUDA the op's Triton kernel draws Philox noise
 itself), to chunks of whole blocks that the reference quantizes in one piece.
 """
@@ -28,7 +28,6 @@ from torch import Tensor
 
 from . import quant
 from .fastpath import CompiledKernel
-from .workspace import workspace
 
 __all__ = ["writeback_", "writeback_applies"]
 
@@ -39,16 +38,17 @@ def _new_weight(codes, scales, delta, decay, step_size):
     delta.copy_(W * decay - delta * step_size)
 
 
-def _requantize(codes, scales, W, u, ok):
-    """``codes``/``scales`` (in place) become ``W`` quantized, kept as they were where ``ok`` is False; ``u`` the
-    noise (None: round half to even)."""
+def _requantize(codes, scales, W, key, ok):
+    """``codes``/``scales`` (in place) become ``W`` quantized, kept as they were where ``ok`` is False; ``key`` the
+    noise's (:func:`qgalore_fx.kernels.quant.noise_key`, None: round half to even)."""
     qmax = quant.QMAX[8]
     absmax = torch.maximum(W.amax(1), W.amin(1).neg()).abs()
     scale = (absmax / qmax).clamp(max=quant.MAX_SCALE[8])
     v = W / torch.where(scale > 0, scale, 1.0)[:, None]
-    if u is None:
+    if key is None:
         q = v.round()
     else:
+        u = quant.sr_noise(torch.arange(W.numel(), device=W.device).view(W.shape), key)
         q = torch.floor(v)
         q = q + (u < v - q).to(q.dtype)
     q = q.clamp(-qmax, qmax)
@@ -93,12 +93,8 @@ def writeback_(codes: Tensor, scales: Tensor, delta: Tensor, decay: Tensor, step
     ran, _ = _STEP_KERNEL(c, scales, W, decay, step_size)
     if not ran:
         return False
-    u = None
-    if seed is not None:
-        gen = quant._reference_generator(seed, codes.device)
-        u = torch.rand((nb, block_size), generator=gen, device=codes.device,
-                       out=workspace("sr_noise", nb * block_size, torch.float32, codes.device).view(nb, block_size))
-    ran, _ = _NEAREST_KERNEL(c, scales, W, ok) if u is None else _SR_KERNEL(c, scales, W, u, ok)
+    key = None if seed is None else quant.noise_key(seed, codes.device)
+    ran, _ = _NEAREST_KERNEL(c, scales, W, ok) if key is None else _SR_KERNEL(c, scales, W, key, ok)
     if not ran:  # the new weight is already in ``delta``: finish with the same ops, eagerly
-        _requantize(c, scales, W, u, ok)
+        _requantize(c, scales, W, key, ok)
     return True
