@@ -478,3 +478,27 @@ def test_all_finite_agrees_with_isfinite(n, where, value, dtype):
     assert got.dtype == torch.bool and got.dim() == 0
     assert bool(got) == bool(torch.isfinite(t).all())
     assert bool(all_finite(torch.zeros(3, dtype=torch.int64)))  # integers are always finite
+
+
+def test_the_reference_noise_is_a_uniform_hash_of_each_elements_counter(monkeypatch):
+    """``sr_noise``: uniform on the multiples of 2^-24 (chi-square over 64 bins, lag-1 correlation), a function of
+    ``offset + index`` only (so the codes do not depend on the reference's chunking), and the counter's high word
+    matters (offsets 2^32 apart draw differently)."""
+    from qgalore_fx.kernels import quant
+
+    key = quant.noise_key(make_seed(42, offset=5), "cpu")
+    u = quant.sr_noise(torch.arange(1 << 20), key)
+    assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, (u * 2**24).floor())
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 120.0  # 63 degrees of freedom: p < 1e-5 above 120
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]).double())[0, 1])) < 0.01
+    shifted = quant.sr_noise(torch.arange(1000, 2000), quant.noise_key(make_seed(42, offset=0), "cpu"))
+    assert torch.equal(shifted, quant.sr_noise(torch.arange(995, 1995), key))  # 5 + 995 + i = 0 + 1000 + i
+    far = quant.sr_noise(torch.arange(4096), quant.noise_key(make_seed(42, offset=5 + (1 << 32)), "cpu"))
+    assert float((far == u[:4096]).double().mean()) < 0.01
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(1))
+    whole = quantize_reference(x, 8, 64, make_seed(3, offset=7))
+    monkeypatch.setattr(quant, "REFERENCE_CHUNK", 256)  # 12 chunks instead of one
+    assert all(torch.equal(a, b) for a, b in zip(whole, quantize_reference(x, 8, 64, make_seed(3, offset=7))))

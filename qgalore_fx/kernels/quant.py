@@ -308,8 +308,9 @@ def sr_noise(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
     ``u = hash(offset + i)``: counter based, so element ``i`` of a call draws the same whatever the chunking,
     the sharding or the kernel. The low 32 bits of the counter, keyed, go through a bijective 32-bit mix; the
-    high 32 bits are folded in before a second mix, so distinct counters of one call never share a draw within
-    2^32 elements. Integer ops only, every product below 2^63: eager torch and compiled code give the same bits.
+    high 32 bits are folded in before a second (bijective) mix, so counters less than 2^32 apart never share a
+    hash (the draw keeps its top 24 bits). Integer ops only, every product below 2^63: eager torch and compiled
+    code give the same bits.
     """
     c = index + key[2]
     x = _mix32((c & _MASK32) ^ key[0])

@@ -11,7 +11,8 @@ the weight (``codes``, ``scales``)::
 :func:`writeback_` computes the same with the same ops in the same order, compiled by ``torch.compile``
 (``qgalore_fx.kernels.fastpath``) as two kernels: the new fp32 weight written over ``delta`` (the caller's
 scratch), then its quantization; two passes over the chunk instead of about a dozen, and no fp32 copy
-allocated. The stochastic-rounding noise is the reference's own — :func:`qgalore_fx.kernels.quant.sr_noise`,
+allocated. On an AVX2 CPU the C++ kernel ``writeback_cpu.cpp`` does both in one pass per block (inductor is
+then never imported by a training step: about 70 MiB of resident memory). The stochastic-rounding noise is the reference's own — :func:`qgalore_fx.kernels.quant.sr_noise`,
 integer ops on each element's counter, computed inside the kernel (no noise tensor) — so the codes are the
 reference's **bit for bit** (every op involved is exactly rounded: int8 to fp32, products, differences, the
 division by the scale, floor, the integer hash; a test checks it). It applies on the CPU,
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .fastpath import CompiledKernel
+from .fastpath import CompiledKernel, NativeKernel
 
 __all__ = ["writeback_", "writeback_applies"]
 
@@ -66,6 +67,11 @@ def _requantize_nearest(codes, scales, W, ok):
 _STEP_KERNEL = CompiledKernel(_new_weight, "int8 write-back (new weight)", dynamic=True)
 _SR_KERNEL = CompiledKernel(_requantize, "int8 write-back (requantize)", dynamic=True)
 _NEAREST_KERNEL = CompiledKernel(_requantize_nearest, "int8 write-back (requantize, nearest)", dynamic=True)
+# Both in one pass, the noise in 32-bit lanes, on an AVX2 CPU (writeback_cpu.cpp; bit-identical); the compiled
+# pair is its fallback.
+_NATIVE_KERNEL = NativeKernel("writeback_cpu.cpp", "writeback_blocks_", "int8 write-back (AVX2)",
+                              cflags=("-O3", "-mavx2", "-ffp-contract=off"))
+_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def writeback_applies(codes: Tensor, block_size: int) -> bool:
@@ -90,10 +96,15 @@ def writeback_(codes: Tensor, scales: Tensor, delta: Tensor, decay: Tensor, step
     # fp32 0-d tensors: the eager ops round these scalars to fp32 as well, and Dynamo's guards would read
     # float64 0-d tensors on the host (one .item() each per call)
     decay, step_size = decay.float(), step_size.float()
+    key = None if seed is None else quant.noise_key(seed, codes.device)
+    if _AVX2 and block_size % 8 == 0 and W.is_contiguous() and scales.is_contiguous():
+        ran, _ = _NATIVE_KERNEL(c, scales, W, decay.reshape(1), step_size.reshape(1), quant.MAX_SCALE[8],
+                                c.new_empty(0, dtype=torch.int64) if key is None else key, ok.reshape(1))
+        if ran:
+            return True
     ran, _ = _STEP_KERNEL(c, scales, W, decay, step_size)
     if not ran:
         return False
-    key = None if seed is None else quant.noise_key(seed, codes.device)
     ran, _ = _NEAREST_KERNEL(c, scales, W, ok) if key is None else _SR_KERNEL(c, scales, W, key, ok)
     if not ran:  # the new weight is already in ``delta``: finish with the same ops, eagerly
         _requantize(c, scales, W, key, ok)
