@@ -9,8 +9,9 @@ path against it). The fast paths are
 * the Triton kernels registered as the custom ops' CUDA implementations (``quant_triton.py``,
   ``int8_matmul.py``);
 * C++ for the CPU where inductor's code is slow (:class:`NativeKernel`, built once per machine by
-  ``torch.utils.cpp_extension``): the 8-bit Adam step in AVX2 (``adam8bit_cpu.cpp``), bit-identical to its
-  compiled version.
+  ``torch.utils.cpp_extension``): the 8-bit Adam step (``adam8bit_cpu.cpp``) and the INT8 write-back
+  (``writeback_cpu.cpp``) in AVX2, each bit-identical to its compiled version. With both, a training step on
+  such a CPU never imports inductor.
 
 Setting the environment variable ``QGALORE_FX_REFERENCE=1`` (any value but ``""`` and ``"0"``) makes every
 call use the references, on every device: the way out when a fast path fails on a new machine (no C++
