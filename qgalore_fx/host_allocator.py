@@ -111,6 +111,7 @@ def _cpu_bytes(model) -> int:
     """Bytes of ``model``'s parameters and buffers on the CPU, each storage counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2's DTensors: this rank's shard
         if t.device.type != "cpu":
             continue
         key = t.untyped_storage().data_ptr()

@@ -26,7 +26,7 @@ from qgalore_fx.config import SEED_STRIDE, QGaLoreConfig
 from qgalore_fx.kernels import all_finite, quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
-from qgalore_fx.kernels.quant import row_chunks
+from qgalore_fx.kernels.quant import noise_key, row_chunks
 from qgalore_fx.kernels.workspace import workspace
 from qgalore_fx.kernels.writeback import writeback_, writeback_applies
 
@@ -362,6 +362,7 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
         row0 = spec.shard_rank * m
         if spec.side == "left":  # ΔW rows = P[rows] · N needs all of N (r x n)
             N = _all_gather_rows(N, _resolve_group(spec.shard_group), state["control"])
+    key = None  # the write-back's noise key (quant.noise_key), made at the first chunk that needs it
     for start, stop in _row_chunks(m, n, bs):
         rows = slice(start, stop)
         # ΔW rows: N[rows] @ P (right projection) or P[rows] @ N (left)
@@ -376,10 +377,13 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
         first, last = start * n // bs, -(-stop * n // bs)  # the chunk starts on a block boundary
         codes_now, scales_now = weight[rows], scales[first:last]
         offset = (row0 + start) * n  # the stream of these rows in the whole weight: sharded or not, the same draws
+        if writeback_applies(codes_now, bs):
+            if key is None and seed is not None:  # once per update: one host read of the seed
+                key = noise_key(seed, codes_now.device)
+            chunk_key = None if key is None else torch.stack((key[0], key[1], key[2] + offset))  # no host tensor
+            if writeback_(codes_now, scales_now, delta, decay, step_size, bs, chunk_key, ok):
+                continue  # the same codes and scales as the three ops below, in one fused pass
         chunk_seed = None if seed is None else torch.stack((seed[0], seed[1] + offset))  # on seed's device: no copy
-        if writeback_applies(codes_now, bs) and writeback_(codes_now, scales_now, delta, decay, step_size, bs,
-                                                           chunk_seed, ok):
-            continue  # the same codes and scales as the three ops below, in one compiled pass
         W = dequantize_weight(codes_now, scales_now, bs, torch.float32)
         W.mul_(decay).sub_(delta.mul_(step_size))
         codes, new_scales = torch.ops.qgalore_fx.quantize(W, 8, bs, chunk_seed)

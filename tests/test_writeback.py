@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from qgalore_fx.kernels import fastpath, writeback
-from qgalore_fx.kernels.quant import dequantize_reference, make_seed, quantize_reference
+from qgalore_fx.kernels.quant import dequantize_reference, make_seed, noise_key, quantize_reference
+
+
+def _key(seed):
+    return None if seed is None else noise_key(seed, "cpu")
 
 
 def _reference(codes, scales, delta, decay, step_size, seed, ok, block_size):
@@ -43,7 +47,7 @@ def test_writeback_equals_reference(monkeypatch, shape, stochastic, ok, kernel):
     expect = _reference(codes, scales, delta, decay, step_size, seed, ok_t, 256)
     assert writeback.writeback_applies(codes, 256)
     c, s = codes.clone(), scales.clone()
-    assert writeback.writeback_(c, s, delta, decay, step_size, 256, seed, ok_t)
+    assert writeback.writeback_(c, s, delta, decay, step_size, 256, _key(seed), ok_t)
     assert torch.equal(c, expect[0]) and torch.equal(s, expect[1])
     if ok:
         assert not torch.equal(c, codes)
@@ -63,7 +67,7 @@ def test_a_failed_second_kernel_finishes_eagerly_with_the_same_bits(monkeypatch,
     monkeypatch.setattr(writeback, "_AVX2", False)  # the compiled pair, not the C++ kernel
     monkeypatch.setattr(kernel, "available", lambda: False)
     c, s = codes.clone(), scales.clone()
-    assert writeback.writeback_(c, s, delta.clone(), decay, step_size, 256, seed, ok)
+    assert writeback.writeback_(c, s, delta.clone(), decay, step_size, 256, _key(seed), ok)
     assert torch.equal(c, expect[0]) and torch.equal(s, expect[1])
 
 
@@ -78,7 +82,7 @@ def test_the_noise_counter_crossing_a_32_bit_boundary_matches_the_reference():
         args = (torch.tensor(0.999), torch.tensor(2e-3), seed, torch.tensor(True), 256)
         expect = _reference(codes, scales, delta, args[0], args[1], seed, args[3], 256)
         c, s = codes.clone(), scales.clone()
-        assert writeback.writeback_(c, s, delta.clone(), args[0], args[1], 256, seed, args[3])
+        assert writeback.writeback_(c, s, delta.clone(), args[0], args[1], 256, _key(seed), args[3])
         assert torch.equal(c, expect[0]) and torch.equal(s, expect[1])
 
 
@@ -111,7 +115,7 @@ def test_the_write_back_allocates_no_chunk_sized_buffer():
     gen = torch.Generator().manual_seed(2)
     codes, scales = quantize_reference(torch.randn(4096, 256, generator=gen) * 0.02, 8, 256)
     delta = torch.randn(4096, 256, generator=gen)
-    args = (torch.tensor(0.999), torch.tensor(2e-3), 256, make_seed(3, offset=0), torch.tensor(True))
+    args = (torch.tensor(0.999), torch.tensor(2e-3), 256, _key(make_seed(3, offset=0)), torch.tensor(True))
     assert writeback.writeback_(codes, scales, delta.clone(), *args)  # compiles; fills the workspace
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         assert writeback.writeback_(codes, scales, delta, *args)

@@ -83,20 +83,20 @@ def writeback_applies(codes: Tensor, block_size: int) -> bool:
 
 @torch.no_grad()
 def writeback_(codes: Tensor, scales: Tensor, delta: Tensor, decay: Tensor, step_size: Tensor, block_size: int,
-               seed: Optional[Tensor], ok: Tensor) -> bool:
+               key: Optional[Tensor], ok: Tensor) -> bool:
     """Rewrite ``codes``/``scales`` (a block-aligned chunk, in place) as the reference would; False if it did not run
     (then nothing was written, ``delta`` included).
 
     ``delta`` fp32 of ``codes``' shape, overwritten with the new fp32 weight (scratch: the caller's workspace);
-    ``decay``/``step_size``/``ok`` 0-d tensors, ``seed`` the reference's ``[seed, offset]`` int64 pair or None for
-    nearest rounding. Call only where :func:`writeback_applies`.
+    ``decay``/``step_size``/``ok`` 0-d tensors, ``key`` the noise key of the reference's ``[seed, offset]`` pair
+    (``quant.noise_key(seed)``: made once per update, then only its offset moves per chunk, on the device) or None
+    for nearest rounding. Call only where :func:`writeback_applies`.
     """
     nb = codes.numel() // block_size
     c, W = codes.view(nb, block_size), delta.reshape(nb, block_size)
     # fp32 0-d tensors: the eager ops round these scalars to fp32 as well, and Dynamo's guards would read
     # float64 0-d tensors on the host (one .item() each per call)
     decay, step_size = decay.float(), step_size.float()
-    key = None if seed is None else quant.noise_key(seed, codes.device)
     if _AVX2 and block_size % 8 == 0 and W.is_contiguous() and scales.is_contiguous():
         ran, _ = _NATIVE_KERNEL(c, scales, W, decay.reshape(1), step_size.reshape(1), quant.MAX_SCALE[8],
                                 c.new_empty(0, dtype=torch.int64) if key is None else key, ok.reshape(1))
