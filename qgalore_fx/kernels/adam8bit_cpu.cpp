@@ -21,11 +21,16 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_kernels.h"
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
+
+using qgalore_cpu::abs_max;
+using qgalore_cpu::check;
 
 constexpr int kCompactExp0 = 103;  // adam8bit._COMPACT_EXP0
 constexpr int kCompactExps = 25;   // adam8bit._COMPACT_EXPS
@@ -67,24 +72,6 @@ inline void store_codes(uint8_t* p, __m256i codes) {  // codes in [0, 255]
   const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
   const __m128i words = _mm_packus_epi32(lo, hi);
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(words, words));
-}
-
-// torch's amax of |values| (NaN propagates): the bit patterns of non-negative floats order as integers as the
-// floats do, and every NaN's lies above +inf's.
-inline float abs_max(const float* values, int64_t n) {
-  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
-  __m256i acc = _mm256_setzero_si256();
-  for (int64_t j = 0; j < n; j += 8) {
-    acc = _mm256_max_epi32(acc, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + j)),
-                                                 magnitude));
-  }
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-  int32_t best = lanes[0];
-  for (int i = 1; i < 8; ++i) best = lanes[i] > best ? lanes[i] : best;
-  float out;
-  std::memcpy(&out, &best, sizeof out);
-  return out;
 }
 
 // Everything one thread needs, by value.
@@ -155,12 +142,6 @@ void run_blocks(const Step s, int64_t first, int64_t last) {
     s.AM[b] = new_am;
     s.AV[b] = new_av;
   }
-}
-
-void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(), name,
-              " must be a contiguous CPU tensor of ", dtype, ", got ", t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(numel < 0 || t.numel() == numel, name, " must have ", numel, " elements, got ", t.numel());
 }
 
 }  // namespace

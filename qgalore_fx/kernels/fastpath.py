@@ -99,10 +99,17 @@ class NativeKernel:
         return self.failed is None and not reference_forced() and not torch.compiler.is_compiling()
 
     def _load(self) -> Callable:
+        import hashlib
+
         from torch.utils.cpp_extension import load
 
-        module = load(name=f"qgalore_fx_{self.source.stem}", sources=[str(self.source)], extra_cflags=list(self.cflags),
-                      verbose=False)
+        # the name carries a digest of the source and the headers beside it: torch's build cache rebuilds on a
+        # change of the source only, and the kernels share cpu_kernels.h
+        digest = hashlib.sha256()
+        for path in [self.source, *sorted(self.source.parent.glob("*.h"))]:
+            digest.update(path.read_bytes())
+        module = load(name=f"qgalore_fx_{self.source.stem}_{digest.hexdigest()[:10]}", sources=[str(self.source)],
+                      extra_cflags=list(self.cflags), extra_include_paths=[str(self.source.parent)], verbose=False)
         return getattr(module, self.entry)
 
     def __call__(self, *args):

@@ -17,10 +17,15 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "cpu_kernels.h"
+
 #include <cstdint>
 #include <cstring>
 
 namespace {
+
+using qgalore_cpu::abs_max;
+using qgalore_cpu::check;
 
 constexpr uint32_t kMix32 = 0x45D9F3B;  // quant._MIX32
 
@@ -58,24 +63,6 @@ inline __m256 noise(int64_t c, uint32_t k0, uint32_t k1) {
     u[i] = static_cast<float>(x >> 8) * (1.0f / (1 << 24));
   }
   return _mm256_load_ps(u);
-}
-
-// max |values| as torch's max(amax, -amin).abs() gives it (NaN propagates): non-negative floats order as their
-// bit patterns do, and every NaN's lies above +inf's.
-inline float abs_max(const float* values, int64_t n) {
-  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
-  __m256i acc = _mm256_setzero_si256();
-  for (int64_t j = 0; j < n; j += 8) {
-    acc = _mm256_max_epi32(acc, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + j)),
-                                                 magnitude));
-  }
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-  int32_t best = lanes[0];
-  for (int i = 1; i < 8; ++i) best = lanes[i] > best ? lanes[i] : best;
-  float out;
-  std::memcpy(&out, &best, sizeof out);
-  return out;
 }
 
 struct Pass {
@@ -120,12 +107,6 @@ void run_blocks(const Pass s, int64_t first, int64_t last) {
     }
     s.S[b] = scale;
   }
-}
-
-void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(), name,
-              " must be a contiguous CPU tensor of ", dtype, ", got ", t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(numel < 0 || t.numel() == numel, name, " must have ", numel, " elements, got ", t.numel());
 }
 
 }  // namespace
