@@ -779,3 +779,16 @@ def test_factored_gradient_choice_and_errors():
     # "full" forms the gradient: the SVD reference
     torch.testing.assert_close(compute_projection(F, 3, "right", method="full"),
                                compute_projection(F.dense(), 3, "right", method="full"))
+
+
+def test_project_back_into_a_given_tensor():
+    """``out=`` takes the product (the write-back's workspace) with the same values; a wrong shape, dtype or a
+    non-contiguous ``out`` is refused by name."""
+    gen = torch.Generator().manual_seed(0)
+    P, N = torch.randn(8, 24, generator=gen), torch.randn(16, 8, generator=gen)
+    out = torch.empty(16, 24)
+    assert project_back(N, P, "right", out) is out
+    assert torch.equal(out, project_back(N, P, "right"))
+    for bad in (torch.empty(16, 23), torch.empty(16, 24, dtype=torch.float64), torch.empty(24, 16).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            project_back(N, P, "right", bad)
