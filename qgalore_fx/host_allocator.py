@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import warnings
 from typing import Optional
 
 __all__ = ["AUTO_THRESHOLD_BYTES", "CPU_MMAP_THRESHOLD", "auto_mmap_threshold", "free_heap_bytes",
@@ -136,16 +138,12 @@ ENV_MMAP_THRESHOLD = "QGALORE_FX_MMAP_THRESHOLD"
 def _auto(held: int, what: str) -> bool:
     """Set the threshold when ``held`` bytes reach :data:`AUTO_THRESHOLD_BYTES` (and the environment allows)."""
     global _AUTO_SET
-    import os
-
     if held < AUTO_THRESHOLD_BYTES or os.environ.get(ENV_MMAP_THRESHOLD, "") in ("0", "off", "false"):
         return False
     if not set_cpu_mmap_threshold():
         return False
     if not _AUTO_SET:
         _AUTO_SET = True
-        import warnings
-
         warnings.warn(f"qgalore_fx: {what} holds {held / 2**30:.1f} GiB on the CPU, so freed blocks of "
                       f"{CPU_MMAP_THRESHOLD >> 20} MiB and more now go back to the OS at once (glibc's mmap "
                       f"threshold, process-wide; docs/host-memory.md); {ENV_MMAP_THRESHOLD}=0 keeps glibc's own "

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 
 from adam_peers import BACKENDS, adam_direction, adamw_step
 from qgalore_fx.kernels import adam8bit as A
+from qgalore_fx.kernels import fastpath
 from qgalore_fx.kernels.adam8bit import (
     AdamState,
     adam_direction_masked_,
@@ -623,8 +624,6 @@ def test_fused_step_equals_reference_where_it_does_not_apply():
 def test_reference_switch_forces_the_reference(monkeypatch):
     """QGALORE_FX_REFERENCE=1 makes impl="auto" run the torch reference: the result is the reference's, bit for bit,
     and the compiled kernel is never entered."""
-    from qgalore_fx.kernels import fastpath
-
     shape = (4097,)
     g = make_case(shape, seed=7)[1][0]
     state = warm_state(shape)
@@ -663,7 +662,7 @@ def test_fast_path_that_fails_to_compile_falls_back_with_a_warning():
 # two are compared bit for bit: N or the parameters, codes and absmax, over several steps (one skipped), with a short
 # last block, moments spanning six decades, zero and subnormal gradients, tensor and float hyperparameters, a large
 # offset (the draws' index wraps at 2^32), and one and two threads.
-needs_avx2 = pytest.mark.skipif(not A._AVX2, reason="the C++ step needs an AVX2 CPU")
+needs_avx2 = pytest.mark.skipif(not fastpath.CPU_HAS_AVX2, reason="the C++ step needs an AVX2 CPU")
 
 
 def _fused_step(native: bool, mode: str, grad, state, p, step, ok, offset):

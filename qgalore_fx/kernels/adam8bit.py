@@ -18,7 +18,7 @@ from torch import Tensor
 
 from qgalore_fx.config import OPTIM_BITS
 
-from .fastpath import CompiledKernel, NativeKernel
+from .fastpath import AVX2_CFLAGS, CPU_HAS_AVX2, CompiledKernel, NativeKernel
 from .quant import _mix32
 
 __all__ = [
@@ -573,14 +573,13 @@ _ADAMW_KERNEL = CompiledKernel(_fused_adamw_blocks, "adam8bit adamw", dynamic=Tr
 # Adam step in C++").
 # -ffp-contract=off: every product rounded, as in the compiled code.
 _NATIVE_KERNEL = NativeKernel("adam8bit_cpu.cpp", "adam8bit_blocks_", "adam8bit step (AVX2)",
-                              cflags=("-O3", "-mavx2", "-ffp-contract=off"))
-_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                              cflags=AVX2_CFLAGS)
 
 
 def _native_applies(*blocks: Tensor) -> bool:
     """Whether :data:`_NATIVE_KERNEL` takes these ``[blocks, block_size]`` views (gradient, parameter): fp32 on an
     AVX2 CPU, contiguous, ``block_size`` a multiple of 8."""
-    return _AVX2 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+    return CPU_HAS_AVX2 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                          and t.shape[-1] % 8 == 0 for t in blocks)
 
 

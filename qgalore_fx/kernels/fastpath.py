@@ -33,9 +33,15 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["ENV_REFERENCE", "CompiledKernel", "NativeKernel", "reference_forced"]
+__all__ = ["AVX2_CFLAGS", "CPU_HAS_AVX2", "ENV_REFERENCE", "CompiledKernel", "NativeKernel", "reference_forced"]
 
 ENV_REFERENCE = "QGALORE_FX_REFERENCE"
+
+
+#: Whether this CPU runs the AVX2 C++ kernels (``adam8bit_cpu.cpp``, ``writeback_cpu.cpp``), and the flags they
+#: are built with: no fused multiply-adds, so every product is rounded as torch rounds it.
+CPU_HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+AVX2_CFLAGS = ("-O3", "-mavx2", "-ffp-contract=off")
 
 
 def reference_forced() -> bool:

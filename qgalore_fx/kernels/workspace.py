@@ -3,8 +3,9 @@
 The chunked paths (the dequant-matmul's fp32 rows, the write-back's ΔW rows) each need a few MiB
 of fp32 per chunk, a dozen to hundreds of chunks per layer and step. Allocated fresh, every one of them is a new
 mapping faulted in page by page wherever the CPU allocator serves large blocks with ``mmap``
-(:mod:`qgalore_fx.host_allocator`), and a hole in the heap where it does not. At LLaMA-7B shapes the faults
-cost about a third of a layer's backward on two cores (``benchmarks/bench_layer_step.py``).
+(:mod:`qgalore_fx.host_allocator`), and a hole in the heap where it does not. Reusing them took one LLaMA-7B
+decoder layer's step under the 1 MiB threshold from 10.11 to 9.16 s on two cores (``benchmarks/bench_layer_step.py``,
+BENCHMARKS.md).
 
 A workspace is kept per thread (a buffer is used only inside one call, on the thread that runs it) and per
 slot, device and dtype. It grows to the largest request seen and stays: each slot is bounded by its caller's

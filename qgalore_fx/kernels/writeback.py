@@ -12,9 +12,9 @@ the weight (``codes``, ``scales``)::
 (``qgalore_fx.kernels.fastpath``) as two kernels: the new fp32 weight written over ``delta`` (the caller's
 scratch), then its quantization; two passes over the chunk instead of about a dozen, and no fp32 copy
 allocated. On an AVX2 CPU the C++ kernel ``writeback_cpu.cpp`` does both in one pass per block (inductor is
-then never imported by a training step: about 70 MiB of resident memory). The stochastic-rounding noise is the reference's own — :func:`qgalore_fx.kernels.quant.sr_noise`,
-integer ops on each element's counter, computed inside the kernel (no noise tensor) — so the codes are the
-reference's **bit for bit** (every op involved is exactly rounded: int8 to fp32, products, differences, the
+then never imported by a training step: about 70 MiB of resident memory). The stochastic-rounding noise is the
+reference's own — :func:`qgalore_fx.kernels.quant.sr_noise`, integer ops on each element's counter, computed
+inside the kernel (no noise tensor) — so the codes are the reference's **bit for bit** (every op involved is exactly rounded: int8 to fp32, products, differences, the
 division by the scale, floor, the integer hash; a test checks it). It applies on the CPU,
 where the ``quantize`` op's kernel is that reference (on CUDA the op's Triton kernel draws Philox noise
 itself), to chunks of whole blocks that the reference quantizes in one piece.
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .fastpath import CompiledKernel, NativeKernel
+from .fastpath import AVX2_CFLAGS, CPU_HAS_AVX2, CompiledKernel, NativeKernel
 
 __all__ = ["writeback_", "writeback_applies"]
 
@@ -70,8 +70,8 @@ _NEAREST_KERNEL = CompiledKernel(_requantize_nearest, "int8 write-back (requanti
 # Both in one pass, the noise in 32-bit lanes, on an AVX2 CPU (writeback_cpu.cpp; bit-identical); the compiled
 # pair is its fallback.
 _NATIVE_KERNEL = NativeKernel("writeback_cpu.cpp", "writeback_blocks_", "int8 write-back (AVX2)",
-                              cflags=("-O3", "-mavx2", "-ffp-contract=off"))
-_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                              cflags=AVX2_CFLAGS)
+_AVX2 = CPU_HAS_AVX2  # a module attribute: tests switch the C++ path off here
 
 
 def writeback_applies(codes: Tensor, block_size: int) -> bool:
