@@ -87,8 +87,8 @@ def test_the_noise_counter_crossing_a_32_bit_boundary_matches_the_reference():
 
 
 def test_a_training_step_imports_no_compiler_on_an_avx2_cpu():
-    """With the C++ write-back and Adam kernels, a step of a transformed model never imports inductor (about
-    70 MiB of resident memory at LLaMA-7B's step): checked in a fresh process."""
+    """With the C++ write-back and Adam kernels, a step of a transformed model never imports inductor (nor holds
+    its memory): checked in a fresh process."""
     if not writeback._AVX2:
         pytest.skip("the C++ kernels need an AVX2 CPU; elsewhere the compiled kernels are the fast path")
     import subprocess

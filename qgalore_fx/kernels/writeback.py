@@ -12,7 +12,7 @@ the weight (``codes``, ``scales``)::
 (``qgalore_fx.kernels.fastpath``) as two kernels: the new fp32 weight written over ``delta`` (the caller's
 scratch), then its quantization; two passes over the chunk instead of about a dozen, and no fp32 copy
 allocated. On an AVX2 CPU the C++ kernel ``writeback_cpu.cpp`` does both in one pass per block (inductor is
-then never imported by a training step: about 70 MiB of resident memory). The stochastic-rounding noise is the
+then never imported by a training step, nor its memory). The stochastic-rounding noise is the
 reference's own — :func:`qgalore_fx.kernels.quant.sr_noise`, integer ops on each element's counter, computed
 inside the kernel (no noise tensor) — so the codes are the reference's **bit for bit** (every op involved is exactly rounded: int8 to fp32, products, differences, the
 division by the scale, floor, the integer hash; a test checks it). It applies on the CPU,
