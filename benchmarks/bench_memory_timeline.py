@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="storage of the input embedding and output head; bf16 (stochastic rounding, see "
                          "qgalore_fx.fused_rest) needs the embedding and head updated inside backward")
+    ap.add_argument("--lean", action="store_true", help="transform(..., lean=True): factored second moment, no "
+                    "first moment in the projected layers' update (qgalore_fx.kernels.factored)")
     ap.add_argument("--no-plan", action="store_true", help="skip the planner's prediction (qgalore_fx.app.planner."
                     "plan_run, printed beside the measurement)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA each phase also records "
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
     if args.embedding_dtype == "bf16" and rest_in_backward is False:
         raise SystemExit("--embedding-dtype bf16 needs the embedding and head updated inside backward")
     options = {} if args.proj_method is None else {"proj_method": args.proj_method}
+    if args.lean:
+        options["lean"] = True
     embedding_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.embedding_dtype]
     plan = None
     if not args.no_plan and args.device == "cpu":
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (argv or sys.argv[1:])),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": args.threads},
-        "mmap_threshold": args.mmap_threshold, "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "batch": args.batch_size,
+        "mmap_threshold": args.mmap_threshold, "preset": preset.name, "rank": rank, "proj_method": args.proj_method, "lean": args.lean, "batch": args.batch_size,
         "seq_len": args.seq_len, "checkpointing": not args.no_checkpointing,
         "rest_in_backward": args.rest_in_backward, "embedding_dtype": args.embedding_dtype,
         "plan": None if plan is None else plan.to_dict(),

@@ -92,6 +92,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "qgalore-nosr": ("qgalore", {"stochastic_round": False}, "qgalore"),
     "qgalore-fixed": ("qgalore", {"adaptive": False}, "qgalore"),
     "qgalore-long": ("qgalore", {"proj_side": "long"}, "qgalore"),
+    "qgalore-lean": ("qgalore", {"lean": True}, "qgalore"),
     # The external GaLore: train.py's loop with method "adamw" whose optimizer the worker
     # replaces by galore_torch.GaLoreAdamW; lr as for our "galore".
     "galore-torch": ("adamw", {}, "galore"),
@@ -104,6 +105,7 @@ LABELS = {
     "qgalore-nosr": "Q-GaLore, no SR",
     "qgalore-fixed": "Q-GaLore, fixed interval",
     "qgalore-long": "Q-GaLore, proj_side='long'",
+    "qgalore-lean": "Q-GaLore, lean=True",
     "galore-torch": "galore-torch GaLoreAdamW (fp32)",
 }
 MiB = 2**20
@@ -431,7 +433,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str, window: int = 10) 
     fig = Figure(figsize=(9, 5), dpi=100, layout="constrained")
     ax_train, ax_val = fig.subplots(1, 2)
     styles = {"adamw": "-", "adamw8bit": "-", "galore": "-", "qgalore": "-", "galore-torch": ":",
-              "qgalore-nosr": "--", "qgalore-fixed": (0, (1, 2)), "qgalore-long": "-."}
+              "qgalore-nosr": "--", "qgalore-fixed": (0, (1, 2)), "qgalore-lean": (0, (3, 1, 1, 1)), "qgalore-long": "-."}
     zoom = []
     for r in results:
         steps = [h["step"] for h in r["history"]]

@@ -17,6 +17,7 @@ weight_bits            8, 16, 32       INT8 codes, bf16 or fp32 weight storage
 proj_bits              4, 8, 16, 32    INT4 (packed), INT8, bf16 or fp32 proj.
 stochastic_round       bool            SR on the INT8 write-back
 optim_bits             8, 32           8-bit block-wise or fp32 Adam moments
+lean                   bool            factored second moment, no first moment
 fused                  bool            update inside backward (else at step())
 scale                  0 < s <= 1000   alpha, the back-projection scale
 block_size             even, 2..2**20  quantization block of weights
@@ -133,6 +134,10 @@ class QGaLoreConfig:
     optim_bits: int = dataclasses.field(default=8, metadata={
         "help": "Adam moments of the low-rank gradient: 8-bit block-wise or fp32", "cli": True,
         "choices": OPTIM_BITS})
+    lean: bool = dataclasses.field(default=False, metadata={
+        "help": "least memory: the low-rank update keeps no first moment and a factored second moment (Adafactor's "
+                "row and column statistics of R², update clipping at RMS 1) instead of 8-bit Adam moments of R "
+                "(qgalore_fx.kernels.factored)", "cli": True})
     fused: bool = dataclasses.field(default=True, metadata={
         "help": "update projected layers inside backward (else in opt.step())", "cli": True,
         "negated": "update projected layers in opt.step() instead of inside backward"})
@@ -186,7 +191,7 @@ class QGaLoreConfig:
             _check_int(name, value, 2, high=MAX_BLOCK_SIZE)
             if value % 2:
                 raise ValueError(f"{name} must be even (INT4 codes pack two per byte), got {value}")
-        for name in ("adaptive", "stochastic_round", "fused", "include_lm_head", "trace"):
+        for name in ("adaptive", "stochastic_round", "lean", "fused", "include_lm_head", "trace"):
             _check_bool(name, getattr(self, name))
         if isinstance(self.cos_threshold, bool) or not isinstance(self.cos_threshold, (int, float)):
             raise TypeError(f"cos_threshold must be a float in [0, 1], got {self.cos_threshold!r}")

@@ -343,5 +343,6 @@ class QGaLoreLinear(nn.Module):
             text += f", source={self.source_type}"
         if self.spec is not None:
             s = self.spec
-            text += f", rank={s.rank}, side={s.side}, proj_bits={s.proj_bits}, optim_bits={s.optim_bits}"
+            text += f", rank={s.rank}, side={s.side}, proj_bits={s.proj_bits}, " + \
+                ("moments=lean (factored v, no m)" if s.lean else f"optim_bits={s.optim_bits}")
         return text

@@ -26,6 +26,7 @@ from qgalore_fx.config import SEED_STRIDE, QGaLoreConfig
 from qgalore_fx.kernels import all_finite, quantize_blockwise
 from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK_SIZE
 from qgalore_fx.kernels.adam8bit import AdamState, adam_direction_masked_
+from qgalore_fx.kernels.factored import factor_size, factored_direction_
 from qgalore_fx.kernels.quant import noise_key, row_chunks
 from qgalore_fx.kernels.workspace import workspace
 from qgalore_fx.kernels.writeback import writeback_, writeback_applies
@@ -108,6 +109,7 @@ class UpdateSpec:
     cos_threshold: float
     queue_size: int
     adaptive: bool
+    lean: bool = False  # True: factored second moment, no first moment (qgalore_fx.kernels.factored)
     fused: bool = True  # False: the update runs at optimizer.step() (also with gradient accumulation)
     align: str = "sign"  # how a refreshed P is aligned with the old one (qgalore_fx.projection.align_projection)
     eps_placement: str = "adam"  # "galore": eps added to sqrt(v) before bias correction (config.EPS_PLACEMENTS)
@@ -179,8 +181,16 @@ def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
     else:
         q = quantize_blockwise(P0, bits=spec.proj_bits, block_size=spec.proj_block_size, check_finite=False)
         proj_codes, proj_scales = q.codes, q.scales
-    adam = AdamState.zeros(spec.lowrank_shape, bits=spec.optim_bits, device=device)
     empty = torch.zeros(0, dtype=torch.float32, device=device)
+    if spec.lean:  # no first moment; the second moment's row and column statistics (kernels.factored)
+        moments = {"exp_avg": empty.clone(),
+                   "exp_avg_sq": torch.zeros(factor_size(spec.lowrank_shape), dtype=torch.float32, device=device),
+                   "exp_avg_absmax": empty.clone(), "exp_avg_sq_absmax": empty.clone()}
+    else:
+        adam = AdamState.zeros(spec.lowrank_shape, bits=spec.optim_bits, device=device)
+        moments = {"exp_avg": adam.m, "exp_avg_sq": adam.v,
+                   "exp_avg_absmax": adam.absmax_m if adam.bits == 8 else empty.clone(),
+                   "exp_avg_sq_absmax": adam.absmax_v if adam.bits == 8 else empty.clone()}
     control = torch.zeros(control_size(spec), dtype=torch.float64)
     control[INTERVAL] = spec.update_interval
     control[LAST_REFRESH] = -1
@@ -188,9 +198,7 @@ def initial_state(spec: UpdateSpec, device=None) -> Dict[str, Tensor]:
     control[CAPTURED] = -1
     return {
         "proj_codes": proj_codes, "proj_scales": proj_scales,
-        "exp_avg": adam.m, "exp_avg_sq": adam.v,
-        "exp_avg_absmax": adam.absmax_m if adam.bits == 8 else empty,
-        "exp_avg_sq_absmax": adam.absmax_v if adam.bits == 8 else empty.clone(),
+        **moments,
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "skipped": torch.zeros((), dtype=torch.int64, device=device),
         "accum": empty.clone(),
@@ -346,8 +354,11 @@ def step_(weight: Tensor, scales: Tensor, state: Dict[str, Tensor], R: Tensor, h
     t = state["step"] + 1
     if spec.eps_placement == "galore":  # GaLoreAdamW: m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t)
         eps = eps / torch.sqrt(1.0 - torch.pow(beta2, t.to(beta2.dtype)))
-    N = _adam_direction(R, adam_state(state), t, beta1, beta2, eps, ok,
-                        base=spec.shard_rank * R.numel())  # FSDP2: this rank's R starts there in the whole R
+    if spec.lean:
+        N = factored_direction_(R.reshape(spec.lowrank_shape), state["exp_avg_sq"], t, beta2, eps, ok, ADAM_CHUNK)
+    else:
+        N = _adam_direction(R, adam_state(state), t, beta1, beta2, eps, ok,
+                            base=spec.shard_rank * R.numel())  # FSDP2: this rank's R starts there in the whole R
     if P is None:  # the caller may pass the dequantized projection it already holds
         P = projection_matrix(state["proj_codes"], state["proj_scales"], spec)
     lr = torch.where(ok, lr, 0.0)

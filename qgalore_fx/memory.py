@@ -99,6 +99,7 @@ class MemoryReport:
     projected_layers: int = 0
     weight_storage: str = "-"
     projection_storage: str = "-"
+    moment_storage: str = "-"  # of the low-rank moments: "8-bit m, v", "fp32 m, v" or lean's factored v
     planned: Dict[str, int] = field(default_factory=dict)
     cuda_max_allocated: Optional[int] = None
     cuda_allocated: Optional[int] = None
@@ -138,6 +139,7 @@ class MemoryReport:
         labels = dict(_COMPONENTS)
         labels["projected_weights"] += f" ({self.weight_storage})"
         labels["projections"] += f" ({self.projection_storage})"
+        labels["lowrank_optimizer_state"] += f" ({self.moment_storage})"
         width = max(len(v) for v in labels.values()) + 2
         head = f"{'component':<{width}}{'bytes':>16}{'MiB':>12}{'GiB':>10}"
         lines = [f"qgalore_fx memory report: {self.projected_layers} projected layers"
@@ -157,6 +159,8 @@ class MemoryReport:
 
 
 _WEIGHT_KINDS = {8: "int8 codes", 16: "bf16", 32: "fp32"}
+_MOMENT_KINDS = {8: "8-bit m, v", 32: "fp32 m, v"}
+_LEAN_MOMENTS = "lean: factored v, no m"
 _PROJ_KINDS = {4: "int4 codes + scales", 8: "int8 codes + scales", 16: "bf16", 32: "fp32"}
 
 
@@ -212,7 +216,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     optim_bits = None  # the transform's optim_bits, read from a layer (works through wrappers such as DDP)
     layer_tensors = set()
     anchors = set()
-    weight_kinds, proj_kinds = set(), set()
+    weight_kinds, proj_kinds, moment_kinds = set(), set(), set()
 
     for _, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, QGaLoreLinear)):
         report.projected_layers += 1
@@ -233,6 +237,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
         nbytes = layer.state_nbytes()
         report.lowrank_optimizer_state += nbytes["optimizer_state"]
         proj_kinds.add(_PROJ_KINDS.get(spec.proj_bits, str(spec.proj_bits)))
+        moment_kinds.add(_LEAN_MOMENTS if spec.lean else _MOMENT_KINDS.get(spec.optim_bits, str(spec.optim_bits)))
         report.projections += nbytes["projection"]  # allocated at transform time, in its stored form
         report.accumulators += nbytes["accumulator"]
         if planned and not nbytes["accumulator"] and not spec.fused:
@@ -249,6 +254,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     report.other_buffers += sum(_nbytes(p) for p in model.parameters() if id(p) in anchors)
     report.weight_storage = "/".join(sorted(weight_kinds)) or "-"
     report.projection_storage = "/".join(sorted(proj_kinds)) or "-"
+    report.moment_storage = "/".join(sorted(moment_kinds)) or "-"
 
     # AdamW state: what the optimizer holds, plus (planned) what its first step will create.
     seen: set = set()

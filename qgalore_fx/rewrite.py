@@ -217,6 +217,11 @@ def explain(model: nn.Module) -> str:
     lines.append("-" * len(header))
     lines.append(f"{len(layers)} projected linears: {total_before:,} bytes as fp32 -> {total_after:,} bytes now "
                  f"(weights + projections + optimizer state, {total_after / max(total_before, 1):.3f}x)")
+    lean = sum(1 for _, layer in layers if layer.spec is not None and layer.spec.lean)
+    if lean:
+        lines.append(f"lean=True: {lean} of {len(layers)} layers keep a factored second moment of R (its row and "
+                     "column means, fp32) and no first moment in place of 8-bit Adam moments "
+                     "(qgalore_fx.kernels.factored)")
     lines.append(f"logical parameters: {logical_parameters(model):,} (each projected weight counted as out x in; "
                  "a transformers model's num_parameters() agrees)")
     return "\n".join(lines)

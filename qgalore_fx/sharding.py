@@ -89,6 +89,11 @@ def check_layer(name: str, layer: nn.Module, world: int) -> None:
                 f"layer {name!r}: {what} is placed {tuple(t.placements)}; a projected weight must be sharded along "
                 "its rows (Shard(0)), where each rank's INT8 blocks and its rows of the low-rank update live "
                 "(drop the shard_placement_fn entry that places it, or return Shard(0) for it)")
+    if layer.spec.lean:
+        raise ValueError(
+            f"layer {name!r}: lean=True is not supported under FSDP2 yet (the factored second moment's column "
+            "statistics span every rank's rows of R); transform without lean=True to shard, or train lean on one "
+            "process or with DDP")
     message = split_error(name, layer.spec, world, moments_8bit=layer.exp_avg.dtype == torch.uint8)
     if message:
         raise ValueError(message)

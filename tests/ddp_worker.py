@@ -30,11 +30,14 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--fp32", action="store_true")
     ap.add_argument("--reduce", default="lowrank")
+    ap.add_argument("--lean", action="store_true", help="transform(..., lean=True)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     options = dict(rank=8, update_interval=2)
     if args.fp32:
         options.update(weight_bits=32, optim_bits=32, proj_bits=16, stochastic_round=False, proj_method="full")
+    if args.lean:
+        options["lean"] = True
     model = qgalore_fx.transform(tiny_llama(), **options)
     model.train()
     wrapped = model

@@ -30,6 +30,8 @@ def build(args):
     options = dict(rank=16, update_interval=2 if args.sr else 100)
     if not args.sr:
         options["stochastic_round"] = False
+    if args.lean:
+        options["lean"] = True
     model = qgalore_fx.transform(tiny_llama(hidden=128, intermediate=256, vocab=256), **options)
     model.train()
     return model
@@ -95,6 +97,7 @@ def main():
     ap.add_argument("--no-reshard", action="store_true")
     ap.add_argument("--placement", default="shard0")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--lean", action="store_true", help="transform(..., lean=True): refused under FSDP2")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per step (accumulation_steps)")
     ap.add_argument("--save")
     ap.add_argument("--load")

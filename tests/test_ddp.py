@@ -39,6 +39,8 @@ def runs(tmp_path_factory):
         "lowrank": run(tmp, 2, "--fp32"),
         "full": run(tmp, 2, "--fp32", "--reduce", "full"),
         "int8": run(tmp, 2),
+        "lean-single": run(tmp, 1, "--fp32", "--lean"),
+        "lean": run(tmp, 2, "--fp32", "--lean"),
     }
 
 
@@ -48,16 +50,16 @@ def assert_identical(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("name", ["lowrank", "full", "int8"])
+@pytest.mark.parametrize("name", ["lowrank", "full", "int8", "lean"])
 def test_ranks_hold_identical_weights(runs, name):
     states, comm = runs[name]
     assert_identical(states[0], states[1])
     assert comm[0] == comm[1] > 0
 
 
-@pytest.mark.parametrize("name", ["lowrank", "full"])
+@pytest.mark.parametrize("name", ["lowrank", "full", "lean"])
 def test_two_ranks_match_one_process_on_the_combined_batch(runs, name):
-    (single,), _ = runs["single"]
+    (single,), _ = runs["lean-single" if name == "lean" else "single"]
     ranks, _ = runs[name]
     assert single.keys() == ranks[0].keys()
     for k in single:

@@ -152,3 +152,11 @@ def test_a_weight_sharded_along_columns_is_refused(tmp_path):
     result = finish(launch(tmp_path, "shard1", 2, "--placement", "shard1"))
     for rank in result["ranks"]:
         assert "Shard(0)" in rank["error"] and "weight_codes" in rank["error"], rank["error"]
+
+
+def test_lean_is_refused_under_fsdp2_by_name(tmp_path):
+    """The factored second moment's column statistics span every rank's rows of R: lean=True under FSDP2 is
+    refused at optimizer(), naming the option and what works instead, before anything is updated."""
+    result = finish(launch(tmp_path, "lean", 2, "--lean"))
+    for rank in result["ranks"]:
+        assert "lean=True is not supported under FSDP2" in rank["error"] and "DDP" in rank["error"], rank["error"]
