@@ -227,7 +227,7 @@ def test_defaults_are_the_train_config_defaults(captured):
     assert resolved.transform_kwargs() == dict(
         rank=64, update_interval=200, scale=0.25, fused=True, cos_threshold=0.4, adaptive=True,
         weight_bits=8, proj_bits=4, stochastic_round=True, optim_bits=8, queue_size=5,
-        proj_method="subspace", align="sign", eps_placement="adam", proj_side="short",
+        proj_method="subspace", align="sign", eps_placement="adam", proj_side="short", lean=False,
     )
 
 
@@ -235,13 +235,13 @@ def test_switches_reach_the_transform(captured):
     argv = ["pretrain", "--rank", "32", "--weight-bits", "16", "--proj-bits", "8", "--optim-bits",
             "32", "--no-stochastic-round", "--no-adaptive", "--no-fused", "--update-interval", "50",
             "--scale", "0.5", "--cos-threshold", "0.6", "--queue-size", "3", "--proj-method", "full",
-            "--align", "procrustes", "--eps-placement", "galore", "--proj-side", "long", "--rest-lr", "5e-4"]
+            "--align", "procrustes", "--eps-placement", "galore", "--proj-side", "long", "--lean", "--rest-lr", "5e-4"]
     assert cli.main(argv) == 0
     assert captured[0].rest_lr == 5e-4
     assert captured[0].resolved().transform_kwargs() == dict(
         rank=32, update_interval=50, scale=0.5, fused=False, cos_threshold=0.6, adaptive=False,
         weight_bits=16, proj_bits=8, stochastic_round=False, optim_bits=32, queue_size=3,
-        proj_method="full", align="procrustes", eps_placement="galore", proj_side="long",
+        proj_method="full", align="procrustes", eps_placement="galore", proj_side="long", lean=True,
     )
 
 
@@ -417,3 +417,20 @@ def test_memory_subcommand_plans_7b(capsys):
     assert main(["memory", "--preset", "7b", "--rank", "1024"]) == 0
     out = capsys.readouterr().out
     assert "q-galore" in out.lower() and "galore (16-bit)" in out.lower() and "8-bit adamw" in out.lower()
+
+
+def test_train_follows_the_librarys_allocator_rule(corpus_dir, cache, tmp_path, monkeypatch):
+    """A small model keeps glibc's policy (the 1 MiB threshold made every method's small-preset step ~30 % slower);
+    only the library's size rule (4 GiB on the CPU) sets it, for every method alike."""
+    from qgalore_fx import host_allocator
+
+    calls = []
+    monkeypatch.setattr(host_allocator, "set_cpu_mmap_threshold", lambda *a: calls.append(a) or True)
+    for method in ("qgalore", "adamw"):
+        train_lib.train(small_config(corpus_dir, tmp_path / method, steps=1, method=method), verbose=False)
+    assert calls == []
+    monkeypatch.setattr(host_allocator, "AUTO_THRESHOLD_BYTES", 1)  # every model is "large" now
+    monkeypatch.setattr(host_allocator, "_AUTO_SET", True)  # said already: no warning
+    monkeypatch.delenv(host_allocator.ENV_MMAP_THRESHOLD, raising=False)
+    train_lib.train(small_config(corpus_dir, tmp_path / "large", steps=1, method="adamw"), verbose=False)
+    assert calls

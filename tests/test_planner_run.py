@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc and glibc's mallopt: Linux only")
 @pytest.mark.parametrize("extra", [[], ["--rest-in-backward", "on", "--embedding-dtype", "bf16"],
-                                   ["--rest-in-backward", "off"]])
+                                   ["--rest-in-backward", "off"], ["--lean"]])
 def test_planned_peak_matches_a_measured_run(tmp_path, extra):
     out = tmp_path / "run.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory_timeline.py"), "--preset", "60m",
@@ -48,5 +48,7 @@ def test_plan_run_accounts_for_the_gradients_it_frees():
     assert fused.rest_grads_held == 0 and fused.head_phase < embedding * 4  # less than the head gradient alone
     assert fused.persistent - bf16.persistent == 2 * embedding * 2  # bf16 halves the two weights
     assert held.peak > fused.peak > bf16.peak
+    lean = plan_run("7b", 1024, lean=True, **kw)
+    assert 3.0 * 2**30 < fused.persistent - lean.persistent < 3.1 * 2**30  # the 8-bit moments of R, 3.06 GiB
     with pytest.raises(ValueError, match="batch_size"):
         plan_run("60m", batch_size=0, runtime=0)

@@ -629,10 +629,6 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint to resume from (the run stopped before "
                                     f"its first save; save_every={cfg.save_every}): start it again")
     torch.set_num_threads(cfg.threads)
-    if torch.device(cfg.device).type == "cpu":
-        from qgalore_fx.memory import set_cpu_mmap_threshold
-
-        set_cpu_mmap_threshold()  # freed tensors go back to the OS, so the RSS figures mean something
     torch.manual_seed(cfg.seed)
 
     tokenizer = _load_tokenizer(*_model_source(cfg.model), cfg.model)
@@ -650,6 +646,10 @@ def _finetune(config: FinetuneConfig, verbose: bool, resume: bool) -> FinetuneRe
     _reset_peak_rss()
     loaded = load_model(cfg, tokenizer)
     model = loaded.model
+    # the library's allocator rule for every method, as qgalore_fx.optimizer applies it (docs/host-memory.md)
+    from qgalore_fx.host_allocator import auto_mmap_threshold
+
+    auto_mmap_threshold(model, None)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.cosine_with_warmup(cfg.steps, cfg.warmup,
                                                                                  cfg.min_lr_ratio))

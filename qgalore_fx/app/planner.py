@@ -793,6 +793,9 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                      help="the transform's proj_method for --run (default: the library's)")
     run.add_argument("--proj-side", choices=PROJ_SIDES, default=None,
                      help="the transform's proj_side for --run (default: the library's)")
+    run.add_argument("--lean", action="store_true",
+                     help="--run with transform(lean=True): a factored second moment and no first moment in the "
+                          "projected layers' update (qgalore_fx.kernels.factored)")
     run.add_argument("--no-rest-in-backward", action="store_true",
                      help="--run with qgalore_fx.optimizer(rest_in_backward=False): unprojected gradients held "
                           "until step()")
@@ -883,12 +886,19 @@ WORLD_PRESETS = ("60m", "130m", "350m", "1b", "7b", "13b", "70b")
 
 
 def _transform_options(args: argparse.Namespace) -> dict:
-    """The transform options ``--proj-method`` and ``--proj-side`` set (the library's default where unset)."""
-    return {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
-            if value is not None}
+    """The transform options ``--proj-method``, ``--proj-side`` and ``--lean`` set (the library's default where
+    unset)."""
+    options = {key: value for key, value in (("proj_method", args.proj_method), ("proj_side", args.proj_side))
+               if value is not None}
+    if getattr(args, "lean", False):
+        options["lean"] = True
+    return options
 
 
 def _run_world(args: argparse.Namespace, out) -> int:
+    if getattr(args, "lean", False):
+        raise ValueError("--lean with --world-size: lean=True is not supported under FSDP2 yet (its factored "
+                         "statistics span every rank's rows); plan the sharded run without --lean")
     if args.embedding_dtype != "fp32" or args.no_rest_in_backward:
         raise ValueError("--world-size plans fp32 unprojected parameters stepped in step() (rest_in_backward is "
                          "refused under torch.distributed): drop --embedding-dtype and --no-rest-in-backward")

@@ -494,13 +494,15 @@ def _train(config: TrainConfig, corpus: data_lib.TokenizedCorpus | None, verbose
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
 
     torch.set_num_threads(cfg.threads)
-    if device.type == "cpu":  # keep freed tensors' memory from staying resident (see the function's docstring)
-        from qgalore_fx.memory import set_cpu_mmap_threshold
-
-        set_cpu_mmap_threshold()
     torch.manual_seed(cfg.seed)
     preset = presets_lib.get_preset(cfg.preset)
     model = presets_lib.build_model(preset, corpus.vocab_size, device=device, seq_len=cfg.seq_len)
+    # the library's allocator rule for every method (qgalore_fx.optimizer applies the same one): the 1 MiB mmap
+    # threshold for a model holding 4 GiB or more on the CPU, glibc's own policy below that, where the threshold
+    # made every method's step about 30 % slower (docs/host-memory.md)
+    from qgalore_fx.host_allocator import auto_mmap_threshold
+
+    auto_mmap_threshold(model, None)
     n_params = sum(p.numel() for p in model.parameters())
     model_config = model.config.to_dict()
     model.train()
