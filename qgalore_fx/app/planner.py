@@ -222,7 +222,7 @@ def plan_run(preset_or_config, rank: Optional[int] = None, batch_size: int = 1, 
       without, every layer's saved tensors (``T (10h + 4i)`` plus ``2 heads S²`` attention scores per
       sequence).
     * ``layer_phase``: one layer's recomputed activations (the no-checkpointing per-layer figure) plus the
-      largest projected layer's update: R and Adam's direction N (``2 x`` the low-rank shape), the input
+      largest projected layer's update: R, over which the direction N is written (the low-rank shape), the input
       gradient and the fp32 gradients of its output and input (``T (m + n)`` twice), the dequantized
       projection, and the chunk workspaces of the dequant-matmul (``2 x MATMUL_CHUNK``), of Adam
       (``3 x ADAM_CHUNK``) and of the write-back (``3 x WRITE_CHUNK``).
@@ -532,7 +532,7 @@ def _update_costs(model: nn.Module, rank: int, T: int, factored: bool) -> Tuple[
         low = math.prod(spec.lowrank_shape)
         d = n if spec.side == "right" else m
         a = m + n - d
-        cost = f32 * (2 * low + 2 * T * (m + n) + T * max(m, n) + rank * d + 2 * mm.MATMUL_CHUNK
+        cost = f32 * (low + 2 * T * (m + n) + T * max(m, n) + rank * d + 2 * mm.MATMUL_CHUNK
                       + 3 * lowrank.ADAM_CHUNK + 3 * lowrank.WRITE_CHUNK)
         update = max(update, cost)
         if factored and spec.proj_method != "full" and FactoredGradient.cheaper(T, m, n):
