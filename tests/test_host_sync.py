@@ -7,6 +7,7 @@ guards the property without a GPU.
 
 import pathlib
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -24,7 +25,8 @@ def _batch():
     return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-def test_steady_state_step_adds_no_host_sync():
+@pytest.mark.parametrize("options", [{}, {"lean": True}], ids=["default", "lean"])
+def test_steady_state_step_adds_no_host_sync(options):
     ids = _batch()
     plain = tiny_llama()
 
@@ -33,7 +35,7 @@ def test_steady_state_step_adds_no_host_sync():
 
     baseline = _syncs(plain_fwd_bwd)
 
-    model = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=1000)
+    model = qgalore_fx.transform(tiny_llama(), rank=8, update_interval=1000, **options)
     model.train()
     opt = qgalore_fx.optimizer(model, lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))

@@ -170,3 +170,20 @@ def test_the_planner_counts_lean_state_from_the_layers():
     saved = default.persistent - lean.persistent
     # the 8-bit m and v (2 bytes per element of R, plus their block absmax) become a + b floats per layer
     assert saved > 0.9 * 2 * sum(1 for _ in range(1)) and lean.peak == default.peak - saved
+
+
+def test_lean_with_gradient_accumulation_updates_once_per_step():
+    """Under accumulation the update runs at step() from the accumulated R (the deferred path), lean or not."""
+    model = qgalore_fx.transform(_tiny(), rank=8, lean=True)
+    opt = qgalore_fx.optimizer(model, lr=1e-2, accumulation_steps=2)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(6))
+    layer = model.model.layers[0].mlp.down_proj
+    for step in range(3):
+        for micro in ids.chunk(2):
+            model(input_ids=micro, labels=micro).loss.div(2).backward()
+        before = layer.weight_codes.clone()
+        opt.step()
+        opt.zero_grad()
+        assert int(layer.step) == step + 1
+        assert not torch.equal(layer.weight_codes, before)
+    assert bool((layer.exp_avg_sq > 0).all())
