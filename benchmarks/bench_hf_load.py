@@ -14,6 +14,7 @@ which ``from_pretrained`` imports either way: about 200 MiB of Python modules, t
 
 ``plain``    ``AutoModelForCausalLM.from_pretrained(dir)``
 ``qgalore``  ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=QGaLoreQuantizationConfig(rank))``
+``qgalore-lean``  the same with ``QGaLoreQuantizationConfig(rank, lean=True)`` (``--modes plain,qgalore,qgalore-lean``)
 
 Prints a markdown table: growth = peak - RSS after the imports, and the ratio qgalore / plain.
 """
@@ -101,7 +102,9 @@ def child(mode: str, path: str, rank: int, threshold: bool, device: str = "cpu",
     import transformers.models.llama.modeling_llama  # noqa: F401  the model's code, which loading imports anyway
 
     code = _rss_mib()
-    kwargs = {} if mode == "plain" else {"quantization_config": qgalore_fx.QGaLoreQuantizationConfig(rank=rank)}
+    options = {"lean": True} if mode == "qgalore-lean" else {}
+    kwargs = {} if mode == "plain" else {"quantization_config": qgalore_fx.QGaLoreQuantizationConfig(rank=rank,
+                                                                                                     **options)}
     if device != "cpu":
         kwargs["device_map"] = {"": device}
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -68,6 +68,14 @@ def test_a_false_ok_or_a_non_finite_R_leaves_the_statistics_and_returns_zero():
     assert torch.equal(N, torch.zeros_like(N))
 
 
+def test_a_non_finite_first_step_returns_zero_not_nan():
+    """Before any finite step the statistics are all zero; a skipped first step must still give N = 0 exactly."""
+    factors = torch.zeros(50)
+    R = torch.full((20, 30), float("nan"))
+    N = _run(R, factors, 1, ok=False)
+    assert torch.equal(N, torch.zeros_like(N)) and torch.equal(factors, torch.zeros(50))
+
+
 def test_the_direction_is_written_over_R_and_clipped_to_rms_one():
     gen = torch.Generator().manual_seed(4)
     factors = torch.zeros(40)

@@ -87,7 +87,8 @@ def factored_direction_(R: Tensor, factors: Tensor, step: Tensor, beta2, eps, ok
     t = step.reshape(()).to(device=R.device, dtype=torch.float64)
     c2 = (1.0 - torch.pow(beta2.double(), t)).float()
     # sqrt(V̂_ij) = sqrt(row_i / (mean(row) c2)) * sqrt(col_j); a False ok leaves N = 0 whatever these are
-    row_scale = (row / (row.mean() * c2)).sqrt_()
+    # before the first finite step the statistics are all 0: the clamp keeps 0 / 0 from making a False ok's N NaN
+    row_scale = (row / torch.clamp(row.mean() * c2, min=torch.finfo(torch.float32).tiny)).sqrt_()
     col_scale = col.sqrt()
     sumsq = torch.zeros((), dtype=torch.float32, device=R.device)
     for s, e in ranges:  # pass 2: U = R / (sqrt(V̂) + eps), and its sum of squares
