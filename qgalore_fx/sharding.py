@@ -89,22 +89,21 @@ def check_layer(name: str, layer: nn.Module, world: int) -> None:
                 f"layer {name!r}: {what} is placed {tuple(t.placements)}; a projected weight must be sharded along "
                 "its rows (Shard(0)), where each rank's INT8 blocks and its rows of the low-rank update live "
                 "(drop the shard_placement_fn entry that places it, or return Shard(0) for it)")
-    if layer.spec.lean:
-        raise ValueError(
-            f"layer {name!r}: lean=True is not supported under FSDP2 yet (the factored second moment's column "
-            "statistics span every rank's rows of R); transform without lean=True to shard, or train lean on one "
-            "process or with DDP")
     message = split_error(name, layer.spec, world, moments_8bit=layer.exp_avg.dtype == torch.uint8)
     if message:
         raise ValueError(message)
 
 
 def split_error(name: str, spec, world: int, moments_8bit: bool) -> Optional[str]:
-    """Why a projected layer of ``spec`` cannot be split over ``world`` ranks (None when it can): its rows must
-    form whole INT8 blocks on each rank, and so must the rows of R its 8-bit moments are cut into. The memory
-    planner asks the same question of a model on the meta device."""
+    """Why a projected layer of ``spec`` cannot be split over ``world`` ranks (None when it can): it must not be
+    lean, its rows must form whole INT8 blocks on each rank, and so must the rows of R its 8-bit moments are cut
+    into. The memory planner asks the same question of a model on the meta device."""
     from qgalore_fx.kernels.adam8bit import BLOCK_SIZE as ADAM_BLOCK
 
+    if spec.lean:
+        return (f"layer {name!r}: lean=True is not supported under FSDP2 yet (the factored second moment's column "
+                "statistics span every rank's rows of R); transform without lean=True to shard, or train lean on "
+                "one process or with DDP")
     m, n, bs = spec.m, spec.n, spec.block_size
     if m % world or (m // world * n) % bs:
         return (f"layer {name!r} [{m}, {n}] cannot be sharded on {world} ranks: each rank must hold an equal number "

@@ -190,3 +190,13 @@ def test_lean_with_gradient_accumulation_updates_once_per_step():
         assert int(layer.step) == step + 1
         assert not torch.equal(layer.weight_codes, before)
     assert bool((layer.exp_avg_sq > 0).all())
+
+
+def test_the_sharded_planner_refuses_lean_as_fsdp2_does():
+    """plan_sharded asks sharding.split_error, the question optimizer() asks under FSDP2: no per-rank figure for a
+    lean model, and the message names lean=True."""
+    from qgalore_fx.app.planner import ShardingError, plan_sharded
+
+    with pytest.raises(ShardingError, match="lean=True is not supported under FSDP2"):
+        plan_sharded("tiny", 2, runtime=0, lean=True)
+    assert plan_sharded("tiny", 2, runtime=0).world_size == 2

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor
 
+from .quant import row_chunks
+
 __all__ = ["CLIP", "FLOOR", "factor_size", "factored_direction_"]
 
 #: Largest RMS of the direction (Adafactor's ``d``).
@@ -41,11 +43,6 @@ def factor_size(shape) -> int:
     """Floats of the factored statistics of an ``[a, b]`` R: ``a`` row means then ``b`` column means."""
     a, b = shape
     return int(a) + int(b)
-
-
-def _row_ranges(a: int, b: int, chunk: int):
-    rows = max(1, chunk // max(1, b))
-    return [(s, min(a, s + rows)) for s in range(0, a, rows)]
 
 
 @torch.no_grad()
@@ -69,7 +66,7 @@ def factored_direction_(R: Tensor, factors: Tensor, step: Tensor, beta2, eps, ok
     if a * b == 0:
         return N
     row, col = factors[:a], factors[a:]
-    ranges = _row_ranges(a, b, chunk)
+    ranges = list(row_chunks(a, b, 1, chunk))  # whole rows, about chunk elements each
     row_mean = torch.empty(a, dtype=torch.float32, device=R.device)
     col_sum = torch.zeros(b, dtype=torch.float32, device=R.device)
     for s, e in ranges:  # pass 1: this step's row and column means of R² (0 where not ok)
@@ -86,8 +83,8 @@ def factored_direction_(R: Tensor, factors: Tensor, step: Tensor, beta2, eps, ok
     col.copy_(torch.where(ok, new_col, col))
     t = step.reshape(()).to(device=R.device, dtype=torch.float64)
     c2 = (1.0 - torch.pow(beta2.double(), t)).float()
-    # sqrt(V̂_ij) = sqrt(row_i / (mean(row) c2)) * sqrt(col_j); a False ok leaves N = 0 whatever these are
-    # before the first finite step the statistics are all 0: the clamp keeps 0 / 0 from making a False ok's N NaN
+    # sqrt(V̂_ij) = sqrt(row_i / (mean(row) c2)) * sqrt(col_j). Before the first finite step the statistics are all
+    # 0: the clamp keeps that 0 / 0 from turning a False ok's N (0 from pass 1) into NaN
     row_scale = (row / torch.clamp(row.mean() * c2, min=torch.finfo(torch.float32).tiny)).sqrt_()
     col_scale = col.sqrt()
     sumsq = torch.zeros((), dtype=torch.float32, device=R.device)
