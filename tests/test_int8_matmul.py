@@ -242,3 +242,27 @@ def test_the_chunked_kernels_allocate_nothing_of_a_chunks_size(monkeypatch):
         ref = (mm.int8_matmul_reference if fn is mm.int8_matmul_chunked else mm.int8_matmul_t_reference)(
             a, codes, scales, 256)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())  # sums of ~1e3
+
+
+def test_a_weight_of_one_chunk_is_dequantized_into_the_workspace_too():
+    """A weight of at most MATMUL_CHUNK elements (every linear of a 117M model) is one chunk: it is dequantized
+    into the thread's workspace as well, so a warm forward or input-gradient product allocates nothing of the
+    weight's size (a fresh fp32 weight per call left the 117M model's heap 60 MiB of holes after one forward),
+    and the result is the reference's, bit for bit (the same fp32 weight, one product)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qgalore_fx.kernels import int8_matmul as mm
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (2304, 768), generator=gen, dtype=torch.int8)
+    assert codes.numel() <= mm.MATMUL_CHUNK
+    scales = torch.rand(mm.num_blocks(codes.numel(), 256), generator=gen) + 0.1
+    x, g = torch.randn(4, 768, generator=gen), torch.randn(4, 2304, generator=gen)
+    weight_bytes = codes.numel() * 4
+    for fn, ref_fn, a in ((mm.int8_matmul_chunked, mm.int8_matmul_reference, x),
+                          (mm.int8_matmul_t_chunked, mm.int8_matmul_t_reference, g)):
+        fn(a, codes, scales, 256)  # fills the workspace
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn(a, codes, scales, 256)
+        assert [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= weight_bytes // 2] == []
+        assert torch.equal(out, ref_fn(a, codes, scales, 256))

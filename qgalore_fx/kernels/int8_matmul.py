@@ -141,11 +141,13 @@ def _weight_rows_in_workspace(codes: torch.Tensor, scales: torch.Tensor, block_s
 
 def int8_matmul_chunked(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block_size: int):
     """``int8_matmul_reference`` computed over row chunks of the weight (:data:`MATMUL_CHUNK`), so the fp32
-    weight is never whole; equal to the reference up to float rounding (the BLAS blocks another shape).
-    Each chunk is dequantized into a workspace the thread reuses (:func:`_workspace`)."""
+    weight is never whole; equal to the reference up to float rounding (the BLAS blocks another shape), and
+    bit for bit where the weight is one chunk. Each chunk, a whole small weight included, is dequantized into a
+    workspace the thread reuses (:mod:`.workspace`): a fresh fp32 weight per call left a 117M model's heap with
+    60 MiB of holes after one forward (BENCHMARKS.md, the transformers load)."""
     _check_matmul_args(x2d, codes, scales, block_size, "x2d", transposed=False)
-    if codes.numel() <= MATMUL_CHUNK:
-        return int8_matmul_reference(x2d, codes, scales, block_size)
+    if codes.numel() <= MATMUL_CHUNK:  # one chunk: one product, the reference's bits
+        return x2d @ _weight_rows_in_workspace(codes, scales, block_size, 0, codes.shape[0], x2d.dtype).T
     out = x2d.new_empty((x2d.shape[0], codes.shape[0]))
     for start, stop in _row_chunks(codes.shape[0], codes.shape[1], block_size):
         out[:, start:stop] = x2d @ _weight_rows_in_workspace(codes, scales, block_size, start, stop, x2d.dtype).T
@@ -158,8 +160,8 @@ def int8_matmul_t_chunked(g2d: torch.Tensor, codes: torch.Tensor, scales: torch.
     in a workspace the thread reuses; each chunk's product in one buffer per call (its size follows the
     tokens, so it is not kept)."""
     _check_matmul_args(g2d, codes, scales, block_size, "g2d", transposed=True)
-    if codes.numel() <= MATMUL_CHUNK:
-        return int8_matmul_t_reference(g2d, codes, scales, block_size)
+    if codes.numel() <= MATMUL_CHUNK:  # one chunk: one product, the reference's bits
+        return g2d @ _weight_rows_in_workspace(codes, scales, block_size, 0, codes.shape[0], g2d.dtype)
     out = None
     part = None
     for start, stop in _row_chunks(codes.shape[0], codes.shape[1], block_size):
