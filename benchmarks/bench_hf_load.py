@@ -14,7 +14,12 @@ which ``from_pretrained`` imports either way: about 200 MiB of Python modules, t
 
 ``plain``    ``AutoModelForCausalLM.from_pretrained(dir)``
 ``qgalore``  ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=QGaLoreQuantizationConfig(rank))``
-``qgalore-lean``  the same with ``QGaLoreQuantizationConfig(rank, lean=True)`` (``--modes plain,qgalore,qgalore-lean``)
+``qgalore-lean``  the same with ``QGaLoreQuantizationConfig(rank, lean=True)``
+``...-bf16``  any of them with ``dtype=torch.bfloat16`` as well: ``plain-bf16`` a bf16 model; ``qgalore-bf16`` and
+              ``qgalore-lean-bf16`` store what is not projected (embeddings, norms, head) in bf16
+              (``--modes plain,qgalore,qgalore-lean,qgalore-bf16,qgalore-lean-bf16,plain-bf16``)
+
+Ratios are against ``plain`` (the fp32 load, whatever dtype the other rows use).
 
 Prints a markdown table: growth = peak - RSS after the imports, and the ratio qgalore / plain.
 """
@@ -102,9 +107,13 @@ def child(mode: str, path: str, rank: int, threshold: bool, device: str = "cpu",
     import transformers.models.llama.modeling_llama  # noqa: F401  the model's code, which loading imports anyway
 
     code = _rss_mib()
-    options = {"lean": True} if mode == "qgalore-lean" else {}
-    kwargs = {} if mode == "plain" else {"quantization_config": qgalore_fx.QGaLoreQuantizationConfig(rank=rank,
-                                                                                                     **options)}
+    method, *flags = mode.split("-")
+    if method not in ("plain", "qgalore") or not set(flags) <= {"lean", "bf16"} or (method == "plain" and "lean" in flags):
+        raise SystemExit(f"unknown mode {mode!r}: plain[-bf16] or qgalore[-lean][-bf16]")
+    kwargs = {"dtype": torch.bfloat16} if "bf16" in flags else {}
+    if method == "qgalore":
+        options = {"lean": True} if "lean" in flags else {}
+        kwargs["quantization_config"] = qgalore_fx.QGaLoreQuantizationConfig(rank=rank, **options)
     if device != "cpu":
         kwargs["device_map"] = {"": device}
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -117,7 +126,7 @@ def child(mode: str, path: str, rank: int, threshold: bool, device: str = "cpu",
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
     print(json.dumps({"mode": mode, "device": device, "max_memory_allocated_mib": gpu, "before_mib": before, "model_code_mib": code - before, "after_load_mib": loaded, "peak_mib": peak, "load_peak_mib": load_peak,
                       "growth_mib": peak - before, "load_growth_mib": peak - code, "loss": loss, "params": model.num_parameters(),
-                      "logical_params": qgalore_fx.logical_parameters(model) if mode != "plain" else
+                      "logical_params": qgalore_fx.logical_parameters(model) if method != "plain" else
                       model.num_parameters()}))
 
 

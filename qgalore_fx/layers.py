@@ -96,7 +96,7 @@ class QGaLoreLinear(nn.Module):
         self.weight_scales = nn.Parameter(scales, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         # One element (not zero: FSDP2 cannot shard an empty parameter); its value and gradient are always 0.
-        self.anchor = nn.Parameter(torch.zeros(1, device=device))
+        self.anchor = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))  # whatever the default dtype
         self.register_buffer("hparams", torch.zeros(0, dtype=torch.float64, device=device), persistent=False)
         # Under FSDP2: views of this rank's shard of the codes and scales, which the update writes (empty otherwise).
         self.register_buffer("shard_codes", torch.zeros(0, dtype=codes.dtype, device=device), persistent=False)

@@ -110,6 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.anchor_shape = anchor.shape
+    ctx.anchor_dtype = anchor.dtype
     ctx.n_state = len(state)
 
 
@@ -123,7 +124,7 @@ def _backward(ctx, grad_y):
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = g2d.sum(0).to(ctx.bias_dtype)
     if ctx.needs_input_grad[4]:
-        grad_anchor = grad_y.new_zeros(ctx.anchor_shape)
+        grad_anchor = grad_y.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype)
     if state and ctx.needs_input_grad[4]:  # a frozen anchor (requires_grad=False) freezes the layer's weight
         torch.ops.qgalore_fx.lowrank_update_(weight, scales, state, hparams, x, grad_y, ctx.spec)
     return grad_x, None, None, grad_bias, grad_anchor, [None] * ctx.n_state, None, None, None

@@ -331,10 +331,14 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
             return
         state = self._adam_state_of(p)
         beta1, beta2 = group["betas"]
-        stream = zlib.crc32(self._param_names.get(id(p), "").encode())  # bf16: its stochastic rounding's draws
         _masked_adamw_rows_(p, grad_rows, state["adam"], state["step"], ok, lr=group["lr"], beta1=beta1,
-                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], stream=stream)
+                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], stream=self._stream(p))
         self._rest_bad.logical_or_(~ok)
+
+    def _stream(self, p: Tensor) -> int:
+        """The stream of a bf16 parameter's stochastic rounding: a hash of its name, so that no two parameters
+        draw the same noise at the same step."""
+        return zlib.crc32(self._param_names.get(id(p), "").encode())
 
     def _adam_state_of(self, p: Tensor) -> dict:
         state = self.state[p]
@@ -356,7 +360,8 @@ class QGaLoreOptimizer(torch.optim.Optimizer):
     def _adamw_one(self, p: Tensor, group: dict, ok: Tensor) -> None:
         state = self._adam_state_of(p)
         beta1, beta2 = group["betas"]
-        hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  stream=self._stream(p))
         if sharding.rest_layout(p, self.optim_bits) == "full":  # FSDP2, a shard that is not whole moment blocks
             full = p.full_tensor()
             _masked_adamw_(full, p.grad.full_tensor(), state["adam"], state["step"], ok, **hp)
@@ -504,26 +509,39 @@ ADAMW_CHUNK = 1 << 20
 
 @torch.no_grad()
 def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: Tensor, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float, base: int = 0) -> None:
+                   beta2: float, eps: float, weight_decay: float, base: int = 0, stream: int = 0) -> None:
     """AdamW on ``p`` that changes nothing where ``ok`` (a 0-d bool tensor) is False; no host sync.
 
     :func:`qgalore_fx.kernels.adam8bit.adamw_masked_` (the fused 8-bit step where it is available, else the torch
     reference) run over chunks of whole moment blocks (:data:`ADAMW_CHUNK` elements), each a view into the
     parameter and its state. ``base``: the index of ``p``'s first element in the whole parameter (FSDP2's shard).
+    A bf16 ``p`` is updated in fp32 a chunk at a time and written back by
+    :func:`qgalore_fx.fused_rest.round_bf16_` (stochastic rounding, the draws of ``stream`` at ``step``): rounded
+    to nearest, an update below bf16's resolution (2^-8 of a norm weight near 1, about 4e-3, against Adam's
+    lr-sized steps) would be lost every time.
     """
     if p.numel() == 0:
         return
-    in_place = p.dtype == torch.float32 and p.is_contiguous()
-    p32 = (p if in_place else p.float().contiguous()).view(-1)
     g = grad.reshape(-1)
     t = step + 1
     bs = state.block_size
     chunk = max(bs, ADAMW_CHUNK // bs * bs)
+    bf16 = p.dtype == torch.bfloat16
+    in_place = p.dtype == torch.float32 and p.is_contiguous()
+    chunked_bf16 = bf16 and p.is_contiguous()
+    p32 = p.view(-1) if in_place or chunked_bf16 else p.float().contiguous().view(-1)
     for start in range(0, p32.numel(), chunk):
         stop = min(p32.numel(), start + chunk)
-        adamw_masked_(p32[start:stop], g[start:stop], state.part(start, stop), t, ok, lr, beta1, beta2, eps,
+        part = p32[start:stop].float() if chunked_bf16 else p32[start:stop]
+        adamw_masked_(part, g[start:stop], state.part(start, stop), t, ok, lr, beta1, beta2, eps,
                       weight_decay, offset=base + start)
-    if not in_place:
+        if chunked_bf16:
+            fused_rest.round_bf16_(p32[start:stop], part, step, stream, offset=base + start)
+    if bf16 and not chunked_bf16:
+        rounded = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        fused_rest.round_bf16_(rounded, p32, step, stream, offset=base)
+        p.copy_(rounded)
+    elif not in_place and not chunked_bf16:
         p.copy_(p32.view(p.shape))
     step.add_(ok.to(torch.int64))
 

@@ -167,3 +167,58 @@ def test_bad_options_are_refused_before_anything_is_built(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(rank=8),
             device_map={"model.embed_tokens": "cpu", "lm_head": "disk"})
+
+
+def _dtypes(model):
+    return {name: t.dtype for name, t in model.named_parameters()}
+
+
+@pytest.mark.parametrize("how", ["dtype=bfloat16", "auto from a bf16 checkpoint"])
+def test_dtype_bfloat16_stores_what_is_not_projected_in_bf16_trains_and_reloads(tmp_path, how):
+    """transformers' ``dtype`` is the storage of what qgalore_fx does not project: with bfloat16 (asked for, or
+    "auto" on a bf16 checkpoint) the embedding, norms and head are bf16, the projected layers INT8 with fp32
+    scales and anchors as always; a training step moves the bf16 norms (stochastic rounding: Adam's 1e-3 steps
+    are below bf16's spacing near 1, so rounding to nearest would leave every one at 1.0); the saved folder reloads
+    with every tensor and dtype equal and the next steps identical."""
+    dense = tiny_llama()
+    if how == "dtype=bfloat16":
+        dense.save_pretrained(tmp_path / "ck")
+        kwargs = {"dtype": torch.bfloat16}
+    else:
+        dense.to(torch.bfloat16).save_pretrained(tmp_path / "ck")
+        kwargs = {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ck", quantization_config=qgalore_fx.QGaLoreQuantizationConfig(**OPTIONS), **kwargs)
+    dtypes = _dtypes(model)
+    rest = {k: v for k, v in dtypes.items() if not k.endswith(("weight_codes", "weight_scales", "anchor"))}
+    assert set(rest.values()) == {torch.bfloat16} and "model.embed_tokens.weight" in rest and "lm_head.weight" in rest
+    layer = dict(qgalore_fx.projected_layers(model))["model.layers.0.mlp.up_proj"]
+    assert (layer.weight_codes.dtype, layer.weight_scales.dtype, layer.anchor.dtype) == \
+        (torch.int8, torch.float32, torch.float32)
+    expected = dense.model.embed_tokens.weight.detach().to(torch.bfloat16)
+    assert torch.equal(model.model.embed_tokens.weight.detach(), expected)
+
+    opt = qgalore_fx.optimizer(model, lr=1e-2, rest_lr=1e-3)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm.detach(), torch.ones_like(norm))
+    _steps(model, opt, range(2))
+    assert _dtypes(model) == dtypes
+    moved = (norm.detach() != 1).float().mean().item()
+    assert 0.05 < moved < 1.0, moved  # some elements stepped to a neighbour of 1.0, in expectation as fp32 would
+
+    model.save_pretrained(tmp_path / "saved", max_shard_size="100KB")
+    restored = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    _assert_same_state(model, restored)
+    opt2 = qgalore_fx.optimizer(restored, lr=1e-2, rest_lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    for m, o in ((model, opt), (restored, opt2)):
+        _steps(m, o, range(2, 5))  # across a refresh (update_interval 2)
+    _assert_same_state(model, restored)
+
+
+def test_dtype_float16_is_stored_as_float32_with_a_warning(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"dtype=torch.float16 cannot be trained without loss scaling.*float32"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float16, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(**OPTIONS))
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32

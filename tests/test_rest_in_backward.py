@@ -340,3 +340,34 @@ def test_bf16_updates_below_resolution_still_move_the_weight(fused_everywhere):
     opt.step()
     changed = (model.lm_head.weight != before).float().mean().item()
     assert 0.0 < changed < 0.2
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_a_bf16_parameter_updated_at_step_rounds_stochastically(contiguous):
+    """The AdamW of ``opt.step()`` and of the gradient hook (``_masked_adamw_``) writes a bf16 parameter back with
+    stochastic rounding, as the fused embedding/head update does: a norm weight at 1.0 moved by Adam's 1e-3 steps
+    (a quarter of bf16's spacing below 1) follows the fp32 run on average; rounded to nearest it never moves.
+    A step whose ``ok`` is False leaves it bit for bit."""
+    from qgalore_fx.kernels.adam8bit import AdamState
+    from qgalore_fx.optim import _masked_adamw_
+
+    n, steps, lr = 64 * 64, 10, 1e-3
+    grad = torch.ones(64, 64)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.ones(64, 64, dtype=dtype)
+        if not contiguous:
+            p = p.t()
+        state, step = AdamState.zeros((n,), bits=8, min_8bit_size=0), torch.zeros((), dtype=torch.int64)
+        for _ in range(steps):
+            _masked_adamw_(p, grad, state, step, torch.tensor(True), lr, 0.9, 0.999, 1e-8, 0.0, stream=7)
+        assert p.dtype == dtype and int(step) == steps
+        runs[dtype] = p.float()
+    fp32_mean, bf16 = float(runs[torch.float32].mean()), runs[torch.bfloat16]
+    assert abs(fp32_mean - (1 - steps * lr)) < 1e-4
+    assert abs(float(bf16.mean()) - fp32_mean) < 5e-4  # the mean of 4096 stochastic roundings (std about 1e-4)
+    assert set(torch.unique(bf16).tolist()) <= {1.0, 0.99609375, 0.9921875, 0.98828125, 0.984375}
+    before = bf16.bfloat16().clone()
+    p = before.clone()
+    _masked_adamw_(p, grad, state, step, torch.tensor(False), lr, 0.9, 0.999, 1e-8, 0.0, stream=7)
+    assert torch.equal(p, before)

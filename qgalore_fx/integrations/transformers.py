@@ -10,8 +10,9 @@ imported, see ``qgalore_fx/__init__.py``). Three things follow:
 * **Loading a plain checkpoint** with ``quantization_config=QGaLoreQuantizationConfig(rank=...)``: transformers
   builds the model on ``meta``; :class:`QGaLoreHfQuantizer` transforms it there and reads each projected weight
   from the safetensors shards straight into INT8 (:func:`qgalore_fx.rewrite.transform_projected`), one layer at a
-  time; transformers then loads everything that is not projected (embeddings, norms, head) as it always does. The
-  full-precision model never exists in memory.
+  time; transformers then loads everything that is not projected (embeddings, norms, head) as it always does, in
+  its ``dtype`` (float32 or bfloat16: :meth:`QGaLoreHfQuantizer.update_dtype`). The full-precision model never
+  exists in memory.
 * **Saving**: a model loaded this way, or transformed with :func:`qgalore_fx.transform`, carries this config as
   ``config.quantization_config``; ``save_pretrained`` writes ``"quant_method": "qgalore_fx"`` with the transform's
   options and the model's whole state dict (INT8 codes, scales, projections, moments, counters, refresh
@@ -145,9 +146,17 @@ class QGaLoreHfQuantizer(HfQuantizer):
         self.quantization_config.transform_config()  # refuse bad options before the model is built
 
     def update_dtype(self, dtype):
-        if dtype is not None and dtype != torch.float32:
-            warnings.warn(f"quant_method 'qgalore_fx' keeps the weights it does not project (embeddings, norms, head) "
-                          f"in float32 for its optimizer; dtype={dtype} is not used", stacklevel=2)
+        """The dtype of what is not projected (embeddings, norms, head, biases), which the model computes in:
+        transformers' ``dtype`` (``"auto"``: the checkpoint's). float32 keeps fp32 weights for AdamW; bfloat16
+        stores them in bf16, each update computed in fp32 and written back with stochastic rounding
+        (:func:`qgalore_fx.fused_rest.round_bf16_`), and halves their memory. float16 cannot be trained without
+        loss scaling: float32 is used instead, with a warning."""
+        if dtype in (torch.float32, torch.bfloat16):
+            return dtype
+        if dtype is not None:
+            warnings.warn(f"quant_method 'qgalore_fx' stores the weights it does not project (embeddings, norms, head) "
+                          f"in float32 or bfloat16; dtype={dtype} cannot be trained without loss scaling, so float32 "
+                          "is used (pass dtype=torch.bfloat16 for 16-bit storage)", stacklevel=2)
         return torch.float32
 
     def update_attn_implementation(self, config):
