@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                          "turns it on where it is valid and pays (a large untied embedding or head)")
     ap.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="storage of the input embedding and output head; bf16 (stochastic rounding, see "
-                         "qgalore_fx.fused_rest) needs the embedding and head updated inside backward")
+                         "qgalore_fx.fused_rest) is measured with them updated inside backward, as planned")
     ap.add_argument("--lean", action="store_true", help="transform(..., lean=True): factored second moment, no "
                     "first moment in the projected layers' update (qgalore_fx.kernels.factored)")
     ap.add_argument("--no-plan", action="store_true", help="skip the planner's prediction (qgalore_fx.app.planner."
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     config = llama_config(preset.name, vocab_size=None if preset.vocab_size else 8192)
     rest_in_backward = {"default": None, "on": True, "off": False}[args.rest_in_backward]
     if args.embedding_dtype == "bf16" and rest_in_backward is False:
-        raise SystemExit("--embedding-dtype bf16 needs the embedding and head updated inside backward")
+        raise SystemExit("--embedding-dtype bf16 is measured (and planned) with the embedding and head updated "
+                         "inside backward")
     options = {} if args.proj_method is None else {"proj_method": args.proj_method}
     if args.lean:
         options["lean"] = True

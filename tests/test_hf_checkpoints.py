@@ -222,3 +222,68 @@ def test_dtype_float16_is_stored_as_float32_with_a_warning(tmp_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path, dtype=torch.float16, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(**OPTIONS))
     assert model.model.embed_tokens.weight.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_large_tensor_converted_on_load_is_read_by_the_quantizer_in_row_chunks(tmp_path, monkeypatch, tied):
+    """An unprojected tensor the checkpoint holds in fp32, loaded with dtype=torch.bfloat16, is read by the
+    quantizer in row chunks (each through its own mapping of the file) straight into its bf16 tensor, which
+    transformers then leaves alone (it would read the tensor whole, then convert it): the values are the fp32 ones
+    rounded to bf16, a tied head stays tied, and the loading report is clean."""
+    import safetensors
+
+    from qgalore_fx.integrations import transformers as integration
+
+    dense = tiny_llama(vocab=4096)
+    dense.config.tie_word_embeddings = tied
+    if tied:
+        dense.tie_weights()
+    dense.save_pretrained(tmp_path)
+    monkeypatch.setattr(integration, "CONVERT_MIN_NUMEL", 1 << 16)
+    monkeypatch.setattr(integration, "CONVERT_CHUNK_BYTES", 1 << 16)  # 256 rows of 64 fp32
+    reads, made = [], []
+    real_open, real_read = safetensors.safe_open, integration._read_converted
+
+    class Handle:
+        def __init__(self, *args, **kwargs):
+            self._h = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self._h.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._h.__exit__(*exc)
+
+        def get_slice(self, key):
+            part = self._h.get_slice(key)
+
+            class Slice:
+                def __getitem__(_, index):
+                    reads.append((key, index.start, index.stop))
+                    return part[index]
+            return Slice()
+
+    def read(stored, dtype, device):
+        with monkeypatch.context() as m:
+            m.setattr(safetensors, "safe_open", Handle)
+            made.append(real_read(stored, dtype, device))
+        return made[-1]
+
+    monkeypatch.setattr(integration, "_read_converted", read)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, quantization_config=qgalore_fx.QGaLoreQuantizationConfig(**OPTIONS),
+        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    names = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    assert sorted({key for key, *_ in reads}) == sorted(names)  # nothing else is large enough
+    for key in names:
+        ranges = [(a, b) for k, a, b in reads if k == key]
+        assert ranges == [(start, start + 256) for start in range(0, 4096, 256)]  # one mapping per chunk
+    assert [t.data_ptr() for t in made] == [model.get_parameter(n).data_ptr() for n in names]  # kept as read
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        loaded = model.get_parameter(name)
+        assert loaded.dtype == torch.bfloat16 and loaded.requires_grad
+        assert torch.equal(loaded.detach(), dense.get_parameter(name).detach().to(torch.bfloat16)), name
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert "model.embed_tokens.weight" in model.state_dict()  # shown again once loaded

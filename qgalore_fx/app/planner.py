@@ -801,7 +801,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                           "until step()")
     run.add_argument("--no-checkpointing", action="store_true", help="--run without activation checkpointing")
     run.add_argument("--embedding-dtype", choices=("fp32", "bf16"), default="fp32",
-                     help="--run: storage of the input embedding and output head (bf16 needs rest_in_backward)")
+                     help="--run: storage of the input embedding and output head (bf16 is planned with "
+                          "rest_in_backward only)")
     world = parser.add_argument_group("one rank of an FSDP2 run (--world-size)")
     world.add_argument("--world-size", type=_positive_int, default=None, metavar="W",
                        help="per-rank bytes of a fully_shard run on W ranks: weights, states, projections, transient "
@@ -836,7 +837,7 @@ def _run_memory(args: argparse.Namespace, out) -> int:
         if args.preset is None:
             raise ValueError("--run needs --preset")
         if args.embedding_dtype == "bf16" and args.no_rest_in_backward:
-            raise ValueError("--embedding-dtype bf16 needs rest_in_backward (drop --no-rest-in-backward)")
+            raise ValueError("--embedding-dtype bf16 is planned with rest_in_backward only (drop --no-rest-in-backward)")
         options = _transform_options(args)
         result = plan_run(args.preset, args.rank, batch_size=args.batch_size or 1, seq_len=args.seq_len,
                           checkpointing=not args.no_checkpointing,

@@ -36,6 +36,7 @@ transformed layer keeps its own tensors, flags and dtypes, whatever transformers
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from pathlib import Path
@@ -43,6 +44,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
@@ -138,6 +140,7 @@ class QGaLoreHfQuantizer(HfQuantizer):
         # While loading: (our tensor, its slots [(module, container, name, state key or None)], the key the
         # checkpoint fills it from or None, its shape before loading).
         self._slots: list = []
+        self._hidden = None  # the state-dict hook of _hide, while transformers loads
 
     # What transformers asks a method -------------------------------------------------------------------------
 
@@ -206,7 +209,11 @@ class QGaLoreHfQuantizer(HfQuantizer):
         device = _one_device(device_map)
         with torch.device(device or "cpu"):  # transformers calls this under its meta-device context
             transform_projected(model, self.quantization_config.transform_config(), weights=weights, device=device)
-        self._hold(model, _stored_keys(model, files))
+        stored = _stored_tensors(model, files)
+        with torch.device(device or "cpu"):  # not transformers' meta context: these are read now
+            converted = self._convert_large(model, stored, device)
+        self._hold(model, {k: v.shape for k, v in stored.items() if k not in converted})
+        self._hide(model, converted)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self._put_back(model)
@@ -215,6 +222,51 @@ class QGaLoreHfQuantizer(HfQuantizer):
         # trims during the build would keep them)
         release_free_memory(min_bytes=0)
         return model
+
+    @torch.no_grad()
+    def _convert_large(self, model: nn.Module, stored: dict, device) -> set:
+        """Read the large unprojected tensors whose checkpoint dtype is not the model's ourselves
+        (:data:`CONVERT_MIN_NUMEL`, :func:`_read_converted`); returns their state keys (a tied one under every
+        name). Skipped when loading a saved transformed model, whose tensors are kept in their own dtypes."""
+        if self.pre_quantized:
+            return set()
+        slots: dict = {}
+        for prefix, module in model.named_modules():
+            for container in ("_parameters", "_buffers"):
+                for name, t in getattr(module, container).items():
+                    if t is not None and t.is_meta:
+                        key = f"{prefix}.{name}" if prefix else name
+                        slots.setdefault(id(t), (t, []))[1].append((module, container, name, key))
+        converted = set()
+        for t, places in slots.values():
+            keys = [key for *_, key in places]
+            source = next((stored[k] for k in keys if k in stored), None)
+            if (source is None or source.dtype is None or source.dtype == t.dtype or not t.is_floating_point()
+                    or t.numel() < CONVERT_MIN_NUMEL or source.shape != tuple(t.shape) or t.dim() == 0):
+                continue
+            value = _read_converted(source, t.dtype, device or "cpu")
+            if isinstance(t, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=t.requires_grad)
+            for module, container, name, _ in places:
+                getattr(module, container)[name] = value
+            converted.update(keys)
+        return converted
+
+    def _hide(self, model: nn.Module, keys: set) -> None:
+        """While transformers loads: ``keys`` are not in the model's state dict, so it neither reads them from the
+        checkpoint (we did) nor reports them; :meth:`_put_back` shows them again."""
+        if not keys:
+            return
+        hidden = frozenset(keys)
+
+        def drop(module, state_dict, prefix, local_metadata):
+            for key in hidden:
+                state_dict.pop(key, None)
+
+        self._hidden = model._register_state_dict_hook(drop)
+        patterns = {f"^{re.escape(k)}$" for k in hidden}
+        model._keys_to_ignore_on_load_unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+                                                       or ()) | patterns
 
     def _hold(self, model: nn.Module, stored: dict) -> None:
         """Note every real tensor slot; free those the checkpoint will fill; keep transformers' init away."""
@@ -253,6 +305,9 @@ class QGaLoreHfQuantizer(HfQuantizer):
 
     @torch.no_grad()
     def _put_back(self, model: nn.Module) -> None:
+        if self._hidden is not None:
+            self._hidden.remove()
+            self._hidden = None
         lost = []
         for t, slots, loaded_key, shape in self._slots:
             if loaded_key is not None:
@@ -278,17 +333,56 @@ class QGaLoreHfQuantizer(HfQuantizer):
         _mark(model, self.quantization_config, self)
 
 
-def _stored_keys(model: nn.Module, files: list) -> dict:
-    """{the model's name: shape} of the tensors in the checkpoint ``files`` (transformers' legacy renaming
-    applied); only the headers are read."""
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """One tensor of the checkpoint: its file, its name there, shape and dtype (from the header)."""
+    file: Path
+    key: str
+    shape: tuple
+    dtype: Optional[torch.dtype]
+
+
+#: safetensors' names of the float dtypes a checkpoint tensor may be converted from.
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_tensors(model: nn.Module, files: list) -> dict:
+    """{the model's name: :class:`_Stored`} of the tensors in the checkpoint ``files`` (transformers' legacy
+    renaming applied); only the headers are read."""
     from safetensors import safe_open
 
-    shapes = {}
+    stored = {}
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
-            shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+            for k in handle.keys():
+                part = handle.get_slice(k)
+                stored[k] = _Stored(f, k, tuple(part.get_shape()), _SAFETENSORS_FLOATS.get(part.get_dtype()))
     rename = key_renamer(model)
-    return shapes if rename is None else {**shapes, **{rename(k): v for k, v in shapes.items()}}
+    return stored if rename is None else {**stored, **{rename(k): v for k, v in stored.items()}}
+
+
+#: An unprojected tensor of at least this many elements that the checkpoint holds in another float dtype than the
+#: model's (an fp32 embedding loaded with ``dtype=torch.bfloat16``) is read by the quantizer in row chunks of about
+#: :data:`CONVERT_CHUNK_BYTES` of the file, each converted into the model's tensor: transformers would read it whole
+#: and then convert it, both copies at once on top of the INT8 layers (117M: a 94 MiB fp32 embedding and its
+#: 47 MiB bf16 copy, the whole load's peak; BENCHMARKS.md "transformers from_pretrained").
+CONVERT_MIN_NUMEL = 1 << 20
+CONVERT_CHUNK_BYTES = 16 << 20
+
+
+def _read_converted(stored: _Stored, dtype: torch.dtype, device) -> Tensor:
+    """``stored`` read in row chunks and converted to ``dtype``; the file is mapped only while a chunk is read
+    (the pages of a mapping that stays open count in the resident set)."""
+    from safetensors import safe_open
+
+    out = torch.empty(stored.shape, dtype=dtype, device=device)
+    rows = stored.shape[0]
+    row_bytes = math.prod(stored.shape[1:]) * torch.finfo(stored.dtype).bits // 8
+    step = max(1, CONVERT_CHUNK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        with safe_open(str(stored.file), framework="pt") as handle:
+            out[start:start + step].copy_(handle.get_slice(stored.key)[start:start + step])
+    return out
 
 
 def _is_hf_model(model: nn.Module) -> bool:
