@@ -244,11 +244,13 @@ def test_the_chunked_kernels_allocate_nothing_of_a_chunks_size(monkeypatch):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())  # sums of ~1e3
 
 
-def test_a_weight_of_one_chunk_is_dequantized_into_the_workspace_too():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weight_of_one_chunk_is_dequantized_into_the_workspace_too(dtype):
     """A weight of at most MATMUL_CHUNK elements (every linear of a 117M model) is one chunk: it is dequantized
     into the thread's workspace as well, so a warm forward or input-gradient product allocates nothing of the
     weight's size (a fresh fp32 weight per call left the 117M model's heap 60 MiB of holes after one forward),
-    and the result is the reference's, bit for bit (the same fp32 weight, one product)."""
+    and the result is the reference's, bit for bit (the same weight, one product); in bf16 too (a model loaded
+    with dtype=torch.bfloat16), whose weight is the fp32 products rounded once, as the reference's."""
     from torch.profiler import ProfilerActivity, profile
 
     from qgalore_fx.kernels import int8_matmul as mm
@@ -257,8 +259,8 @@ def test_a_weight_of_one_chunk_is_dequantized_into_the_workspace_too():
     codes = torch.randint(-127, 128, (2304, 768), generator=gen, dtype=torch.int8)
     assert codes.numel() <= mm.MATMUL_CHUNK
     scales = torch.rand(mm.num_blocks(codes.numel(), 256), generator=gen) + 0.1
-    x, g = torch.randn(4, 768, generator=gen), torch.randn(4, 2304, generator=gen)
-    weight_bytes = codes.numel() * 4
+    x, g = torch.randn(4, 768, generator=gen).to(dtype), torch.randn(4, 2304, generator=gen).to(dtype)
+    weight_bytes = codes.numel() * dtype.itemsize
     for fn, ref_fn, a in ((mm.int8_matmul_chunked, mm.int8_matmul_reference, x),
                           (mm.int8_matmul_t_chunked, mm.int8_matmul_t_reference, g)):
         fn(a, codes, scales, 256)  # fills the workspace

@@ -128,14 +128,17 @@ def _weight_rows(codes: torch.Tensor, scales: torch.Tensor, block_size: int, sta
 def _weight_rows_in_workspace(codes: torch.Tensor, scales: torch.Tensor, block_size: int, start: int, stop: int,
                               dtype: torch.dtype) -> torch.Tensor:
     """:func:`_weight_rows` written into this thread's workspace (:mod:`.workspace`; the same products, so the
-    same bits) where the rows are whole fp32 blocks; elsewhere a fresh tensor as before."""
+    same bits) where the rows are whole blocks; elsewhere a fresh tensor as before. A 16-bit ``dtype`` (a model
+    computing in bf16) takes the fp32 products rounded once into a second workspace, as the reference rounds them."""
     cols = codes.shape[1]
     n = (stop - start) * cols
-    if dtype != torch.float32 or n % block_size or (start * cols) % block_size:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or n % block_size or (start * cols) % block_size:
         return _weight_rows(codes, scales, block_size, start, stop, dtype)
     first = start * cols // block_size
-    out = workspace("dequant", n, dtype, codes.device)
+    out = workspace("dequant", n, torch.float32, codes.device)
     dequantize_into(codes[start:stop], scales[first:first + n // block_size], block_size, out)
+    if dtype != torch.float32:
+        out = workspace("dequant16", n, dtype, codes.device).copy_(out)
     return out.view(stop - start, cols)
 
 

@@ -9,7 +9,8 @@ BENCHMARKS.md).
 
 A workspace is kept per thread (a buffer is used only inside one call, on the thread that runs it) and per
 slot, device and dtype. It grows to the largest request seen and stays: each slot is bounded by its caller's
-chunk size (``MATMUL_CHUNK``, ``WRITE_CHUNK`` elements), so both together are about 20 MiB.
+chunk size (``MATMUL_CHUNK``, ``WRITE_CHUNK`` elements), so both together are about 20 MiB (8 MiB more for a
+model computing in bf16: the dequantized rows rounded to 16 bits).
 Callers must finish with a buffer before they ask for the same slot again.
 """
 
