@@ -11,8 +11,9 @@ imported, see ``qgalore_fx/__init__.py``). Three things follow:
   builds the model on ``meta``; :class:`QGaLoreHfQuantizer` transforms it there and reads each projected weight
   from the safetensors shards straight into INT8 (:func:`qgalore_fx.rewrite.transform_projected`), one layer at a
   time; transformers then loads everything that is not projected (embeddings, norms, head) as it always does, in
-  its ``dtype`` (float32 or bfloat16: :meth:`QGaLoreHfQuantizer.update_dtype`). The full-precision model never
-  exists in memory.
+  its ``dtype`` (float32 or bfloat16: :meth:`QGaLoreHfQuantizer.update_dtype`), except a large tensor the
+  checkpoint holds in another float dtype, which the quantizer reads in row chunks itself (:func:`_read_converted`).
+  The full-precision model never exists in memory.
 * **Saving**: a model loaded this way, or transformed with :func:`qgalore_fx.transform`, carries this config as
   ``config.quantization_config``; ``save_pretrained`` writes ``"quant_method": "qgalore_fx"`` with the transform's
   options and the model's whole state dict (INT8 codes, scales, projections, moments, counters, refresh
