@@ -527,22 +527,22 @@ def _masked_adamw_(p: Tensor, grad: Tensor, state: AdamState, step: Tensor, ok: 
     bs = state.block_size
     chunk = max(bs, ADAMW_CHUNK // bs * bs)
     bf16 = p.dtype == torch.bfloat16
-    in_place = p.dtype == torch.float32 and p.is_contiguous()
-    chunked_bf16 = bf16 and p.is_contiguous()
-    p32 = p.view(-1) if in_place or chunked_bf16 else p.float().contiguous().view(-1)
-    for start in range(0, p32.numel(), chunk):
-        stop = min(p32.numel(), start + chunk)
-        part = p32[start:stop].float() if chunked_bf16 else p32[start:stop]
+    # in place: p's own memory, chunk by chunk (a bf16 chunk widened to fp32 and rounded back); else an fp32 copy
+    in_place = p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)
+    flat = p.view(-1) if in_place else p.float().contiguous().view(-1)
+    for start in range(0, flat.numel(), chunk):
+        stop = min(flat.numel(), start + chunk)
+        part = flat[start:stop].float() if in_place and bf16 else flat[start:stop]
         adamw_masked_(part, g[start:stop], state.part(start, stop), t, ok, lr, beta1, beta2, eps,
                       weight_decay, offset=base + start)
-        if chunked_bf16:
-            fused_rest.round_bf16_(p32[start:stop], part, step, stream, offset=base + start)
-    if bf16 and not chunked_bf16:
+        if in_place and bf16:
+            fused_rest.round_bf16_(flat[start:stop], part, step, stream, offset=base + start)
+    if not in_place and bf16:
         rounded = torch.empty(p.shape, dtype=p.dtype, device=p.device)
-        fused_rest.round_bf16_(rounded, p32, step, stream, offset=base)
+        fused_rest.round_bf16_(rounded, flat, step, stream, offset=base)
         p.copy_(rounded)
-    elif not in_place and not chunked_bf16:
-        p.copy_(p32.view(p.shape))
+    elif not in_place:
+        p.copy_(flat.view(p.shape))
     step.add_(ok.to(torch.int64))
 
 

@@ -178,10 +178,10 @@ def test_default_falls_back_under_a_process_group_with_a_notice(fused_everywhere
 @pytest.fixture
 def fused_everywhere(monkeypatch):
     """Route this tiny model's embedding and head (512 x 64) through the fused backward."""
-    from qgalore_fx import fused_rest
+    from qgalore_fx import fused_rest, optim
 
     monkeypatch.setattr(fused_rest, "FUSED_MIN_NUMEL", 1)
-    monkeypatch.setattr(qgalore_fx.optim, "ADAMW_CHUNK", 4096)  # several row chunks per weight
+    monkeypatch.setattr(optim, "ADAMW_CHUNK", 4096)  # several row chunks per weight
 
 
 def _fused_modules(opt):

@@ -243,7 +243,7 @@ class QGaLoreHfQuantizer(HfQuantizer):
             keys = [key for *_, key in places]
             source = next((stored[k] for k in keys if k in stored), None)
             if (source is None or source.dtype is None or source.dtype == t.dtype or not t.is_floating_point()
-                    or t.numel() < CONVERT_MIN_NUMEL or source.shape != tuple(t.shape) or t.dim() == 0):
+                    or t.numel() < CONVERT_MIN_NUMEL or source.shape != tuple(t.shape)):
                 continue
             value = _read_converted(source, t.dtype, device or "cpu")
             if isinstance(t, nn.Parameter):
