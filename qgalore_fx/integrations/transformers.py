@@ -208,10 +208,9 @@ class QGaLoreHfQuantizer(HfQuantizer):
                              "with save_pretrained(..., safe_serialization=True), or convert it)")
         weights = None if self.pre_quantized or not files else files
         device = _one_device(device_map)
+        stored = _stored_tensors(model, files)
         with torch.device(device or "cpu"):  # transformers calls this under its meta-device context
             transform_projected(model, self.quantization_config.transform_config(), weights=weights, device=device)
-        stored = _stored_tensors(model, files)
-        with torch.device(device or "cpu"):  # not transformers' meta context: these are read now
             converted = self._convert_large(model, stored, device)
         self._hold(model, {k: v.shape for k, v in stored.items() if k not in converted})
         self._hide(model, converted)
@@ -231,16 +230,9 @@ class QGaLoreHfQuantizer(HfQuantizer):
         name). Skipped when loading a saved transformed model, whose tensors are kept in their own dtypes."""
         if self.pre_quantized:
             return set()
-        slots: dict = {}
-        for prefix, module in model.named_modules():
-            for container in ("_parameters", "_buffers"):
-                for name, t in getattr(module, container).items():
-                    if t is not None and t.is_meta:
-                        key = f"{prefix}.{name}" if prefix else name
-                        slots.setdefault(id(t), (t, []))[1].append((module, container, name, key))
         converted = set()
-        for t, places in slots.values():
-            keys = [key for *_, key in places]
+        for t, places in _tensor_slots(model, meta=True).values():
+            keys = [key for *_, key in places if key is not None]
             source = next((stored[k] for k in keys if k in stored), None)
             if (source is None or source.dtype is None or source.dtype == t.dtype or not t.is_floating_point()
                     or t.numel() < CONVERT_MIN_NUMEL or source.shape != tuple(t.shape)):
@@ -265,26 +257,16 @@ class QGaLoreHfQuantizer(HfQuantizer):
                 state_dict.pop(key, None)
 
         self._hidden = model._register_state_dict_hook(drop)
-        patterns = {f"^{re.escape(k)}$" for k in hidden}
+        patterns = {f"^{re.escape(k)}$" for k in hidden}  # beside _hold's (which runs first)
         model._keys_to_ignore_on_load_unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None)
                                                        or ()) | patterns
 
     def _hold(self, model: nn.Module, stored: dict) -> None:
         """Note every real tensor slot; free those the checkpoint will fill; keep transformers' init away."""
-        groups: dict = {}
-        for prefix, module in model.named_modules():
-            real = False
-            for container in ("_parameters", "_buffers"):
-                for name, t in getattr(module, container).items():
-                    if t is None or t.is_meta:
-                        continue
-                    real = True
-                    key = f"{prefix}.{name}" if prefix else name
-                    persistent = container == "_parameters" or name not in module._non_persistent_buffers_set
-                    group = groups.setdefault(id(t), (t, []))
-                    group[1].append((module, container, name, key if persistent else None))
-            if real and all(t is None or not t.is_meta for t in
-                            list(module._parameters.values()) + list(module._buffers.values())):
+        groups = _tensor_slots(model, meta=False)
+        for module in model.modules():
+            tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            if tensors and not any(t.is_meta for t in tensors):
                 module._is_hf_initialized = True  # transformers' _init_weights must not touch it
         self._slots = []
         for t, slots in groups.values():
@@ -334,6 +316,22 @@ class QGaLoreHfQuantizer(HfQuantizer):
         _mark(model, self.quantization_config, self)
 
 
+def _tensor_slots(model: nn.Module, meta: bool) -> dict:
+    """{id: (tensor, [(module, container, name, state key or None)])} of every parameter and buffer that is on the
+    meta device (``meta``) or is not; a tensor in several slots (a tied embedding and head) is one entry. The key is
+    None for a non-persistent buffer, which no checkpoint holds."""
+    groups: dict = {}
+    for prefix, module in model.named_modules():
+        for container in ("_parameters", "_buffers"):
+            for name, t in getattr(module, container).items():
+                if t is None or t.is_meta != meta:
+                    continue
+                persistent = container == "_parameters" or name not in module._non_persistent_buffers_set
+                key = (f"{prefix}.{name}" if prefix else name) if persistent else None
+                groups.setdefault(id(t), (t, []))[1].append((module, container, name, key))
+    return groups
+
+
 @dataclasses.dataclass(frozen=True)
 class _Stored:
     """One tensor of the checkpoint: its file, its name there, shape and dtype (from the header)."""
@@ -378,7 +376,7 @@ def _read_converted(stored: _Stored, dtype: torch.dtype, device) -> Tensor:
 
     out = torch.empty(stored.shape, dtype=dtype, device=device)
     rows = stored.shape[0]
-    row_bytes = math.prod(stored.shape[1:]) * torch.finfo(stored.dtype).bits // 8
+    row_bytes = math.prod(stored.shape[1:]) * stored.dtype.itemsize
     step = max(1, CONVERT_CHUNK_BYTES // max(row_bytes, 1))
     for start in range(0, rows, step):
         with safe_open(str(stored.file), framework="pt") as handle:
